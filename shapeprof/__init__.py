@@ -1,0 +1,1 @@
+"""shapeprof: where does the time go on a given GPU, and why."""

@@ -1,0 +1,171 @@
+"""ATen op records: what a captured node ran, as shapes and dtypes, never tensors.
+
+Costs are a function of these records only (see costs.py), whichever way the graph was captured:
+a module-level fx node owns the records of every ATen op it dispatched, an ATen-level node owns one.
+
+    >>> import torch
+    >>> with OpRecorder() as rec:
+    ...     _ = torch.ones(2, 3, device="meta") @ torch.ones(3, 4, device="meta")
+    >>> [str(r.op) for r in rec.records]
+    ['aten.ones.default', 'aten.ones.default', 'aten.mm.default']
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+
+
+@dataclass(frozen=True, slots=True)
+class TensorMeta:
+    """Shape, dtype and strides of one tensor an op read or wrote."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    stride: tuple[int, ...]
+
+    @classmethod
+    def of(cls, t: torch.Tensor) -> "TensorMeta":
+        try:
+            stride = tuple(t.stride())
+        except (RuntimeError, NotImplementedError):  # sparse / nested layouts have no strides
+            stride = ()
+        return cls(tuple(t.shape), t.dtype, stride)
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def itemsize(self) -> int:
+        return self.dtype.itemsize
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of distinct memory the tensor addresses.
+
+        A broadcast (expanded) dimension has stride 0 and is read once, not once per index, so
+        `bias.expand(4096, 1024)` addresses 1024 elements, not 4M.
+        """
+        if not self.stride:
+            return self.numel * self.itemsize
+        n = 1
+        for size, stride in zip(self.shape, self.stride):
+            if stride != 0:
+                n *= size
+        if 0 in self.shape:
+            n = 0
+        return n * self.itemsize
+
+
+@dataclass(frozen=True, slots=True)
+class OpRecord:
+    """One ATen op call: the overload, its arguments with tensors replaced by TensorMeta, its outputs."""
+
+    op: torch._ops.OpOverload
+    args: tuple
+    kwargs: dict
+    outputs: tuple[TensorMeta, ...]
+
+    @classmethod
+    def of(cls, op: torch._ops.OpOverload, args: tuple, kwargs: dict | None, out: Any) -> "OpRecord":
+        return cls(op, _to_meta(args), {k: _to_meta(v) for k, v in (kwargs or {}).items()},
+                   tuple(_tensors(out)))
+
+    @property
+    def name(self) -> str:
+        """`aten.addmm.default` -> `aten.addmm` (the overload packet: the key of the cost registry)."""
+        return str(self.op.overloadpacket) if hasattr(self.op, "overloadpacket") else str(self.op)
+
+    def input_metas(self) -> list[TensorMeta]:
+        """Every TensorMeta among args and kwargs, in order, nested lists flattened."""
+        found: list[TensorMeta] = []
+        _collect(self.args, found)
+        _collect(tuple(self.kwargs.values()), found)
+        return found
+
+
+def _to_meta(x: Any) -> Any:
+    if isinstance(x, torch.Tensor):
+        return TensorMeta.of(x)
+    if isinstance(x, (list, tuple)):
+        return type(x)(_to_meta(v) for v in x) if type(x) in (list, tuple) else tuple(_to_meta(v) for v in x)
+    return x
+
+
+def _tensors(x: Any):
+    if isinstance(x, torch.Tensor):
+        yield TensorMeta.of(x)
+    elif isinstance(x, (list, tuple)):
+        for v in x:
+            yield from _tensors(v)
+
+
+def _collect(x: Any, found: list) -> None:
+    for v in x:
+        if isinstance(v, TensorMeta):
+            found.append(v)
+        elif isinstance(v, (list, tuple)):
+            _collect(v, found)
+
+
+# Ops whose whole meaning is lost when the dispatcher decomposes them (on the meta device
+# scaled_dot_product_attention falls back to the math path: a materialised mask, two bmm and a
+# softmax, with no trace of is_causal). They are recorded as the one ATen op they stand for,
+# which is also what torch.export keeps in its graphs.
+_RECORD_WHOLE = {
+    F.scaled_dot_product_attention: torch.ops.aten.scaled_dot_product_attention.default,
+}
+
+
+class OpRecorder(TorchDispatchMode):
+    """Records every ATen op dispatched inside it into `self.records` (or the list set by `into`)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[OpRecord] = []
+        self._paused = 0
+        self._whole = _WholeOpRecorder(self)
+
+    def into(self, sink: list[OpRecord]) -> None:
+        """Send the next records to `sink` (capture points this at the current node's list)."""
+        self.records = sink
+
+    def __enter__(self):
+        super().__enter__()
+        self._whole.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._whole.__exit__(*exc)
+        return super().__exit__(*exc)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if not self._paused:
+            self.records.append(OpRecord.of(func, args, kwargs, out))
+        return out
+
+
+class _WholeOpRecorder(TorchFunctionMode):
+    def __init__(self, recorder: OpRecorder) -> None:
+        super().__init__()
+        self.recorder = recorder
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        aten_op = _RECORD_WHOLE.get(func)
+        if aten_op is None or self.recorder._paused:
+            return func(*args, **kwargs)
+        self.recorder._paused += 1
+        try:
+            out = func(*args, **kwargs)
+        finally:
+            self.recorder._paused -= 1
+        self.recorder.records.append(OpRecord.of(aten_op, args, kwargs, out))
+        return out
