@@ -1,1 +1,18 @@
-"""shapeprof: where does the time go on a given GPU, and why."""
+"""shapeprof: where does the time go on a given GPU, and why.
+
+    >>> import torch, shapeprof
+    >>> report = shapeprof.analyze(torch.nn.Linear(1024, 4096), torch.randn(512, 1024), dtype=torch.bfloat16)
+    >>> report.nodes[0].bound
+    'compute'
+"""
+from .analysis import META_KEY, UncoveredOpError, analyze
+from .capture import CaptureError, InputShape, NodeError, capture
+from .costs import FLOP_CONVENTION
+from .hardware import DeviceSpec, SpecError, get_spec, list_specs, load_spec
+from .report import Report, ReportFormatError
+
+__all__ = [
+    "FLOP_CONVENTION", "META_KEY", "CaptureError", "DeviceSpec", "InputShape", "NodeError", "Report",
+    "ReportFormatError", "SpecError", "UncoveredOpError", "analyze", "capture", "get_spec", "list_specs",
+    "load_spec",
+]

@@ -74,7 +74,8 @@ class OpRecord:
 
     @classmethod
     def of(cls, op: torch._ops.OpOverload, args: tuple, kwargs: dict | None, out: Any) -> "OpRecord":
-        return cls(op, _to_meta(args), {k: _to_meta(v) for k, v in (kwargs or {}).items()},
+        seen: dict[int, TensorMeta] = {}   # one TensorMeta per tensor, so `x * x` reads x once
+        return cls(op, _to_meta(args, seen), {k: _to_meta(v, seen) for k, v in (kwargs or {}).items()},
                    tuple(_tensors(out)))
 
     @property
@@ -90,11 +91,15 @@ class OpRecord:
         return found
 
 
-def _to_meta(x: Any) -> Any:
+def _to_meta(x: Any, seen: dict[int, TensorMeta]) -> Any:
     if isinstance(x, torch.Tensor):
-        return TensorMeta.of(x)
+        meta = seen.get(id(x))
+        if meta is None:
+            meta = seen[id(x)] = TensorMeta.of(x)
+        return meta
     if isinstance(x, (list, tuple)):
-        return type(x)(_to_meta(v) for v in x) if type(x) in (list, tuple) else tuple(_to_meta(v) for v in x)
+        items = (_to_meta(v, seen) for v in x)
+        return type(x)(items) if type(x) in (list, tuple) else tuple(items)
     return x
 
 
@@ -148,8 +153,12 @@ class OpRecorder(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         if not self._paused:
-            self.records.append(OpRecord.of(func, args, kwargs, out))
+            self.record(func, args, kwargs, out)
         return out
+
+    def record(self, op, args, kwargs, out) -> None:
+        """Called with the real tensors of every op; subclasses that need more than metadata override it."""
+        self.records.append(OpRecord.of(op, args, kwargs, out))
 
 
 class _WholeOpRecorder(TorchFunctionMode):
@@ -167,5 +176,5 @@ class _WholeOpRecorder(TorchFunctionMode):
             out = func(*args, **kwargs)
         finally:
             self.recorder._paused -= 1
-        self.recorder.records.append(OpRecord.of(aten_op, args, kwargs, out))
+        self.recorder.record(aten_op, args, kwargs, out)
         return out

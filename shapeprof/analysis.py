@@ -1,0 +1,207 @@
+"""analyze(): capture a model, cost every node, hold it against a device's roofline, return a Report."""
+from __future__ import annotations
+
+import os
+import time
+from collections import defaultdict
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+from torch.utils import _pytree as pytree
+
+from .capture import Capture, CapturedNode, InputShape, capture, source_location
+from .costs import cost_of
+from .findings import find
+from .hardware import DeviceSpec, get_spec
+from .records import OpRecord, TensorMeta
+from .report import AtenOp, CaptureInfo, Coverage, NodeStats, Report, Totals, UncoveredOp
+from .roofline import compute_dtype, node_time, op_time
+
+META_KEY = "shapeprof"   # node.meta[META_KEY] holds the node's NodeStats after analysis
+
+
+class UncoveredOpError(RuntimeError):
+    """strict=True and some ATen ops have no cost formula."""
+
+
+def analyze(model: nn.Module, *args: Any, spec: str | DeviceSpec | None = None, dtype: torch.dtype | None = None,
+            strict: bool = False, method: str = "auto", tf32: bool = False, **kwargs: Any) -> Report:
+    """Trace `model` on its example inputs and say where the time goes on a GPU, and why.
+
+    Counting convention: 1 multiply-add = 2 FLOPs; causal attention counts the half of the score matrix that is
+    computed; views and reshapes move 0 bytes; every other op reads its inputs and writes its outputs once
+    (see `shapeprof.costs.FLOP_CONVENTION`). Predicted time per op is max(FLOPs / peak, bytes / bandwidth).
+
+        >>> import torch, shapeprof
+        >>> r = shapeprof.analyze(torch.nn.Linear(1024, 4096), torch.randn(1, 1024), dtype=torch.bfloat16)
+        >>> r.nodes[0].bound, round(r.nodes[0].intensity, 2)
+        ('memory', 1.0)
+
+    Args:
+        model: any nn.Module (on any device, meta included); it is not run, moved or changed.
+        *args, **kwargs: example inputs, as the model's forward takes them (tensors, `InputShape`s, other values).
+            `spec`, `dtype`, `strict`, `method` and `tf32` are this function's own and not passed on.
+        spec: device to hold the model against: a built-in name (`shapeprof.list_specs()`), a TOML/JSON spec
+            file or a DeviceSpec. Default: A100-80GB SXM.
+        dtype: analyse as if parameters and floating inputs were in this dtype (bytes and peaks follow it).
+        strict: raise `UncoveredOpError` if any op has no cost formula, instead of listing it in `coverage`.
+        method: "auto" (symbolic_trace, then export, then dispatch) or one of those.
+        tf32: fp32 matmuls run on tensor cores in TF32 (as with torch.backends.cuda.matmul.allow_tf32).
+
+    Returns:
+        A `Report`.
+    """
+    start = time.perf_counter()
+    device = get_spec(spec)
+    cap = capture(model, *args, method=method, dtype=dtype, **kwargs)
+    costed = _NodeCoster(device, tf32)
+    rows = [(cn, costed(cn.records)) for cn in cap.nodes if cn.records]
+    rows = [(cn, c) for cn, c in rows if c.flops or c.bytes_read or c.bytes_written or c.uncovered]
+    total_seconds = sum(c.time.seconds for _, c in rows)
+    nodes = [_node_stats(cn, c, total_seconds) for cn, c in rows]
+    for cn, stats in zip((cn for cn, _ in rows), nodes):
+        cn.node.meta[META_KEY] = stats
+    total = Totals(sum(n.flops for n in nodes), sum(n.bytes_read for n in nodes),
+                   sum(n.bytes_written for n in nodes), total_seconds,
+                   sum(n.compute_seconds for n in nodes), sum(n.memory_seconds for n in nodes))
+    coverage = _coverage(nodes, total.bytes)
+    if strict and not coverage.complete:
+        listed = ", ".join(f"{o.op} ({o.count}x, first at node '{o.first_node}')" for o in coverage.ops)
+        raise UncoveredOpError(f"no cost formula for: {listed}")
+    records_of = {cn.node.name: cn.records for cn, _ in rows}
+    report = Report(
+        model=type(model).__name__, spec=device, dtype=_dtype_name(dtype) if dtype else None,
+        inputs=_describe_inputs(args, kwargs, dtype), capture=_capture_info(cap), nodes=nodes, total=total,
+        coverage=coverage, findings=find(nodes, records_of, total_seconds, device),
+        parameter_bytes=_parameter_bytes(model, dtype), analysis_seconds=time.perf_counter() - start,
+        captured=cap)
+    return report
+
+
+class _NodeCosts:
+    """What a tuple of op records costs; computed once per distinct tuple (twins share theirs)."""
+
+    __slots__ = ("flops", "bytes_read", "bytes_written", "time", "aten", "uncovered")
+
+    def __init__(self, flops, bytes_read, bytes_written, time, aten, uncovered):
+        self.flops, self.bytes_read, self.bytes_written = flops, bytes_read, bytes_written
+        self.time, self.aten, self.uncovered = time, aten, uncovered
+
+
+class _NodeCoster:
+    def __init__(self, spec: DeviceSpec, tf32: bool):
+        self.spec, self.tf32 = spec, tf32
+        self.cache: dict[int, tuple[tuple[OpRecord, ...], _NodeCosts]] = {}
+
+    def __call__(self, records: tuple[OpRecord, ...]) -> _NodeCosts:
+        hit = self.cache.get(id(records))
+        if hit is not None and hit[0] is records:
+            return hit[1]
+        ops, aten, uncovered = [], [], []
+        flops = bytes_read = bytes_written = 0
+        for rec in records:
+            cost = cost_of(rec)
+            t = op_time(cost, compute_dtype(rec.input_metas(), rec.outputs), self.spec, tf32=self.tf32)
+            ops.append((cost, t))
+            flops += cost.flops
+            bytes_read += cost.bytes_read
+            bytes_written += cost.bytes_written
+            if cost.flops or cost.bytes or not cost.covered:
+                aten.append(AtenOp(rec.name, cost.flops, cost.bytes, t.seconds, cost.covered))
+            if not cost.covered:
+                uncovered.append(rec.name)
+        result = _NodeCosts(flops, bytes_read, bytes_written, node_time(ops, self.spec), tuple(aten),
+                            tuple(dict.fromkeys(uncovered)))
+        self.cache[id(records)] = (records, result)
+        return result
+
+
+def _node_stats(cn: CapturedNode, c: _NodeCosts, total_seconds: float) -> NodeStats:
+    node = cn.node
+    t = c.time
+    return NodeStats(
+        name=node.name, op=_op_name(cn), kind=node.op, module_path=cn.module_path, module_type=cn.module_type,
+        flops=c.flops, bytes_read=c.bytes_read, bytes_written=c.bytes_written, predicted_seconds=t.seconds,
+        compute_seconds=t.compute_seconds, memory_seconds=t.memory_seconds, bound=t.bound, ridge=t.ridge,
+        share=t.seconds / total_seconds if total_seconds else 0.0, output=describe_meta(cn.output),
+        aten=c.aten, uncovered=c.uncovered, source=_basename(source_location(node)), twin_of=cn.twin_of)
+
+
+def _op_name(cn: CapturedNode) -> str:
+    node = cn.node
+    if node.op == "call_module":
+        return cn.module_type
+    target = node.target
+    if isinstance(target, str):
+        return target
+    if isinstance(target, torch._ops.OpOverload):
+        return str(target.overloadpacket).removeprefix("aten.")
+    return getattr(target, "__name__", str(target))
+
+
+_SHORT = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16", torch.float64: "f64",
+          torch.int64: "i64", torch.int32: "i32", torch.int16: "i16", torch.int8: "i8", torch.uint8: "u8",
+          torch.bool: "bool", torch.float8_e4m3fn: "f8e4m3", torch.float8_e5m2: "f8e5m2",
+          torch.complex64: "c64"}
+
+
+def describe_meta(meta: TensorMeta | None) -> str:
+    """'bf16[1, 2048, 4096]'."""
+    if meta is None:
+        return ""
+    return f"{_SHORT.get(meta.dtype, str(meta.dtype).removeprefix('torch.'))}[{', '.join(map(str, meta.shape))}]"
+
+
+def _basename(location: str) -> str:
+    return os.path.basename(location)
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _describe_inputs(args: tuple, kwargs: dict, dtype: torch.dtype | None) -> tuple[str, ...]:
+    out = []
+    for leaf in pytree.tree_leaves((args, kwargs)):
+        if isinstance(leaf, (torch.Tensor, InputShape)):
+            d = leaf.dtype
+            if dtype is not None and d.is_floating_point:
+                d = dtype
+            out.append(describe_meta(TensorMeta(tuple(leaf.shape), d, ())))
+        else:
+            text = repr(leaf)
+            out.append(text if len(text) <= 40 else text[:37] + "...")
+    return tuple(out)
+
+
+def _parameter_bytes(model: nn.Module, dtype: torch.dtype | None) -> int:
+    seen, total = set(), 0
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        size = dtype.itemsize if dtype is not None and p.is_floating_point() else p.element_size()
+        total += p.numel() * size
+    return total
+
+
+def _coverage(nodes: list[NodeStats], total_bytes: int) -> Coverage:
+    count: dict[str, int] = defaultdict(int)
+    nbytes: dict[str, int] = defaultdict(int)
+    first: dict[str, str] = {}
+    for n in nodes:
+        for a in n.aten:
+            if not a.covered:
+                count[a.op] += 1
+                nbytes[a.op] += a.bytes
+                first.setdefault(a.op, n.name)
+    ops = [UncoveredOp(op, count[op], nbytes[op], nbytes[op] / total_bytes if total_bytes else 0.0, first[op])
+           for op in sorted(count, key=lambda o: -nbytes[o])]
+    return Coverage(tuple(ops))
+
+
+def _capture_info(cap: Capture) -> CaptureInfo:
+    return CaptureInfo(cap.method, tuple(cap.attempts), len(cap.nodes), cap.reused, cap.seconds)
+

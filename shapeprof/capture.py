@@ -1,0 +1,729 @@
+"""Capture: turn a model and example inputs into an fx graph whose every node knows the ATen ops it ran.
+
+Three ways, tried in this order until one works (the report says which one did):
+
+1. ``symbolic_trace`` - module-level nodes (``call_module`` Linear, ``call_function`` relu), the ones users
+   recognise. Each node is then run once on the meta device under an `OpRecorder`.
+2. ``export`` - ``torch.export.export(strict=False)``: ATen-level nodes whose shapes come with the graph.
+   Handles shape asserts, data-dependent Python and HuggingFace models, which symbolic tracing cannot.
+3. ``dispatch`` - run the forward on meta tensors and record every ATen op as a node of a new graph.
+
+The user's model is never run and never touched: everything happens on a *shadow* - a copy whose parameters
+and buffers are meta tensors (no memory, no data), with no hooks. So a 405B-parameter model is analysed
+without allocating a byte of weights.
+
+Twins: a model of 126 identical layers does the same work 126 times. While tracing, a module whose type,
+parameter shapes, attributes and call arguments match one already traced is not traced again: its subgraph is
+copied with the module path rewritten. While propagating shapes, a copied subgraph whose inputs have the same
+shapes and dtypes as its original's takes the original's op records instead of being run. The graph still has
+every node; only the work of finding out what each one does is shared.
+
+    >>> import torch, torch.nn as nn
+    >>> cap = capture(nn.Sequential(nn.Linear(4, 8), nn.ReLU()), torch.randn(2, 4))
+    >>> cap.method, [str(r.op) for r in cap.nodes[1].records]
+    ('symbolic_trace', ['aten.t.default', 'aten.addmm.default'])
+"""
+from __future__ import annotations
+
+import copy
+import inspect
+import os
+import re
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+from torch.fx.node import map_arg
+from torch.utils import _pytree as pytree
+
+from .records import OpRecord, OpRecorder, TensorMeta
+
+METHODS = ("symbolic_trace", "export", "dispatch")
+
+
+class CaptureError(RuntimeError):
+    """No capture method could turn the model into a graph; the message says why for each."""
+
+
+class NodeError(RuntimeError):
+    """Running one graph node on meta tensors failed; the message names the node, its op and source line."""
+
+
+@dataclass(frozen=True)
+class InputShape:
+    """An example input given by shape and dtype only: ``InputShape((1, 2048), torch.long)``.
+
+    Analysis runs on meta tensors anyway, so this is all a model input has to say.
+    """
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype = torch.float32
+
+    def __post_init__(self):
+        object.__setattr__(self, "shape", tuple(int(s) for s in self.shape))
+
+    def to_meta(self) -> torch.Tensor:
+        return torch.empty(self.shape, dtype=self.dtype, device="meta")
+
+
+@dataclass
+class CapturedNode:
+    """One fx node and what it ran: its module path, its ATen op records and its output's metadata."""
+
+    node: fx.Node
+    module_path: str
+    module_type: str
+    records: tuple[OpRecord, ...]
+    output: TensorMeta | None
+    twin_of: str | None = None  # name of the node whose records this one reused
+
+
+@dataclass
+class Capture:
+    """The captured graph, one `CapturedNode` per fx node, and how it was obtained."""
+
+    graph: fx.Graph
+    root: nn.Module  # the meta shadow of the user's model: the graph's get_attr/call_module targets live here
+    method: str
+    nodes: list[CapturedNode]
+    attempts: list[tuple[str, str]] = field(default_factory=list)  # (method, why it failed) before `method` worked
+    seconds: float = 0.0
+    _gm: fx.GraphModule | None = None
+
+    @property
+    def graph_module(self) -> fx.GraphModule:
+        """The graph as a GraphModule over the meta shadow (built on first use: code generation is not free)."""
+        if self._gm is None:
+            self._gm = fx.GraphModule(self.root, self.graph)
+        return self._gm
+
+    @property
+    def reused(self) -> int:
+        """How many nodes took their records from a twin instead of being run."""
+        return sum(1 for n in self.nodes if n.twin_of is not None)
+
+
+def capture(model: nn.Module, *args: Any, method: str = "auto", dtype: torch.dtype | None = None,
+            **kwargs: Any) -> Capture:
+    """Capture `model` called as ``model(*args, **kwargs)`` into a graph with per-node ATen op records.
+
+    Args:
+        model: any nn.Module, on any device (meta included); it is not run, moved or modified.
+        args, kwargs: example inputs: tensors (only their shape/dtype/strides matter), `InputShape`s,
+            or any other values the forward takes (they are passed through as constants).
+        method: "auto" tries symbolic_trace, then export, then dispatch; or name one of them.
+        dtype: analyse as if parameters, buffers and floating inputs were in this dtype.
+
+    Returns:
+        A `Capture`; `capture.method` says which way worked, `capture.attempts` why the earlier ones did not.
+    """
+    if method != "auto" and method not in METHODS:
+        raise ValueError(f"unknown capture method {method!r}; choose one of: auto, {', '.join(METHODS)}")
+    model = _unwrap(model)
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"expected an nn.Module, got {type(model).__name__}")
+    start = time.perf_counter()
+    shadow = meta_shadow(model, dtype)
+    meta_args, meta_kwargs = _meta_inputs(args, dtype), _meta_inputs(kwargs, dtype)
+    attempts: list[tuple[str, str]] = []
+    for name in (METHODS if method == "auto" else (method,)):
+        try:
+            graph, nodes = _CAPTURERS[name](shadow, meta_args, meta_kwargs)
+        except Exception as e:  # each way fails in its own way; keep why and try the next
+            if method != "auto":
+                raise CaptureError(f"{name} failed for {type(model).__name__}: {_one_line(e)}") from e
+            attempts.append((name, _one_line(e)))
+            continue
+        return Capture(graph, shadow, name, nodes, attempts, time.perf_counter() - start)
+    reasons = "; ".join(f"{m}: {why}" for m, why in attempts)
+    raise CaptureError(f"could not capture {type(model).__name__} - {reasons}")
+
+
+# ---------------------------------------------------------------------------------------------- the shadow
+
+def meta_shadow(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
+    """A copy of `model` whose parameters and buffers are meta tensors (cast to `dtype` if floating), no hooks.
+
+    The copy shares nothing mutable with the model: running it cannot change the model, its state_dict or
+    anything its hooks point to. Tied parameters stay tied.
+    """
+    memo: dict[int, Any] = {}
+    for t in _tensors_of(model):
+        if id(t) not in memo:
+            memo[id(t)] = _meta_like(t, dtype)
+    for m in model.modules():  # hooks are the user's: running them could record our meta tensors in user state
+        for hooks in _hook_dicts(m):
+            memo[id(hooks)] = OrderedDict()
+    shadow = copy.deepcopy(model, memo)
+    return shadow
+
+
+def _tensors_of(model: nn.Module) -> Iterator[torch.Tensor]:
+    for m in model.modules():
+        yield from (p for p in m._parameters.values() if p is not None)
+        yield from (b for b in m._buffers.values() if b is not None)
+
+
+def _hook_dicts(m: nn.Module) -> Iterator[dict]:
+    for name, value in vars(m).items():
+        if name.startswith("_") and "hooks" in name and isinstance(value, dict) and value:
+            yield value
+
+
+def _meta_like(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    to = dtype if dtype is not None and t.is_floating_point() else t.dtype
+    meta = torch.empty_strided(tuple(t.shape), tuple(t.stride()), dtype=to, device="meta")
+    if isinstance(t, nn.Parameter):
+        return nn.Parameter(meta, requires_grad=t.requires_grad)
+    return meta
+
+
+def _meta_inputs(tree: Any, dtype: torch.dtype | None) -> Any:
+    def convert(x):
+        if isinstance(x, InputShape):
+            return torch.empty(x.shape, dtype=dtype if dtype is not None and x.dtype.is_floating_point
+                               else x.dtype, device="meta")
+        if isinstance(x, torch.Tensor):
+            return _meta_like(x, dtype).requires_grad_(x.requires_grad) if x.is_floating_point() \
+                else _meta_like(x, dtype)
+        return x
+    return pytree.tree_map(convert, tree)
+
+
+def _unwrap(model: Any) -> Any:
+    # torch.compile wraps the module in OptimizedModule; DataParallel/DDP in .module
+    while True:
+        if hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
+            model = model._orig_mod
+        elif isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            model = model.module
+        else:
+            return model
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    first = text[0] if text else ""
+    return f"{type(e).__name__}: {first}" if first else type(e).__name__
+
+
+# ---------------------------------------------------------------------------------------------- symbolic_trace
+
+@dataclass
+class _Region:
+    """The nodes one module call produced while tracing, so a twin call can copy them."""
+
+    path: str
+    depth: int                      # len(module_stack) before the module's own entry
+    nodes: list[fx.Node]
+    inputs: list[fx.Node]           # graph nodes the call's arguments carried, in argument order
+    output: Any                     # the call's return value with Proxies replaced by their nodes
+
+
+@dataclass
+class _Replay:
+    """A copy of a region made for a twin module call: `pairs` maps each original node to its copy."""
+
+    source: _Region
+    inputs: list[fx.Node]
+    pairs: list[tuple[fx.Node, fx.Node]]
+
+
+class _Unkeyable(Exception):
+    pass
+
+
+_PRIMITIVES = (int, float, bool, str, bytes, type(None), torch.dtype, torch.device, torch.layout,
+               torch.memory_format)
+
+
+class _TwinTracer(fx.Tracer):
+    """fx.Tracer that traces each distinct module call once and copies the subgraph for its twins."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proxy_buffer_attributes = True   # `self.bias[:, :, :T, :T]` on a registered buffer
+        self.regions: dict[Any, _Region | None] = {}
+        self.replays: list[_Replay] = []
+        self._module_keys: dict[int, Any] = {}
+
+    def call_module(self, m, forward, args, kwargs):
+        path = self.path_of_module(m)
+        if self.is_leaf_module(m, path):
+            return super().call_module(m, forward, args, kwargs)
+        try:
+            key = (self._module_key(m), _arg_key(args), _arg_key(kwargs))
+        except _Unkeyable:
+            return super().call_module(m, forward, args, kwargs)
+        region = self.regions.get(key, False)
+        if region:
+            return self._replay(region, path, args, kwargs)
+        depth = len(self.module_stack)
+        last = self.graph._root.prev
+        out = super().call_module(m, forward, args, kwargs)
+        if region is None:  # seen before and found not copyable
+            return out
+        nodes = []
+        node = last.next
+        while node is not self.graph._root:
+            nodes.append(node)
+            node = node.next
+        inputs = _proxy_nodes((args, kwargs))
+        self.regions[key] = _Region(path, depth, nodes, inputs, _to_nodes(out)) \
+            if _self_contained(nodes, inputs) else None
+        return out
+
+    def _replay(self, region: _Region, path: str, args, kwargs):
+        inputs = _proxy_nodes((args, kwargs))
+        env: dict[fx.Node, fx.Node] = dict(zip(region.inputs, inputs))
+        old, new = region.path + ".", path + "."
+        outer = list(self.module_stack.items())
+        pairs = []
+        for n in region.nodes:
+            target = n.target
+            if n.op in ("get_attr", "call_module") and isinstance(target, str) and target.startswith(old):
+                target = new + target[len(old):]
+            copy_ = self.graph.create_node(n.op, target, map_arg(n.args, env.__getitem__),
+                                           map_arg(n.kwargs, env.__getitem__), type_expr=n.type)
+            stack = n.meta.get("nn_module_stack")
+            if stack is not None:
+                inner = list(stack.items())[region.depth:]
+                copy_.meta["nn_module_stack"] = OrderedDict(
+                    outer + [(_reprefix(k, region.path, path), (_reprefix(p, region.path, path), t))
+                             for k, (p, t) in inner])
+            if "stack_trace" in n.meta:
+                copy_.meta["stack_trace"] = n.meta["stack_trace"]
+            env[n] = copy_
+            pairs.append((n, copy_))
+        self.replays.append(_Replay(region, inputs, pairs))
+        return _from_nodes(region.output, lambda n: self.proxy(env.get(n, n)))
+
+    def _module_key(self, m: nn.Module) -> Any:
+        key = self._module_keys.get(id(m))
+        if key is None:
+            key = self._module_keys[id(m)] = _module_key(m, self._module_key)
+        return key
+
+
+_MODULE_INTERNALS = {"_parameters", "_buffers", "_modules", "training", "_non_persistent_buffers_set",
+                     "_is_full_backward_hook", "_state_dict_pre_hooks", "_load_state_dict_post_hooks"}
+
+
+def _module_key(m: nn.Module, child_key: Callable[[nn.Module], Any]) -> Any:
+    """What decides how `m` traces: its class, mode, parameter/buffer shapes, attributes, children."""
+    parts: list[Any] = [type(m), m.training, frozenset(getattr(m, "_non_persistent_buffers_set", ()))]
+    for name, value in vars(m).items():
+        if name in _MODULE_INTERNALS:
+            continue
+        if "hooks" in name and isinstance(value, dict):
+            if value:
+                raise _Unkeyable(name)  # a hook may do anything per instance
+            continue
+        parts.append((name, value if isinstance(value, _PRIMITIVES) else ("id", id(value))))
+    for group in (m._parameters, m._buffers):
+        for name, t in group.items():
+            parts.append((name, None if t is None else (tuple(t.shape), t.dtype, t.requires_grad,
+                                                        type(t))))
+    for name, child in m._modules.items():
+        parts.append((name, None if child is None else child_key(child)))
+    return tuple(parts)
+
+
+def _arg_key(a: Any) -> Any:
+    if isinstance(a, fx.Proxy):
+        return "proxy"
+    if isinstance(a, _PRIMITIVES):
+        return (type(a), a)
+    if isinstance(a, (tuple, list)):
+        return (type(a), tuple(_arg_key(v) for v in a))
+    if isinstance(a, dict):
+        return (dict, tuple((k, _arg_key(v)) for k, v in a.items()))
+    if isinstance(a, slice):
+        return (slice, _arg_key((a.start, a.stop, a.step)))
+    raise _Unkeyable(type(a))
+
+
+def _proxy_nodes(tree: Any) -> list[fx.Node]:
+    found: list[fx.Node] = []
+
+    def visit(a):
+        if isinstance(a, fx.Proxy):
+            found.append(a.node)
+        elif isinstance(a, (tuple, list)):
+            for v in a:
+                visit(v)
+        elif isinstance(a, dict):
+            for v in a.values():
+                visit(v)
+    visit(tree)
+    return found
+
+
+def _to_nodes(x: Any) -> Any:
+    if isinstance(x, fx.Proxy):
+        return x.node
+    if isinstance(x, (tuple, list)) and type(x) in (tuple, list):
+        return type(x)(_to_nodes(v) for v in x)
+    if isinstance(x, dict) and type(x) is dict:
+        return {k: _to_nodes(v) for k, v in x.items()}
+    if isinstance(x, _PRIMITIVES):
+        return x
+    raise _Unkeyable(type(x))
+
+
+def _from_nodes(x: Any, proxy: Callable[[fx.Node], Any]) -> Any:
+    if isinstance(x, fx.Node):
+        return proxy(x)
+    if isinstance(x, (tuple, list)):
+        return type(x)(_from_nodes(v, proxy) for v in x)
+    if isinstance(x, dict):
+        return {k: _from_nodes(v, proxy) for k, v in x.items()}
+    return x
+
+
+def _self_contained(nodes: list[fx.Node], inputs: list[fx.Node]) -> bool:
+    """A region can be copied only if it reads nothing from the graph but its call arguments."""
+    inside = set(nodes) | set(inputs)
+    return all(i in inside for n in nodes for i in n.all_input_nodes)
+
+
+def _reprefix(s: str, old: str, new: str) -> str:
+    if s == old or s.startswith(old + ".") or s.startswith(old + "@"):
+        return new + s[len(old):]
+    return s
+
+
+def _capture_symbolic(shadow: nn.Module, args: tuple, kwargs: dict):
+    forward = inspect.signature(shadow.forward)
+    bound = forward.bind(*args, **kwargs)
+    bound.apply_defaults()
+    concrete, values = {}, []
+    for name, param in forward.parameters.items():
+        if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
+            raise TypeError(f"forward takes *{name}; symbolic tracing needs named parameters")
+        value = bound.arguments[name]
+        if not _has_tensor(value):
+            concrete[name] = value   # a constant: trace the branch the user's call takes
+        values.append(value)
+    tracer = _TwinTracer()
+    tracer.record_stack_traces = True
+    with _no_module_mutation(shadow):
+        graph = tracer.trace(shadow, concrete_args=concrete or None)
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    if len(placeholders) != len(values):
+        raise TypeError(f"traced graph has {len(placeholders)} inputs, forward takes {len(values)}")
+    nodes = _propagate(graph, shadow, dict(zip(placeholders, values)), tracer.replays)
+    return graph, nodes
+
+
+def _has_tensor(x: Any) -> bool:
+    return any(isinstance(v, torch.Tensor) for v in pytree.tree_leaves(x))
+
+
+class _no_module_mutation:
+    """Tracing calls forward with Proxies; a forward that stores them on self would leave them in the shadow.
+    The shadow is ours, so that is harmless, but restore the top-level __dict__ so a later run sees it clean."""
+
+    def __init__(self, m: nn.Module):
+        self.m = m
+
+    def __enter__(self):
+        self.saved = dict(vars(self.m))
+
+    def __exit__(self, *exc):
+        vars(self.m).clear()
+        vars(self.m).update(self.saved)
+
+
+# ---------------------------------------------------------------------------------------------- propagation
+
+def _propagate(graph: fx.Graph, root: nn.Module, inputs: dict[fx.Node, Any],
+               replays: list[_Replay]) -> list[CapturedNode]:
+    """Run every node once on meta tensors under an OpRecorder; copies of twins reuse their original's records."""
+    by_first = {r.pairs[0][1]: r for r in replays if r.pairs}
+    source_inputs: dict[int, Any] = {}   # id(region) -> signature of its inputs when it ran
+    sources: dict[fx.Node, list[_Region]] = {}   # nested regions share their first node
+    for r in replays:
+        if r.source.nodes and all(s is not r.source for s in sources.get(r.source.nodes[0], [])):
+            sources.setdefault(r.source.nodes[0], []).append(r.source)
+    env: dict[fx.Node, Any] = {}
+    records: dict[fx.Node, tuple[OpRecord, ...]] = {}
+    outputs: dict[fx.Node, TensorMeta | None] = {}
+    twins: dict[fx.Node, str] = {}
+    attrs: dict[str, Any] = {}
+    recorder = OpRecorder()
+    skip_until: fx.Node | None = None
+    with torch.no_grad(), recorder:
+        for node in graph.nodes:
+            if skip_until is not None:
+                if node is skip_until:
+                    skip_until = None
+                continue
+            for region in sources.get(node, ()):
+                source_inputs[id(region)] = _signature([env[i] for i in region.inputs])
+            replay = by_first.get(node)
+            if replay is not None and source_inputs.get(id(replay.source)) == \
+                    _signature([env[i] for i in replay.inputs]):
+                _copy_twin(replay, env, records, outputs, twins)
+                skip_until = replay.pairs[-1][1]
+                if node is skip_until:
+                    skip_until = None
+                continue
+            sink: list[OpRecord] = []
+            recorder.into(sink)
+            try:
+                value = _run_node(node, env, root, attrs, inputs)
+            except Exception as e:
+                raise NodeError(f"{_describe(node)}: {_one_line(e)}") from e
+            env[node] = value
+            records[node] = tuple(sink)
+            outputs[node] = _first_meta(value)
+    return _captured_nodes(graph, root, records, outputs, twins)
+
+
+def _copy_twin(replay: _Replay, env, records, outputs, twins) -> None:
+    inside = {new for _, new in replay.pairs}
+    for old, new in replay.pairs:
+        records[new] = records[old]
+        outputs[new] = outputs[old]
+        twins[new] = old.name
+        if any(u not in inside for u in new.users):
+            env[new] = pytree.tree_map(_fresh_meta, env[old])
+
+
+def _fresh_meta(v: Any) -> Any:
+    if isinstance(v, torch.Tensor):
+        return torch.empty_strided(tuple(v.shape), tuple(v.stride()), dtype=v.dtype, device=v.device)
+    return v
+
+
+def _signature(values: list[Any]) -> Any:
+    def sig(v):
+        if isinstance(v, torch.Tensor):
+            return (tuple(v.shape), tuple(v.stride()), v.dtype, v.device.type)
+        if isinstance(v, (tuple, list)):
+            return (type(v), tuple(sig(x) for x in v))
+        if isinstance(v, dict):
+            return (dict, tuple((k, sig(x)) for k, x in v.items()))
+        if isinstance(v, _PRIMITIVES):
+            return (type(v), v)
+        return ("id", id(v))
+    return tuple(sig(v) for v in values)
+
+
+def _run_node(node: fx.Node, env: dict, root: nn.Module, attrs: dict, inputs: dict) -> Any:
+    op = node.op
+    if op == "placeholder":
+        return inputs[node]
+    if op == "get_attr":
+        value = attrs.get(node.target)
+        if value is None:
+            value = attrs[node.target] = _fetch_attr(root, node.target)
+        return value
+    if op == "output":
+        return None
+    args = map_arg(node.args, env.__getitem__)
+    kwargs = map_arg(node.kwargs, env.__getitem__)
+    if op == "call_function":
+        return node.target(*args, **kwargs)
+    if op == "call_method":
+        self_obj, *rest = args
+        return getattr(self_obj, node.target)(*rest, **kwargs)
+    if op == "call_module":
+        return root.get_submodule(node.target)(*args, **kwargs)
+    raise NotImplementedError(f"node op {op!r}")
+
+
+def _fetch_attr(root: nn.Module, target: str) -> Any:
+    obj = root
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _first_meta(value: Any) -> TensorMeta | None:
+    for leaf in pytree.tree_leaves(value) if not isinstance(value, torch.Tensor) else (value,):
+        if isinstance(leaf, torch.Tensor):
+            return TensorMeta.of(leaf)
+    return None
+
+
+def source_location(node: fx.Node) -> str:
+    """'path/to/model.py:42': the last frame of the node's stack trace outside torch itself ('' if unknown)."""
+    frames = _FRAME.findall(node.meta.get("stack_trace") or "")
+    user = [(path, line) for path, line in frames if not path.startswith(_TORCH_DIR)]
+    return f"{user[-1][0]}:{user[-1][1]}" if user else ""
+
+
+_FRAME = re.compile(r'File "([^"]+)", line (\d+)')
+_TORCH_DIR = os.path.dirname(torch.__file__)
+
+
+def _describe(node: fx.Node) -> str:
+    where = source_location(node)
+    target = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
+    return f"node '{node.name}' ({node.op} {target})" + (f" at {where}" if where else "")
+
+
+def _captured_nodes(graph, root, records, outputs, twins) -> list[CapturedNode]:
+    types: dict[str, str] = {}
+    result = []
+    for node in graph.nodes:
+        path, type_name = _module_of(node, root, types)
+        result.append(CapturedNode(node, path, type_name, records.get(node, ()), outputs.get(node),
+                                   twins.get(node)))
+    return result
+
+
+def _module_of(node: fx.Node, root: nn.Module, types: dict[str, str]) -> tuple[str, str]:
+    if node.op == "call_module":
+        path = node.target
+    else:
+        stack = node.meta.get("nn_module_stack")
+        path = next(reversed(stack.values()))[0] if stack else ""
+    if path not in types:
+        try:
+            types[path] = type(root.get_submodule(path)).__name__
+        except AttributeError:
+            stack = node.meta.get("nn_module_stack")
+            t = next(reversed(stack.values()))[1] if stack else type(root)
+            types[path] = t.__name__ if isinstance(t, type) else str(t).rsplit(".", 1)[-1]
+    return path, types[path]
+
+
+# ---------------------------------------------------------------------------------------------- export
+
+def _capture_export(shadow: nn.Module, args: tuple, kwargs: dict):
+    program = torch.export.export(shadow, args, kwargs, strict=False)
+    graph = program.graph_module.graph
+    root = program.graph_module
+    types: dict[str, str] = {}
+    nodes = []
+    for node in graph.nodes:
+        recs = tuple(_export_records(node, root))
+        path, type_name = _export_module_of(node, types)
+        nodes.append(CapturedNode(node, path, type_name, recs, _first_meta(node.meta.get("val"))))
+    return graph, nodes
+
+
+def _export_records(node: fx.Node, root: nn.Module) -> Iterator[OpRecord]:
+    """An ATen node costs itself; a higher-order op (no_grad or autocast region) costs its subgraph's nodes."""
+    if node.op != "call_function":
+        return
+    target = node.target
+    if isinstance(target, torch._ops.OpOverload):
+        args = map_arg(node.args, lambda n: n.meta.get("val"))
+        kwargs = map_arg(node.kwargs, lambda n: n.meta.get("val"))
+        yield OpRecord.of(target, args, kwargs, node.meta.get("val"))
+    elif isinstance(target, torch._ops.HigherOrderOperator):
+        for arg in node.args:
+            if isinstance(arg, fx.Node) and arg.op == "get_attr":
+                sub = _fetch_attr(root, arg.target)
+                if isinstance(sub, fx.GraphModule):
+                    for inner in sub.graph.nodes:
+                        yield from _export_records(inner, sub)
+
+
+def _export_module_of(node: fx.Node, types: dict[str, str]) -> tuple[str, str]:
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return "", ""
+    path, t = next(reversed(stack.values()))
+    name = t.__name__ if isinstance(t, type) else str(t).rsplit(".", 1)[-1]
+    return path, name
+
+
+# ---------------------------------------------------------------------------------------------- dispatch
+
+def _capture_dispatch(shadow: nn.Module, args: tuple, kwargs: dict):
+    """Run the forward on meta tensors; every recorded ATen op becomes a call_function node."""
+    builder = _DispatchGraphBuilder(shadow, args, kwargs)
+    with torch.no_grad(), builder:
+        out = shadow(*args, **kwargs)
+    return builder.finish(out)
+
+
+class _DispatchGraphBuilder:
+    def __init__(self, root: nn.Module, args: tuple, kwargs: dict):
+        self.root = root
+        self.graph = fx.Graph()
+        self.producer: dict[int, fx.Node] = {}    # id(tensor) -> node that made it
+        self.keep: list[torch.Tensor] = []         # keep tensors alive so ids stay unique
+        self.nodes: list[CapturedNode] = []
+        self.names = {id(m): (name, type(m).__name__) for name, m in root.named_modules()}
+        self.stack: list[tuple[str, str]] = [("", type(root).__name__)]
+        for name, t in list(root.named_parameters()) + list(root.named_buffers()):
+            self._bind(t, self.graph.get_attr(name))
+        flat, _ = pytree.tree_flatten((args, kwargs))
+        for i, t in enumerate(flat):
+            if isinstance(t, torch.Tensor) and id(t) not in self.producer:
+                self._bind(t, self.graph.placeholder(f"input_{i}"))
+        self.recorder = _GraphRecorder(self)
+        self.handles = []
+
+    def _bind(self, t: torch.Tensor, node: fx.Node) -> None:
+        self.producer[id(t)] = node
+        self.keep.append(t)
+
+    def __enter__(self):
+        pre = nn.modules.module.register_module_forward_pre_hook(self._enter_module)
+        post = nn.modules.module.register_module_forward_hook(self._exit_module)
+        self.handles = [pre, post]
+        self.recorder.__enter__()
+
+    def __exit__(self, *exc):
+        self.recorder.__exit__(*exc)
+        for h in self.handles:
+            h.remove()
+
+    def _enter_module(self, module, args):
+        self.stack.append(self.names.get(id(module), ("?", type(module).__name__)))
+
+    def _exit_module(self, module, args, out):
+        if len(self.stack) > 1:
+            self.stack.pop()
+
+    def add(self, record: OpRecord, args: tuple, kwargs: dict, out: Any) -> None:
+        def node_of(x):
+            if isinstance(x, torch.Tensor):
+                n = self.producer.get(id(x))
+                if n is None:  # a tensor from outside the model (a global constant)
+                    n = self.graph.create_node("get_attr", f"_constant_{len(self.keep)}")
+                    self._bind(x, n)
+                return n
+            return x
+        node = self.graph.call_function(record.op, pytree.tree_map(node_of, args),
+                                        pytree.tree_map(node_of, kwargs))
+        path, type_name = self.stack[-1]
+        node.meta["nn_module_stack"] = OrderedDict((p, (p, t)) for p, t in self.stack[1:])
+        for t in pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self._bind(t, node)
+        self.nodes.append(CapturedNode(node, path, type_name, (record,), _first_meta(out)))
+
+    def finish(self, out: Any):
+        result = pytree.tree_map(lambda x: self.producer.get(id(x), x) if isinstance(x, torch.Tensor) else x,
+                                 out if isinstance(out, (tuple, list, dict, torch.Tensor)) else
+                                 [v for v in pytree.tree_leaves(out) if isinstance(v, torch.Tensor)])
+        self.graph.output(result)
+        by_node = {c.node: c for c in self.nodes}
+        nodes = [by_node.get(n) or CapturedNode(n, "", "", (), None) for n in self.graph.nodes]
+        return self.graph, nodes
+
+
+class _GraphRecorder(OpRecorder):
+    """Turns each recorded op into a graph node at once, while its tensors (and their ids) are at hand."""
+
+    def __init__(self, builder: _DispatchGraphBuilder):
+        super().__init__()
+        self.builder = builder
+
+    def record(self, op, args, kwargs, out) -> None:
+        self.builder.add(OpRecord.of(op, args, kwargs, out), args, kwargs or {}, out)
+
+
+_CAPTURERS = {"symbolic_trace": _capture_symbolic, "export": _capture_export, "dispatch": _capture_dispatch}

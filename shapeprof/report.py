@@ -1,0 +1,346 @@
+"""The Report: every node with its FLOPs, bytes and roofline, rollups, coverage and findings; JSON round trip.
+
+    >>> import torch, shapeprof
+    >>> report = shapeprof.analyze(torch.nn.Linear(1024, 4096), torch.randn(512, 1024), dtype=torch.bfloat16)
+    >>> n = report.nodes[0]
+    >>> n.name, n.op, n.flops, n.bound
+    ('linear', 'Linear', 4294967296, 'compute')
+    >>> shapeprof.Report.from_json(report.to_json()) == report
+    True
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from .hardware import DeviceSpec
+
+SCHEMA = "shapeprof.report"
+SCHEMA_VERSION = 1
+
+
+class ReportFormatError(ValueError):
+    """A report file that is not a shapeprof report of a version this code reads."""
+
+
+@dataclass(frozen=True, slots=True)
+class AtenOp:
+    """One ATen op a node ran: what it cost and how long the roofline says it takes."""
+
+    op: str
+    flops: int
+    bytes: int
+    seconds: float
+    covered: bool
+
+
+@dataclass(frozen=True, slots=True)
+class NodeStats:
+    """One graph node that does work. Stored in ``node.meta["shapeprof"]`` of the analysed graph too."""
+
+    name: str                 # the fx node's name
+    op: str                   # what it calls: 'Linear' (a module), 'relu', 'scaled_dot_product_attention', ...
+    kind: str                 # fx node op: call_module, call_function, call_method
+    module_path: str          # 'transformer.h.3.mlp.c_fc' ('' for the model itself)
+    module_type: str
+    flops: int
+    bytes_read: int
+    bytes_written: int
+    predicted_seconds: float
+    compute_seconds: float    # sum of FLOPs/peak over its ops
+    memory_seconds: float     # sum of bytes/bandwidth over its ops
+    bound: str                # 'compute' or 'memory' (of the ops taking most of its time)
+    ridge: float              # FLOP/byte at which its dominant op turns compute-bound on the spec
+    share: float              # of the model's predicted time
+    output: str               # 'bf16[1, 2048, 4096]'
+    aten: tuple[AtenOp, ...]  # the ATen ops it ran, in order
+    uncovered: tuple[str, ...] = ()   # its ops with no cost formula (their FLOPs are unknown, not zero)
+    source: str = ""          # 'model.py:42'
+    twin_of: str | None = None
+    measured_seconds: float | None = None
+
+    @property
+    def bytes(self) -> int:
+        return self.bytes_read + self.bytes_written
+
+    @property
+    def intensity(self) -> float:
+        """FLOP per byte moved (inf for a node that computes without touching memory)."""
+        return self.flops / self.bytes if self.bytes else float("inf")
+
+    @property
+    def efficiency(self) -> float | None:
+        """predicted / measured: 1.0 means it ran at the roofline."""
+        if not self.measured_seconds:
+            return None
+        return self.predicted_seconds / self.measured_seconds
+
+    @property
+    def pattern(self) -> str:
+        """Module path with layer indices as '*': 'layers.*.attention.wq' groups a node with its twins."""
+        return _INDEX.sub(".*", "." + self.module_path)[1:] if self.module_path else ""
+
+
+_INDEX = re.compile(r"\.\d+(?=\.|$)")
+
+
+@dataclass(frozen=True, slots=True)
+class Totals:
+    flops: int
+    bytes_read: int
+    bytes_written: int
+    predicted_seconds: float
+    compute_seconds: float
+    memory_seconds: float
+    measured_seconds: float | None = None
+
+    @property
+    def bytes(self) -> int:
+        return self.bytes_read + self.bytes_written
+
+    @property
+    def intensity(self) -> float:
+        return self.flops / self.bytes if self.bytes else float("inf")
+
+    @property
+    def efficiency(self) -> float | None:
+        return self.predicted_seconds / self.measured_seconds if self.measured_seconds else None
+
+
+@dataclass(frozen=True, slots=True)
+class Rollup:
+    """Totals of a group of nodes (a module, an op, a pattern)."""
+
+    key: str
+    nodes: int
+    flops: int
+    bytes: int
+    predicted_seconds: float
+    share: float
+    bound: str                 # the bound holding most of the group's time
+    measured_seconds: float | None = None
+    example: str = ""          # the first node of the group
+
+    @property
+    def intensity(self) -> float:
+        return self.flops / self.bytes if self.bytes else float("inf")
+
+
+@dataclass(frozen=True, slots=True)
+class UncoveredOp:
+    op: str
+    count: int
+    bytes: int
+    share_of_bytes: float
+    first_node: str
+
+
+@dataclass(frozen=True, slots=True)
+class Coverage:
+    """Ops with no cost formula: their bytes are counted, their FLOPs are unknown (never silently 0)."""
+
+    ops: tuple[UncoveredOp, ...] = ()
+
+    @property
+    def complete(self) -> bool:
+        return not self.ops
+
+    @property
+    def uncovered_share_of_bytes(self) -> float:
+        return sum(o.share_of_bytes for o in self.ops)
+
+
+@dataclass(frozen=True, slots=True)
+class Finding:
+    """A memory-bound group of nodes that matters: why it is slow and what would help."""
+
+    pattern: str
+    op: str
+    nodes: int
+    share: float
+    intensity: float
+    ridge: float
+    why: str
+    suggestion: str
+
+
+@dataclass(frozen=True, slots=True)
+class CaptureInfo:
+    method: str                               # symbolic_trace, export or dispatch
+    attempts: tuple[tuple[str, str], ...]     # (method, why it failed) for the ways tried before
+    graph_nodes: int
+    reused_nodes: int                         # nodes whose ops were taken from an identical twin
+    seconds: float
+
+
+@dataclass(eq=True)
+class Report:
+    """Where the time goes: one `NodeStats` per node that does work, against one `DeviceSpec`."""
+
+    model: str
+    spec: DeviceSpec
+    dtype: str | None
+    inputs: tuple[str, ...]
+    capture: CaptureInfo
+    nodes: list[NodeStats]
+    total: Totals
+    coverage: Coverage
+    findings: list[Finding]
+    parameter_bytes: int
+    analysis_seconds: float = field(default=0.0, compare=False)
+    captured: Any = field(default=None, compare=False, repr=False)   # the Capture analysed (not saved)
+
+    @property
+    def graph_module(self):
+        """The analysed fx.GraphModule (over the meta shadow; each node's NodeStats in node.meta["shapeprof"]).
+        None for a report read from JSON."""
+        return self.captured.graph_module if self.captured is not None else None
+
+    # ------------------------------------------------------------------ rollups
+    def top(self, n: int = 20) -> list[NodeStats]:
+        """The `n` nodes with the largest predicted time."""
+        return sorted(self.nodes, key=lambda s: s.predicted_seconds, reverse=True)[:n]
+
+    def by_module(self, depth: int | None = None, *, twins: bool = False) -> list[Rollup]:
+        """Totals per module path, cut to its first `depth` components (None: the full path), biggest first.
+
+        With `twins`, layer indices become '*': `layers.*.attention` sums the attention of every layer.
+        """
+        def key(s: NodeStats) -> str:
+            path = s.pattern if twins else s.module_path
+            if depth is None or not path:
+                return path
+            return ".".join(path.split(".")[:depth])
+        return self._rollup(key)
+
+    def by_op(self) -> list[Rollup]:
+        """Totals per op ('Linear', 'scaled_dot_product_attention', 'mul', ...), biggest first."""
+        return self._rollup(lambda s: s.op)
+
+    def by_pattern(self) -> list[Rollup]:
+        """Totals per (module path with indices as '*', op): every `mul` in `layers.*.attention` together."""
+        return self._rollup(lambda s: f"{s.pattern} · {s.op}" if s.pattern else s.op)
+
+    def twin_groups(self) -> list[list[NodeStats]]:
+        """Nodes grouped with their twins, biggest total predicted time first.
+
+        Twins are the nodes at the same place of repeated modules: the k-th `mul` of `layers.3.attention` and the
+        k-th `mul` of every other layer's attention. The k matters: two muls of one module are not twins.
+        """
+        seen: dict[tuple[str, str], int] = defaultdict(int)
+        groups: dict[tuple[str, str, int], list[NodeStats]] = defaultdict(list)
+        for s in self.nodes:
+            k = seen[(s.module_path, s.op)]
+            seen[(s.module_path, s.op)] = k + 1
+            groups[(s.pattern, s.op, k)].append(s)
+        return sorted(groups.values(), key=lambda g: sum(n.predicted_seconds for n in g), reverse=True)
+
+    def _rollup(self, key) -> list[Rollup]:
+        groups: dict[str, list[NodeStats]] = defaultdict(list)
+        for s in self.nodes:
+            groups[key(s)].append(s)
+        total = self.total.predicted_seconds or 1.0
+        rows = [_rollup_of(k, ns, total) for k, ns in groups.items()]
+        return sorted(rows, key=lambda r: r.predicted_seconds, reverse=True)
+
+    # ------------------------------------------------------------------ rendering
+    def __rich_console__(self, console, options):
+        from .terminal import render
+        yield render(self)
+
+    def __str__(self) -> str:
+        from .terminal import to_text
+        return to_text(self)
+
+    # ------------------------------------------------------------------ JSON
+    def to_dict(self) -> dict[str, Any]:
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.compare}
+        d["spec"] = self.spec.to_dict()
+        for name in ("capture", "total", "coverage"):
+            d[name] = asdict(d[name])
+        d["nodes"] = [asdict(n) for n in self.nodes]
+        d["findings"] = [asdict(f) for f in self.findings]
+        return {"schema": SCHEMA, "version": SCHEMA_VERSION, **d}
+
+    def to_json(self, path: str | os.PathLike | None = None) -> str:
+        """The report as JSON; with `path`, also written there atomically (never a half-written file)."""
+        text = json.dumps(self.to_dict(), indent=1, allow_nan=True)
+        if path is not None:
+            _write_atomic(Path(path), text)
+        return text
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Report":
+        if d.get("schema") != SCHEMA:
+            raise ReportFormatError(f"not a shapeprof report (schema {d.get('schema')!r})")
+        if d.get("version") != SCHEMA_VERSION:
+            raise ReportFormatError(f"report version {d.get('version')!r} is not supported "
+                                    f"(this shapeprof reads version {SCHEMA_VERSION})")
+        try:
+            return cls(
+                model=d["model"], spec=DeviceSpec.from_dict(d["spec"]), dtype=d["dtype"],
+                inputs=tuple(d["inputs"]),
+                capture=CaptureInfo(**{**d["capture"],
+                                       "attempts": tuple(tuple(a) for a in d["capture"]["attempts"])}),
+                nodes=[_node_from_dict(n) for n in d["nodes"]],
+                total=Totals(**d["total"]),
+                coverage=Coverage(tuple(UncoveredOp(**o) for o in d["coverage"]["ops"])),
+                findings=[Finding(**f) for f in d["findings"]],
+                parameter_bytes=d["parameter_bytes"],
+            )
+        except (KeyError, TypeError) as e:
+            raise ReportFormatError(f"malformed shapeprof report: {type(e).__name__}: {e}") from e
+
+    @classmethod
+    def from_json(cls, source: str | os.PathLike) -> "Report":
+        """Read a report written by `to_json`: from a path, or from the JSON text itself."""
+        text = str(source)
+        if not text.lstrip().startswith("{"):
+            path = Path(source)
+            try:
+                text = path.read_text()
+            except OSError as e:
+                raise ReportFormatError(f"cannot read report {path}: {e.strerror or e}") from e
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ReportFormatError(f"{source if len(str(source)) < 200 else 'report'} is not JSON: {e}") from e
+        return cls.from_dict(data)
+
+    def with_measurements(self, measured: dict[str, float], total_seconds: float | None = None) -> "Report":
+        """A copy with `measured_seconds` set on the nodes named in `measured` (and on the total)."""
+        from dataclasses import replace
+        nodes = [replace(n, measured_seconds=measured.get(n.name, n.measured_seconds)) for n in self.nodes]
+        total = total_seconds if total_seconds is not None else sum(measured.values())
+        return replace(self, nodes=nodes, total=replace(self.total, measured_seconds=total))
+
+
+def _node_from_dict(n: dict[str, Any]) -> NodeStats:
+    return NodeStats(**{**n, "aten": tuple(AtenOp(**a) for a in n["aten"]), "uncovered": tuple(n["uncovered"])})
+
+
+def _rollup_of(key: str, nodes: list[NodeStats], total: float) -> Rollup:
+    seconds = sum(n.predicted_seconds for n in nodes)
+    memory = sum(n.predicted_seconds for n in nodes if n.bound == "memory")
+    measured = [n.measured_seconds for n in nodes if n.measured_seconds is not None]
+    return Rollup(key, len(nodes), sum(n.flops for n in nodes), sum(n.bytes for n in nodes), seconds,
+                  seconds / total, "memory" if memory > seconds - memory else "compute",
+                  sum(measured) if measured else None, nodes[0].name)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

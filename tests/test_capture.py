@@ -1,0 +1,246 @@
+"""Capture: the three ways, twins, meta shadows, and leaving the user's model alone."""
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from examples.llama import LlamaConfig, Transformer
+from examples.nanogpt import GPT, GPTConfig
+from shapeprof.capture import CaptureError, InputShape, NodeError, capture, meta_shadow
+
+
+def _ops(cn):
+    return [str(r.op) for r in cn.records]
+
+
+def test_symbolic_trace_gives_module_level_nodes_with_their_aten_ops():
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU())
+    cap = capture(model, torch.randn(2, 4))
+    assert cap.method == "symbolic_trace" and cap.attempts == []
+    by_name = {cn.node.name: cn for cn in cap.nodes}
+    linear = next(cn for cn in cap.nodes if cn.node.op == "call_module" and cn.module_type == "Linear")
+    assert linear.module_path == "0"
+    assert _ops(linear) == ["aten.t.default", "aten.addmm.default"]
+    relu = next(cn for cn in cap.nodes if cn.module_type == "ReLU")
+    assert _ops(relu) == ["aten.relu.default"]
+    assert relu.output.shape == (2, 8)
+    assert len(by_name) == len(cap.nodes)
+
+
+def test_twin_layers_are_traced_and_run_once_but_every_node_is_in_the_graph():
+    cfg = LlamaConfig.tiny(n_layers=4)
+    cap = capture(Transformer(cfg), torch.zeros(2, 16, dtype=torch.long))
+    assert cap.method == "symbolic_trace"
+    paths = {cn.module_path for cn in cap.nodes}
+    for i in range(4):
+        assert f"layers.{i}.attention.wq" in paths
+        assert f"layers.{i}.feed_forward" in paths
+    twins = [cn for cn in cap.nodes if cn.twin_of is not None]
+    # layers 1..3 are copies of layer 0 (plus RMSNorms that copy the first RMSNorm)
+    per_layer = sum(1 for cn in cap.nodes if cn.module_path.startswith("layers.0.") or cn.module_path == "layers.0")
+    assert len(twins) >= 3 * per_layer
+    by_name = {cn.node.name: cn for cn in cap.nodes}
+    for cn in twins:
+        assert cn.records is by_name[cn.twin_of].records   # shared, not recomputed
+    wq3 = next(cn for cn in cap.nodes if cn.module_path == "layers.3.attention.wq")
+    assert wq3.twin_of is not None and wq3.node.target == "layers.3.attention.wq"
+    assert wq3.node.meta["nn_module_stack"]["layers.3"][0] == "layers.3"
+
+
+def test_twin_graph_runs_like_the_model():
+    torch.manual_seed(0)
+    model = Transformer(LlamaConfig.tiny(n_layers=3)).eval()
+    tokens = torch.randint(0, 256, (2, 12))
+    cap = capture(model, tokens)
+    # the graph's targets live in the meta shadow; rebuild it over the real model to run it
+    gm = torch.fx.GraphModule(model, cap.graph)
+    torch.testing.assert_close(gm(tokens), model(tokens))
+
+
+def test_twins_called_with_other_shapes_are_run_again():
+    class TwoWidths(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Sequential(nn.Linear(8, 8), nn.GELU())
+            self.b = nn.Sequential(nn.Linear(8, 8), nn.GELU())
+
+        def forward(self, x):
+            return self.a(x) + self.b(x[:, :1]).sum()
+
+    class Wrap(nn.Module):   # non-leaf twins: wrap the Sequentials so the twin logic applies
+        def __init__(self):
+            super().__init__()
+            self.inner = TwoWidths()
+
+        def forward(self, x):
+            return self.inner(x)
+
+    cap = capture(Wrap(), torch.randn(4, 3, 8))
+    linears = [cn for cn in cap.nodes if cn.module_type == "Linear"]
+    assert [cn.module_path for cn in linears] == ["inner.a.0", "inner.b.0"]
+    assert linears[1].twin_of is None       # same module, other input shape: run for real
+    mm_shapes = [r.outputs[0].shape for cn in linears for r in cn.records if "mm" in str(r.op)]
+    assert mm_shapes[0] != mm_shapes[1]
+
+
+def test_modules_with_different_attributes_are_not_twins():
+    class Scale(nn.Module):
+        def __init__(self, s):
+            super().__init__()
+            self.s = s
+
+        def forward(self, x):
+            return x * self.s if self.s > 1 else x + self.s
+
+    class Two(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = Scale(2), Scale(0)
+
+        def forward(self, x):
+            return self.b(self.a(x))
+
+    cap = capture(Two(), torch.randn(3))
+    ops = [_ops(cn) for cn in cap.nodes if cn.records]
+    assert ops == [["aten.mul.Tensor"], ["aten.add.Tensor"]]
+    assert all(cn.twin_of is None for cn in cap.nodes)
+
+
+def test_nanogpt_falls_back_to_export_and_says_why():
+    model = GPT(GPTConfig.tiny())
+    cap = capture(model, torch.zeros(1, 16, dtype=torch.long))
+    assert cap.method == "export"
+    assert cap.attempts[0][0] == "symbolic_trace"
+    assert "control flow" in cap.attempts[0][1]
+    ops = {str(r.op) for cn in cap.nodes for r in cn.records}
+    assert "aten.scaled_dot_product_attention.default" in ops
+    paths = {cn.module_path for cn in cap.nodes}
+    assert "transformer.h.1.mlp.c_fc" in paths
+
+
+def test_manual_attention_with_tril_buffer_captures():
+    model = GPT(GPTConfig.tiny(flash=False))
+    cap = capture(model, torch.zeros(2, 32, dtype=torch.long))
+    ops = [str(r.op) for cn in cap.nodes for r in cn.records]
+    assert "aten.masked_fill.Scalar" in ops and "aten._softmax.default" in ops or "aten.softmax.int" in ops
+
+
+def test_dispatch_capture_builds_an_aten_graph_with_module_paths():
+    model = Transformer(LlamaConfig.tiny())
+    cap = capture(model, torch.zeros(1, 8, dtype=torch.long), method="dispatch")
+    assert cap.method == "dispatch"
+    mms = [cn for cn in cap.nodes if cn.records and str(cn.records[0].op) == "aten.mm.default"]
+    assert {cn.module_path for cn in mms} >= {"layers.0.attention.wq", "layers.1.feed_forward.w2", "output"}
+    sdpa = [cn for cn in cap.nodes if cn.records and "scaled_dot_product" in str(cn.records[0].op)]
+    assert len(sdpa) == 2 and sdpa[0].module_path == "layers.0.attention"
+    cap.graph.lint()
+
+
+def test_explicit_method_failure_names_the_method():
+    with pytest.raises(CaptureError, match="symbolic_trace failed for GPT"):
+        capture(GPT(GPTConfig.tiny()), torch.zeros(1, 8, dtype=torch.long), method="symbolic_trace")
+    with pytest.raises(ValueError, match="unknown capture method 'jit'"):
+        capture(nn.Linear(2, 2), torch.randn(2), method="jit")
+
+
+def test_every_way_failing_is_one_error_naming_each_cause():
+    class DataDependent(nn.Module):
+        def forward(self, x):
+            n = int(x.sum())           # needs the tensor's value: impossible on meta
+            return x[:n]
+
+    with pytest.raises(CaptureError) as err:
+        capture(DataDependent(), torch.ones(4))
+    message = str(err.value)
+    assert "could not capture DataDependent" in message
+    for method in ("symbolic_trace", "export", "dispatch"):
+        assert f"{method}:" in message
+    assert "\n" not in message
+
+
+def test_node_errors_name_the_node_and_its_source_line():
+    class NoMeta(nn.Module):
+        def forward(self, x):
+            return torch.nonzero(x)   # no meta kernel: the output size depends on the data
+
+    with pytest.raises(CaptureError) as err:
+        capture(NoMeta(), torch.ones(4), method="symbolic_trace")
+    cause = err.value.__cause__
+    assert isinstance(cause, NodeError)
+    assert "node 'nonzero'" in str(cause) and "test_capture.py" in str(cause)
+
+
+def test_user_model_is_untouched():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.tiny())
+    model.train()
+    calls = []
+    model.transformer.h[0].register_forward_hook(lambda *a: calls.append(1))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    params = [id(p) for p in model.parameters()]
+    capture(model, torch.zeros(1, 16, dtype=torch.long))
+    capture(model, torch.zeros(1, 16, dtype=torch.long), method="dispatch")
+    assert calls == []                                   # its hooks were not run on our tensors
+    assert model.training
+    assert [id(p) for p in model.parameters()] == params
+    after = model.state_dict()
+    assert after.keys() == before.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert all(p.device.type == "cpu" for p in model.parameters())
+    assert len(model.transformer.h[0]._forward_hooks) == 1
+    assert not nn.modules.module._global_forward_hooks and not nn.modules.module._global_forward_pre_hooks
+
+
+def test_meta_shadow_keeps_ties_and_casts_floating_tensors_only():
+    model = GPT(GPTConfig.tiny())
+    shadow = meta_shadow(model, torch.bfloat16)
+    assert shadow.lm_head.weight is shadow.transformer.wte.weight
+    assert shadow.lm_head.weight.device.type == "meta" and shadow.lm_head.weight.dtype == torch.bfloat16
+    assert model.lm_head.weight.dtype == torch.float32
+
+
+def test_meta_model_and_shape_inputs_allocate_nothing():
+    with torch.device("meta"):
+        model = Transformer(LlamaConfig.llama3_8b())
+    cap = capture(model, InputShape((1, 128), torch.long))
+    assert cap.method == "symbolic_trace"
+    out = [cn for cn in cap.nodes if cn.module_path == "output" and cn.output is not None][-1]
+    assert out.output.shape == (1, 128, 128256)
+
+
+def test_keyword_only_optional_args_and_dict_outputs():
+    class KW(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(4, 4)
+
+        def forward(self, x, mask=None, *, scale: float = 1.0, return_dict=True):
+            if mask is not None:
+                x = x * mask
+            y = self.proj(x) * scale
+            return {"y": y, "sum": y.sum()} if return_dict else (y,)
+
+    model = KW()
+    cap = capture(model, torch.randn(2, 4), scale=2.0)
+    assert cap.method == "symbolic_trace"
+    muls = [cn for cn in cap.nodes if cn.records and str(cn.records[0].op) == "aten.mul.Tensor"]
+    assert len(muls) == 1                # the mask branch was not taken: mask is None
+    cap = capture(model, torch.randn(2, 4), torch.ones(2, 4), return_dict=False)
+    assert len([cn for cn in cap.nodes if cn.records and str(cn.records[0].op) == "aten.mul.Tensor"]) == 2
+
+
+def test_dtype_override_changes_what_is_recorded():
+    cap = capture(nn.Linear(4, 4), torch.randn(2, 4), dtype=torch.float16)
+    addmm = [r for cn in cap.nodes for r in cn.records if str(r.op) == "aten.addmm.default"][0]
+    assert addmm.outputs[0].dtype == torch.float16
+
+
+def test_sdpa_is_recorded_whole_with_is_causal():
+    class Attn(nn.Module):
+        def forward(self, q):
+            return F.scaled_dot_product_attention(q, q, q, is_causal=True)
+
+    cap = capture(Attn(), torch.randn(1, 2, 8, 4))
+    recs = [r for cn in cap.nodes for r in cn.records]
+    assert [str(r.op) for r in recs] == ["aten.scaled_dot_product_attention.default"]
+    assert recs[0].kwargs["is_causal"] is True
