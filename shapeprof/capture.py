@@ -92,6 +92,8 @@ class Capture:
     nodes: list[CapturedNode]
     attempts: list[tuple[str, str]] = field(default_factory=list)  # (method, why it failed) before `method` worked
     seconds: float = 0.0
+    exported: Any = None   # the torch.export.ExportedProgram when method == "export" (its graph signature maps
+                           # the lifted parameter/buffer inputs to their names in the model)
     _gm: fx.GraphModule | None = None
 
     @property
@@ -132,13 +134,14 @@ def capture(model: nn.Module, *args: Any, method: str = "auto", dtype: torch.dty
     attempts: list[tuple[str, str]] = []
     for name in (METHODS if method == "auto" else (method,)):
         try:
-            graph, nodes = _CAPTURERS[name](shadow, meta_args, meta_kwargs)
+            graph, nodes, exported = _CAPTURERS[name](shadow, meta_args, meta_kwargs)
         except Exception as e:  # each way fails in its own way; keep why and try the next
             if method != "auto":
                 raise CaptureError(f"{name} failed for {type(model).__name__}: {_one_line(e)}") from e
             attempts.append((name, _one_line(e)))
             continue
-        return Capture(graph, shadow, name, nodes, attempts, time.perf_counter() - start)
+        root = exported.graph_module if exported is not None else shadow
+        return Capture(graph, root, name, nodes, attempts, time.perf_counter() - start, exported)
     reasons = "; ".join(f"{m}: {why}" for m, why in attempts)
     raise CaptureError(f"could not capture {type(model).__name__} - {reasons}")
 
@@ -417,7 +420,7 @@ def _capture_symbolic(shadow: nn.Module, args: tuple, kwargs: dict):
     if len(placeholders) != len(values):
         raise TypeError(f"traced graph has {len(placeholders)} inputs, forward takes {len(values)}")
     nodes = _propagate(graph, shadow, dict(zip(placeholders, values)), tracer.replays)
-    return graph, nodes
+    return graph, nodes, None
 
 
 def _has_tensor(x: Any) -> bool:
@@ -607,7 +610,7 @@ def _capture_export(shadow: nn.Module, args: tuple, kwargs: dict):
         recs = tuple(_export_records(node, root))
         path, type_name = _export_module_of(node, types)
         nodes.append(CapturedNode(node, path, type_name, recs, _first_meta(node.meta.get("val"))))
-    return graph, nodes
+    return graph, nodes, program
 
 
 def _export_records(node: fx.Node, root: nn.Module) -> Iterator[OpRecord]:
@@ -712,7 +715,7 @@ class _DispatchGraphBuilder:
         self.graph.output(result)
         by_node = {c.node: c for c in self.nodes}
         nodes = [by_node.get(n) or CapturedNode(n, "", "", (), None) for n in self.graph.nodes]
-        return self.graph, nodes
+        return self.graph, nodes, None
 
 
 class _GraphRecorder(OpRecorder):
