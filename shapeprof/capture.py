@@ -26,6 +26,7 @@ every node; only the work of finding out what each one does is shared.
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 import os
 import re
@@ -601,7 +602,14 @@ def _module_of(node: fx.Node, root: nn.Module, types: dict[str, str]) -> tuple[s
 # ---------------------------------------------------------------------------------------------- export
 
 def _capture_export(shadow: nn.Module, args: tuple, kwargs: dict):
-    program = torch.export.export(shadow, args, kwargs, strict=False)
+    try:
+        program = torch.export.export(shadow, args, kwargs, strict=False)
+    except Exception as e:
+        if "not a known type" not in str(e):
+            raise
+        # The output holds an object export cannot flatten (a HuggingFace DynamicCache in a ModelOutput, when
+        # the model is called with its default use_cache=True). Its work still counts; export the tensors it holds.
+        program = _export_tensor_outputs(shadow, args, kwargs)
     graph = program.graph_module.graph
     root = program.graph_module
     types: dict[str, str] = {}
@@ -611,6 +619,34 @@ def _capture_export(shadow: nn.Module, args: tuple, kwargs: dict):
         path, type_name = _export_module_of(node, types)
         nodes.append(CapturedNode(node, path, type_name, recs, _first_meta(node.meta.get("val"))))
     return graph, nodes, program
+
+
+def _export_tensor_outputs(shadow: nn.Module, args: tuple, kwargs: dict):
+    forward = shadow.forward
+
+    @functools.wraps(forward)   # keeps the signature export binds the inputs with
+    def tensor_outputs(*a, **k):
+        return tuple(_tensor_leaves(forward(*a, **k)))
+
+    shadow.forward = tensor_outputs   # the shadow is ours: no user object is patched
+    try:
+        return torch.export.export(shadow, args, kwargs, strict=False)
+    finally:
+        del shadow.forward
+
+
+def _tensor_leaves(x: Any, depth: int = 0) -> list[torch.Tensor]:
+    """Every tensor inside an output: pytree containers, and the attributes of objects pytree doesn't know."""
+    if isinstance(x, torch.Tensor):
+        return [x]
+    if depth > 8:
+        return []
+    leaves, _ = pytree.tree_flatten(x)
+    if not (len(leaves) == 1 and leaves[0] is x):
+        return [t for leaf in leaves for t in _tensor_leaves(leaf, depth + 1)]
+    if hasattr(x, "__dict__") and not isinstance(x, (type, nn.Module)):
+        return [t for v in vars(x).values() for t in _tensor_leaves(v, depth + 1)]
+    return []
 
 
 def _export_records(node: fx.Node, root: nn.Module) -> Iterator[OpRecord]:

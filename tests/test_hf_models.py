@@ -1,0 +1,79 @@
+"""HuggingFace transformers models built from configs with random weights (nothing is downloaded)."""
+import pytest
+import torch
+
+import shapeprof
+
+transformers = pytest.importorskip("transformers")
+transformers.logging.set_verbosity_error()
+
+
+def _gpt2():
+    c = transformers.GPT2Config(n_layer=2, n_head=4, n_embd=64, vocab_size=1000, n_positions=128)
+    return transformers.GPT2LMHeadModel(c), (torch.randint(0, 1000, (2, 16)),), "transformer.h.1.mlp.c_fc"
+
+
+def _llama():
+    c = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                 num_key_value_heads=2, vocab_size=1000)
+    return transformers.LlamaForCausalLM(c), (torch.randint(0, 1000, (2, 16)),), "model.layers.1.mlp.down_proj"
+
+
+def _bert():
+    c = transformers.BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+                                vocab_size=1000)
+    return transformers.BertModel(c), (torch.randint(0, 1000, (2, 16)),), "encoder.layer.1.intermediate.dense"
+
+
+def _vit():
+    c = transformers.ViTConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+                               image_size=32, patch_size=8)
+    return transformers.ViTModel(c), (torch.randn(2, 3, 32, 32),), "layers.1.mlp.fc1"
+
+
+@pytest.mark.parametrize("build", [_gpt2, _llama, _bert, _vit], ids=["gpt2", "llama", "bert", "vit"])
+def test_hf_models_analyse_as_users_call_them(build):
+    model, args, module = build()
+    model.eval()
+    with torch.no_grad():
+        out = model(*args)                      # the default call: a ModelOutput (with a cache for the LMs)
+    assert isinstance(out, transformers.utils.ModelOutput)
+    report = shapeprof.analyze(model, *args)
+    assert report.capture.method == "export"    # their forward takes **kwargs: symbolic_trace can't
+    assert report.coverage.complete
+    assert any(n.module_path == module for n in report.nodes)
+    # every token goes through every projection once (2 FLOPs per weight per token), except the pooler of
+    # BERT/ViT, which sees only the first token of each sequence; ViT has 16 patches + the CLS token
+    tokens = 2 * 16 if args[0].dtype == torch.long else 2 * ((32 // 8) ** 2 + 1)
+    pooler = sum(_weights(m) for name, m in model.named_modules() if name == "pooler")
+    expected = 2 * tokens * (_weights(model) - pooler) + 2 * 2 * pooler
+    projections = sum(a.flops for n in report.nodes for a in n.aten if a.op in PROJECTIONS)
+    assert projections == expected
+
+
+PROJECTIONS = {"aten.linear", "aten.addmm", "aten.mm", "aten.matmul"}
+
+
+def _weights(model):
+    """Weights of every projection: nn.Linear, and GPT-2's Conv1D (a Linear with its weight transposed)."""
+    return sum(m.weight.numel() for m in model.modules()
+               if isinstance(m, torch.nn.Linear) or type(m).__name__ == "Conv1D")
+
+
+def test_hf_llama_with_attention_mask_and_no_cache():
+    model, (ids,), _ = _llama()
+    mask = torch.ones_like(ids)
+    report = shapeprof.analyze(model.eval(), ids, attention_mask=mask, use_cache=False)
+    assert report.coverage.complete
+    sdpa = [n for n in report.nodes if n.op == "scaled_dot_product_attention"]
+    assert len(sdpa) == 2
+
+
+def test_hf_llama_8b_shape_on_meta():
+    c = transformers.LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                                 num_attention_heads=32, num_key_value_heads=8, vocab_size=128256)
+    with torch.device("meta"):
+        model = transformers.LlamaForCausalLM(c)
+    report = shapeprof.analyze(model, shapeprof.InputShape((1, 512), torch.long), dtype=torch.bfloat16)
+    params = sum(p.numel() for p in model.parameters()) - 128256 * 4096   # the embedding does no matmul
+    assert report.total.flops == pytest.approx(2 * params * 512, rel=0.02)
