@@ -4,7 +4,7 @@
     >>> report = shapeprof.analyze(torch.nn.Linear(1024, 4096), torch.randn(512, 1024), dtype=torch.bfloat16)
     >>> n = report.nodes[0]
     >>> n.name, n.op, n.flops, n.bound
-    ('linear', 'Linear', 4294967296, 'compute')
+    ('linear', 'linear', 4294967296, 'compute')
     >>> shapeprof.Report.from_json(report.to_json()) == report
     True
 """
