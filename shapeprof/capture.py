@@ -192,8 +192,7 @@ def _meta_inputs(tree: Any, dtype: torch.dtype | None) -> Any:
             return torch.empty(x.shape, dtype=dtype if dtype is not None and x.dtype.is_floating_point
                                else x.dtype, device="meta")
         if isinstance(x, torch.Tensor):
-            return _meta_like(x, dtype).requires_grad_(x.requires_grad) if x.is_floating_point() \
-                else _meta_like(x, dtype)
+            return _meta_like(x, dtype)
         return x
     return pytree.tree_map(convert, tree)
 
@@ -327,7 +326,7 @@ def _module_key(m: nn.Module, child_key: Callable[[nn.Module], Any]) -> Any:
             if value:
                 raise _Unkeyable(name)  # a hook may do anything per instance
             continue
-        parts.append((name, value if isinstance(value, _PRIMITIVES) else ("id", id(value))))
+        parts.append((name, _value_key(value)))
     for group in (m._parameters, m._buffers):
         for name, t in group.items():
             parts.append((name, None if t is None else (tuple(t.shape), t.dtype, t.requires_grad,
@@ -335,6 +334,14 @@ def _module_key(m: nn.Module, child_key: Callable[[nn.Module], Any]) -> Any:
     for name, child in m._modules.items():
         parts.append((name, None if child is None else child_key(child)))
     return tuple(parts)
+
+
+def _value_key(v: Any) -> Any:
+    """A module attribute by value when it is plain data (ints, tuples of ints, ...), else by identity."""
+    try:
+        return _arg_key(v)
+    except _Unkeyable:
+        return ("id", id(v))
 
 
 def _arg_key(a: Any) -> Any:
@@ -745,10 +752,7 @@ class _DispatchGraphBuilder:
         self.nodes.append(CapturedNode(node, path, type_name, (record,), _first_meta(out)))
 
     def finish(self, out: Any):
-        result = pytree.tree_map(lambda x: self.producer.get(id(x), x) if isinstance(x, torch.Tensor) else x,
-                                 out if isinstance(out, (tuple, list, dict, torch.Tensor)) else
-                                 [v for v in pytree.tree_leaves(out) if isinstance(v, torch.Tensor)])
-        self.graph.output(result)
+        self.graph.output(tuple(self.producer[id(t)] for t in _tensor_leaves(out) if id(t) in self.producer))
         by_node = {c.node: c for c in self.nodes}
         nodes = [by_node.get(n) or CapturedNode(n, "", "", (), None) for n in self.graph.nodes]
         return self.graph, nodes, None
