@@ -34,7 +34,6 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-import tomli_w
 import torch
 
 __all__ = [
@@ -267,7 +266,7 @@ class DeviceSpec:
             text = json.dumps(self.to_dict(), indent=2) + "\n"
         elif suffix == ".toml":
             text = ("# shapeprof device spec. Units: FLOP/s, bytes/s, bytes. Peaks are dense.\n"
-                    + tomli_w.dumps(self.to_dict()))
+                    + _tomli_w().dumps(self.to_dict()))
         else:
             raise SpecError(f"cannot save a device spec as '{path.name}': use a .toml or .json suffix")
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -287,6 +286,12 @@ class DeviceSpec:
 
 
 # ---- validation helpers ----------------------------------------------------------------------
+
+def _tomli_w():
+    # imported when a TOML file is written, not with the package: reading specs needs only the stdlib
+    import tomli_w
+    return tomli_w
+
 
 def _is_number(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
