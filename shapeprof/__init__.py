@@ -6,13 +6,15 @@
     'compute'
 """
 from .analysis import META_KEY, UncoveredOpError, analyze
+from .calibration import calibrate
 from .capture import CaptureError, InputShape, NodeError, capture
 from .costs import FLOP_CONVENTION
 from .hardware import DeviceSpec, SpecError, get_spec, list_specs, load_spec
+from .profiling import ProfileError, ProfileResult, profile
 from .report import Report, ReportFormatError
 
 __all__ = [
-    "FLOP_CONVENTION", "META_KEY", "CaptureError", "DeviceSpec", "InputShape", "NodeError", "Report",
-    "ReportFormatError", "SpecError", "UncoveredOpError", "analyze", "capture", "get_spec", "list_specs",
-    "load_spec",
+    "FLOP_CONVENTION", "META_KEY", "CaptureError", "DeviceSpec", "InputShape", "NodeError", "ProfileError",
+    "ProfileResult", "Report", "ReportFormatError", "SpecError", "UncoveredOpError", "analyze", "calibrate",
+    "capture", "get_spec", "list_specs", "load_spec", "profile",
 ]

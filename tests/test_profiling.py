@@ -1,0 +1,252 @@
+"""Tests for shapeprof/profiling.py: the captured graph run under torch.profiler, measured next to predicted.
+
+No test asserts a wall time: measured times are checked to exist, to be positive and to relate sanely to the
+step time that contains them.
+"""
+from __future__ import annotations
+
+import math
+from collections import Counter
+
+import pytest
+import torch
+import torch.nn as nn
+
+import shapeprof
+from examples.llama import LlamaConfig, Transformer
+from examples.mlp import MLP
+from examples.nanogpt import GPT, GPTConfig
+from shapeprof.calibration import calibrate
+from shapeprof.profiling import ProfileError, ProfileResult, profile
+
+STEPS = 3
+
+
+def _mlp():
+    return MLP(d_in=64, d_hidden=128, d_out=32).eval(), (torch.randn(16, 64),)
+
+
+def _llama():
+    return Transformer(LlamaConfig.tiny()).eval(), (torch.randint(0, 256, (2, 16)),)
+
+
+def _gpt():
+    return GPT(GPTConfig.tiny()).eval(), (torch.randint(0, 256, (2, 16)),)
+
+
+EXAMPLES = {"mlp": (_mlp, "symbolic_trace"), "llama": (_llama, "symbolic_trace"), "nanogpt": (_gpt, "export")}
+
+
+def _snapshot(model: nn.Module) -> dict:
+    """Everything profiling must leave as it was."""
+    return {
+        "state": {k: v.detach().clone() for k, v in model.state_dict(keep_vars=True).items()},
+        "ids": {k: id(v) for k, v in model.state_dict(keep_vars=True).items()},
+        "modes": [m.training for m in model.modules()],
+        "devices": {p.device for p in model.parameters()},
+        "attrs": [sorted(vars(m)) for m in model.modules()],
+        "hooks": [sum(len(v) for k, v in vars(m).items() if "hooks" in k and isinstance(v, dict))
+                  for m in model.modules()],
+    }
+
+
+def _assert_untouched(model: nn.Module, before: dict) -> None:
+    after = _snapshot(model)
+    assert after["state"].keys() == before["state"].keys()
+    for k, v in before["state"].items():
+        assert torch.equal(after["state"][k], v), k
+    assert after["ids"] == before["ids"]
+    assert after["modes"] == before["modes"]
+    assert after["devices"] == before["devices"]
+    assert after["attrs"] == before["attrs"]
+    assert after["hooks"] == before["hooks"]
+
+
+@pytest.fixture(scope="module")
+def cpu_spec():
+    return calibrate("cpu")   # measured once per process (test_calibration may already have)
+
+
+@pytest.fixture(scope="module", params=list(EXAMPLES))
+def profiled(request, cpu_spec):
+    torch.manual_seed(0)
+    make, method = EXAMPLES[request.param]
+    model, args = make()
+    before = _snapshot(model)
+    result = profile(model, *args, steps=STEPS, warmup=1)
+    return request.param, method, model, args, before, result
+
+
+def test_profile_uses_the_expected_capture(profiled):
+    _, method, _, _, _, result = profiled
+    assert isinstance(result, ProfileResult)
+    assert result.report.capture.method == result.target.capture.method == method
+    assert result.node_level and result.steps == STEPS and result.logdir is None and result.runs == {}
+    assert "one profiler range per node" in result.note
+
+
+def test_every_node_is_measured_and_has_an_efficiency(profiled, cpu_spec):
+    *_, result = profiled
+    report = result.report
+    assert report.spec == result.device_spec == cpu_spec          # held against the machine it ran on
+    assert report.nodes
+    for n in report.nodes:
+        assert n.measured_seconds is not None and n.measured_seconds > 0, n.name
+        assert n.efficiency is not None and n.efficiency > 0 and math.isfinite(n.efficiency), n.name
+    assert report.total.measured_seconds > 0 and report.total.efficiency > 0
+    assert len(result.step_seconds) == STEPS
+
+
+def test_node_times_fit_inside_the_step_time(profiled):
+    *_, result = profiled
+    steps = sorted((e for e in result.trace["traceEvents"]
+                    if e.get("cat") == "user_annotation" and e["name"].startswith("ProfilerStep#")),
+                   key=lambda e: e["ts"])
+    names = {n.name for n in result.report.nodes}
+    for step in steps:   # each step's node ranges lie inside it, so they add up to no more than the step
+        inside = [e for e in result.trace["traceEvents"] if e.get("cat") == "user_annotation"
+                  and e["name"] in names and step["ts"] <= e["ts"] <= step["ts"] + step["dur"]]
+        assert len(inside) == len(names)
+        assert sum(e["dur"] for e in inside) <= step["dur"] * 1.001 + 1
+    # per node the median over 3 steps is at most the sum of its two largest times, so the medians add up to
+    # at most the sum of all the steps' times divided by 2 (ceil(3 / 2))
+    measured = sum(n.measured_seconds for n in result.report.nodes)
+    assert measured <= sum(result.step_seconds) / math.ceil(STEPS / 2) * 1.001
+    assert result.report.total.measured_seconds == sorted(result.step_seconds)[STEPS // 2]
+
+
+def test_trace_has_one_range_per_node_per_step(profiled):
+    *_, result = profiled
+    events = result.trace["traceEvents"]
+    annotations = Counter(e["name"] for e in events if e.get("cat") == "user_annotation")
+    assert sum(1 for name in annotations if name.startswith("ProfilerStep#")) == STEPS
+    graph = result.report.captured.graph
+    calls = [n.name for n in graph.nodes if n.op in ("call_function", "call_method", "call_module")]
+    for name in calls:
+        assert annotations[name] == STEPS, name
+    assert {n.name for n in result.report.nodes} <= set(calls)
+    assert any(e.get("cat") == "cpu_op" and e["name"].startswith("aten::") for e in events)
+
+
+def test_user_model_is_untouched_and_outputs_match(profiled):
+    name, _, model, args, before, result = profiled
+    _assert_untouched(model, before)
+    with torch.no_grad():
+        expected = model(*args)
+    torch.testing.assert_close(result.output, expected)
+
+
+def test_target_is_the_prediction_on_the_requested_gpu(profiled):
+    *_, result = profiled
+    assert result.target.spec.name == "a100-80gb-sxm"
+    assert all(n.measured_seconds is None for n in result.target.nodes)
+    assert [n.name for n in result.target.nodes] == [n.name for n in result.report.nodes]
+
+
+def test_measured_report_round_trips_through_json(profiled):
+    *_, result = profiled
+    again = shapeprof.Report.from_json(result.report.to_json())
+    assert again == result.report
+    assert [n.measured_seconds for n in again.nodes] == [n.measured_seconds for n in result.report.nodes]
+
+
+def test_dtype_changes_the_target_only(cpu_spec):
+    model, args = _mlp()
+    result = profile(model, *args, steps=1, warmup=0, dtype=torch.bfloat16, spec="h100-sxm")
+    assert result.target.dtype == "bfloat16" and result.report.dtype is None
+    assert result.target.spec.name == "h100-sxm"
+    assert result.output.dtype == torch.float32       # the model ran as it is
+    # bf16 moves half the bytes of fp32
+    assert result.target.total.bytes * 2 == result.report.total.bytes
+
+
+def test_export_graph_takes_keyword_inputs_and_returns_the_model_outputs(cpu_spec):
+    torch.manual_seed(0)
+    model, (idx,) = _gpt()
+    targets = torch.randint(0, 256, (2, 16))
+    before = _snapshot(model)
+    result = profile(model, idx, targets=targets, steps=1, warmup=0)
+    assert result.report.capture.method == "export"
+    logits, loss = result.output          # (logits, loss) as GPT.forward returns them
+    expected_logits, expected_loss = model(idx, targets=targets)
+    torch.testing.assert_close(logits, expected_logits)
+    torch.testing.assert_close(loss, expected_loss)
+    assert all(n.measured_seconds > 0 for n in result.report.nodes)
+    _assert_untouched(model, before)
+
+
+def test_dispatch_capture_measures_only_the_total(cpu_spec):
+    model, args = _mlp()
+    result = profile(model, *args, steps=2, warmup=0, method="dispatch")
+    assert result.report.capture.method == "dispatch" and not result.node_level
+    assert "only its total time was measured" in result.note
+    assert all(n.measured_seconds is None and n.efficiency is None for n in result.report.nodes)
+    assert result.report.total.measured_seconds > 0
+    torch.testing.assert_close(result.output, model(*args))
+
+
+def test_buffers_a_forward_updates_are_restored(cpu_spec):
+    model = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU()).train()
+    before = _snapshot(model)
+    result = profile(model, torch.randn(32, 8), steps=2, warmup=1)
+    assert result.report.total.measured_seconds > 0
+    _assert_untouched(model, before)          # running_mean/var and num_batches_tracked as they were
+    assert model[1].num_batches_tracked.item() == 0
+
+
+class _Cholesky(nn.Module):
+    """Traces and analyses on meta tensors (no data); fails on real data that is not positive definite."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("seen", torch.zeros(4))
+
+    def forward(self, x):
+        self.seen.add_(1)      # the failed run must not leave this changed
+        return torch.linalg.cholesky(x * 2)
+
+
+def test_a_node_failing_in_the_measured_run_is_named(cpu_spec, tmp_path):
+    model = _Cholesky()
+    before = _snapshot(model)
+    x = -torch.eye(4).expand(2, 4, 4).contiguous()
+    logdir = tmp_path / "runs"
+    with pytest.raises(ProfileError, match=r"node 'linalg_cholesky' \(call_function linalg_cholesky\) at "
+                                           r".*test_profiling\.py:\d+ failed while profiling: _LinAlgError: ") as info:
+        profile(model, x, steps=2, logdir=logdir)
+    assert isinstance(info.value.__cause__, Exception)
+    assert not logdir.exists()                # nothing half-written
+    _assert_untouched(model, before)
+
+
+def test_a_failing_eager_run_is_a_clear_error(cpu_spec):
+    with pytest.raises(ProfileError, match="_Cholesky failed while profiling .*eagerly"):
+        profile(_Cholesky(), -torch.eye(4).expand(2, 4, 4).contiguous(), steps=1, method="dispatch")
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(steps=0), "steps must be an integer >= 1"),
+    (dict(steps=-2), "steps must be an integer >= 1"),
+    (dict(steps=1.5), "steps must be an integer >= 1"),
+    (dict(warmup=-1), "warmup must be an integer >= 0"),
+])
+def test_bad_step_counts(kwargs, match):
+    model, args = _mlp()
+    with pytest.raises(ValueError, match=match):
+        profile(model, *args, **kwargs)
+
+
+def test_inputs_without_data_are_refused():
+    model, _ = _mlp()
+    with pytest.raises(ValueError, match="not InputShape"):
+        profile(model, shapeprof.InputShape((16, 64)))
+    with pytest.raises(ValueError, match="meta device"):
+        profile(model, torch.empty(16, 64, device="meta"))
+
+
+def test_an_unwritable_logdir_fails_before_running(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    model, args = _mlp()
+    with pytest.raises(ProfileError, match="it is a file"):
+        profile(model, *args, logdir=blocker)
