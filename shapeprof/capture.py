@@ -446,8 +446,13 @@ class _no_module_mutation:
         self.saved = dict(vars(self.m))
 
     def __exit__(self, *exc):
+        # keep the tensor constants the tracer itself set on the root (`x + torch.tensor(...)` in forward
+        # becomes get_attr `_tensor_constant0`): the graph reads them
+        constants = {k: v for k, v in vars(self.m).items()
+                     if k not in self.saved and k.startswith("_tensor_constant") and isinstance(v, torch.Tensor)}
         vars(self.m).clear()
         vars(self.m).update(self.saved)
+        vars(self.m).update(constants)
 
 
 # ---------------------------------------------------------------------------------------------- propagation
@@ -466,7 +471,7 @@ def _propagate(graph: fx.Graph, root: nn.Module, inputs: dict[fx.Node, Any],
     outputs: dict[fx.Node, TensorMeta | None] = {}
     twins: dict[fx.Node, str] = {}
     attrs: dict[str, Any] = {}
-    recorder = OpRecorder()
+    recorder = OpRecorder(meta=True)
     skip_until: fx.Node | None = None
     with torch.no_grad(), recorder:
         for node in graph.nodes:
@@ -533,7 +538,10 @@ def _run_node(node: fx.Node, env: dict, root: nn.Module, attrs: dict, inputs: di
     if op == "get_attr":
         value = attrs.get(node.target)
         if value is None:
-            value = attrs[node.target] = _fetch_attr(root, node.target)
+            value = _fetch_attr(root, node.target)
+            if isinstance(value, torch.Tensor) and not value.is_meta:   # a tensor constant the tracer made
+                value = _meta_like(value, None)
+            attrs[node.target] = value
         return value
     if op == "output":
         return None
@@ -727,7 +735,9 @@ class _DispatchGraphBuilder:
             h.remove()
 
     def _enter_module(self, module, args):
-        self.stack.append(self.names.get(id(module), ("?", type(module).__name__)))
+        # a module the forward calls without it being in the model's tree (kept in a global, say)
+        self.stack.append(self.names.get(id(module), (f"<{type(module).__name__} outside the model>",
+                                                      type(module).__name__)))
 
     def _exit_module(self, module, args, out):
         if len(self.stack) > 1:
@@ -762,7 +772,7 @@ class _GraphRecorder(OpRecorder):
     """Turns each recorded op into a graph node at once, while its tensors (and their ids) are at hand."""
 
     def __init__(self, builder: _DispatchGraphBuilder):
-        super().__init__()
+        super().__init__(meta=True)
         self.builder = builder
 
     def record(self, op, args, kwargs, out) -> None:

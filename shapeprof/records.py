@@ -129,11 +129,17 @@ _RECORD_WHOLE = {
 
 
 class OpRecorder(TorchDispatchMode):
-    """Records every ATen op dispatched inside it into `self.records` (or the list set by `into`)."""
+    """Records every ATen op dispatched inside it into `self.records` (or the list set by `into`).
 
-    def __init__(self) -> None:
+    With `meta=True`, an op that mixes meta tensors with tensors holding data runs on meta copies of them: a
+    model run on meta can still meet real tensors (a module kept in a global rather than as a submodule, a
+    tensor its forward makes on the CPU), and only their shapes matter here.
+    """
+
+    def __init__(self, meta: bool = False) -> None:
         super().__init__()
         self.records: list[OpRecord] = []
+        self.meta = meta
         self._paused = 0
         self._whole = _WholeOpRecorder(self)
 
@@ -151,7 +157,10 @@ class OpRecorder(TorchDispatchMode):
         return super().__exit__(*exc)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
+        kwargs = kwargs or {}
+        if self.meta and _mixes_meta((args, kwargs)):
+            args, kwargs = _as_meta(args), _as_meta(kwargs)
+        out = func(*args, **kwargs)
         if not self._paused:
             self.record(func, args, kwargs, out)
         return out
@@ -159,6 +168,35 @@ class OpRecorder(TorchDispatchMode):
     def record(self, op, args, kwargs, out) -> None:
         """Called with the real tensors of every op; subclasses that need more than metadata override it."""
         self.records.append(OpRecord.of(op, args, kwargs, out))
+
+
+def _mixes_meta(tree: Any) -> bool:
+    devices = {t.device.type for t in _tensors_in(tree)}
+    return "meta" in devices and len(devices) > 1
+
+
+def _tensors_in(x: Any):
+    if isinstance(x, torch.Tensor):
+        yield x
+    elif isinstance(x, (list, tuple)):
+        for v in x:
+            yield from _tensors_in(v)
+    elif isinstance(x, dict):
+        for v in x.values():
+            yield from _tensors_in(v)
+
+
+def _as_meta(x: Any) -> Any:
+    # inside __torch_dispatch__ this mode is not active: making the copies records nothing
+    if isinstance(x, torch.Tensor):
+        if x.device.type == "meta":
+            return x
+        return torch.empty_strided(tuple(x.shape), tuple(x.stride()), dtype=x.dtype, device="meta")
+    if isinstance(x, (list, tuple)):
+        return type(x)(_as_meta(v) for v in x) if type(x) in (list, tuple) else x
+    if isinstance(x, dict):
+        return {k: _as_meta(v) for k, v in x.items()}
+    return x
 
 
 class _WholeOpRecorder(TorchFunctionMode):

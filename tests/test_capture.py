@@ -244,3 +244,22 @@ def test_sdpa_is_recorded_whole_with_is_causal():
     recs = [r for cn in cap.nodes for r in cn.records]
     assert [str(r.op) for r in recs] == ["aten.scaled_dot_product_attention.default"]
     assert recs[0].kwargs["is_causal"] is True
+
+
+GLOBAL_LINEAR = nn.Linear(8, 8)
+
+
+def test_real_tensors_outside_the_model_meet_meta_ones():
+    class UsesGlobal(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(8, 8)
+
+        def forward(self, x):
+            return GLOBAL_LINEAR(self.a(x)) + torch.ones(8)   # a module not in the tree, a CPU constant
+
+    cap = capture(UsesGlobal(), torch.randn(2, 8))
+    assert cap.method == "dispatch"
+    mms = [cn for cn in cap.nodes if cn.records and str(cn.records[0].op) == "aten.addmm.default"]
+    assert [cn.module_path for cn in mms] == ["a", "<Linear outside the model>"]
+    assert GLOBAL_LINEAR.weight.device.type == "cpu"
