@@ -572,14 +572,14 @@ def _first_meta(value: Any) -> TensorMeta | None:
 
 
 def source_location(node: fx.Node) -> str:
-    """'path/to/model.py:42': the last frame of the node's stack trace outside torch itself ('' if unknown)."""
+    """'path/to/model.py:42': the last frame of the node's stack trace outside torch and shapeprof ('' if unknown)."""
     frames = _FRAME.findall(node.meta.get("stack_trace") or "")
-    user = [(path, line) for path, line in frames if not path.startswith(_TORCH_DIR)]
+    user = [(path, line) for path, line in frames if not path.startswith(_LIBRARY_DIRS)]
     return f"{user[-1][0]}:{user[-1][1]}" if user else ""
 
 
 _FRAME = re.compile(r'File "([^"]+)", line (\d+)')
-_TORCH_DIR = os.path.dirname(torch.__file__)
+_LIBRARY_DIRS = (os.path.dirname(torch.__file__), os.path.dirname(os.path.abspath(__file__)))
 
 
 def _describe(node: fx.Node) -> str:
