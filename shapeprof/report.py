@@ -230,16 +230,23 @@ class Report:
     def twin_groups(self) -> list[list[NodeStats]]:
         """Nodes grouped with their twins, biggest total predicted time first.
 
-        Twins are the nodes at the same place of repeated modules: the k-th `mul` of `layers.3.attention` and the
-        k-th `mul` of every other layer's attention. The k matters: two muls of one module are not twins.
+        Twins are the nodes at the same place of repeated modules doing the same work: the k-th `mul` of
+        `layers.3.attention` and the k-th `mul` of every other layer's attention. The k matters (two muls of one
+        module are not twins), and so do the costs: `blocks.0.0` and `blocks.1.0` of a Sequential share a pattern
+        but are twins only if they are the same size.
         """
         seen: dict[tuple[str, str], int] = defaultdict(int)
-        groups: dict[tuple[str, str, int], list[NodeStats]] = defaultdict(list)
+        groups: dict[tuple, list[NodeStats]] = defaultdict(list)
         for s in self.nodes:
             k = seen[(s.module_path, s.op)]
             seen[(s.module_path, s.op)] = k + 1
-            groups[(s.pattern, s.op, k)].append(s)
+            groups[(s.pattern, s.op, k, s.flops, s.bytes_read, s.bytes_written)].append(s)
         return sorted(groups.values(), key=lambda g: sum(n.predicted_seconds for n in g), reverse=True)
+
+    def module_depth(self) -> int:
+        """The module depth worth showing: one level inside the repeated layer ('layers.*.attention'), else 2."""
+        starred = [n.pattern.split(".").index("*") for n in self.nodes if "*" in n.pattern.split(".")]
+        return min(starred) + 2 if starred else 2
 
     def _rollup(self, key) -> list[Rollup]:
         groups: dict[str, list[NodeStats]] = defaultdict(list)

@@ -99,9 +99,8 @@ def _top_table(r: Report, top: int) -> Table:
 
 
 def _module_table(r: Report, depth: int | None) -> Table:
-    if depth is None:   # one level inside the repeated layer ('layers.*.attention'), else two levels
-        starred = [n.pattern.split(".").index("*") for n in r.nodes if "*" in n.pattern.split(".")]
-        depth = min(starred) + 2 if starred else 2
+    if depth is None:
+        depth = r.module_depth()
     table = Table(title=f"By module (depth {depth}, layers summed)", title_justify="left", header_style="bold")
     for col in ("module", "nodes", "FLOPs", "bytes", "FLOP/B", "bound", "time", "share"):
         table.add_column(col, justify="left" if col in ("module", "bound") else "right")
