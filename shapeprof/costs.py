@@ -256,7 +256,11 @@ def _find_rule(op):
 def _functional(op: OpOverload) -> OpOverloadPacket | None:
     """`aten.masked_fill` for `aten.masked_fill_.Scalar`; None for an op that is not in-place."""
     namespace, name = op._schema.name.split("::")
-    if torch.Tag.inplace not in op.tags or not name.endswith("_") or name.endswith("__"):
+    args = op._schema.arguments
+    # in-place: writes its first argument (schema `Tensor(a!) self`); read from the schema rather than
+    # torch.Tag.inplace, which older torch releases don't have
+    writes_self = bool(args) and args[0].alias_info is not None and args[0].alias_info.is_write
+    if not writes_self or not name.endswith("_") or name.endswith("__"):
         return None
     return getattr(getattr(torch.ops, namespace), name[:-1], None)
 
@@ -362,6 +366,21 @@ def _addmm(mat1, mat2, *, output):
 def _addmm_activation(mat1, mat2, *, output):
     # M*K*N multiply-adds, then the fused relu/gelu: 1 per output element, as it would cost unfused
     return 2 * mat1.shape[0] * mat1.shape[1] * mat2.shape[1] + output[0].numel
+
+
+def _mkldnn_ops(*names: str) -> list[OpOverloadPacket]:
+    # oneDNN ops exist only in builds with mkldnn (every x86 and aarch64 wheel; not every source build)
+    return [p for p in (getattr(torch.ops.mkldnn, n, None) for n in names) if p is not None]
+
+
+@register_cost(*_mkldnn_ops("_linear_pointwise"), matmul=True)
+def _linear_pointwise(X, W, attr, *, output):
+    # oneDNN linear with a post-op fused into it (the `.binary` overload's post-op takes a second
+    # tensor, `other`): M*K*N multiply-adds, then the post-op, 1 per output element as it would cost
+    # unfused (as _addmm_activation counts its activation); attr "none" is a plain linear. Default
+    # bytes: reads X, W, the bias (and `other`), writes Y once; the pre-activation is never written.
+    post_op = 0 if attr == "none" else output[0].numel
+    return 2 * output[0].numel * W.shape[-1] + post_op
 
 
 @register_cost(aten.bmm, matmul=True)

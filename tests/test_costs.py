@@ -142,6 +142,23 @@ def test_linear_equals_its_decomposition():
     assert sum(cost_of(r).bytes for r in dispatched) == c.bytes  # the views and t move nothing
 
 
+@pytest.mark.skipif(not hasattr(torch.ops.mkldnn, "_linear_pointwise"), reason="PyTorch built without oneDNN")
+def test_mkldnn_linear_pointwise_is_a_linear_plus_its_post_op_without_the_intermediate():
+    x, w, b, out = meta(2, 5, 16), meta(32, 16), meta(32), meta(2, 5, 32)
+    fused = torch.ops.mkldnn._linear_pointwise.default
+    c = cost(fused, x, w, b, "relu", [], "", out=out)
+    assert c.flops == 2 * (2 * 5) * 16 * 32 + 2 * 5 * 32   # (B*T) x K x N multiply-adds, + 1 per output (relu)
+    assert c.bytes_read == (2 * 5 * 16 + 32 * 16 + 32) * F32 and c.bytes_written == 2 * 5 * 32 * F32
+    assert c.covered and c.matmul
+    assert cost(fused, x, w, None, "none", [], "", out=out).flops == 2 * (2 * 5) * 16 * 32   # a plain linear
+    # unfused, the (2, 5, 32) output is written by the linear and read back and written again by the relu
+    unfused = cost(aten.linear.default, x, w, b, out=out).bytes + cost(aten.relu.default, out, out=out).bytes
+    assert unfused - c.bytes == 2 * (2 * 5 * 32) * F32
+    recorded = only(record(lambda: fused(t(2, 5, 16), t(32, 16), t(32), "gelu", [], "none")),
+                    "mkldnn._linear_pointwise")
+    assert cost_of(recorded) == cost(fused, x, w, b, "gelu", [], "none", out=out)
+
+
 def test_matmul_shapes():
     assert cost(aten.matmul.default, meta(16), meta(16), out=meta()).flops == 2 * 16  # dot: K
     assert cost(aten.matmul.default, meta(3, 8, 16), meta(16), out=meta(3, 8)).flops == 2 * 3 * 8 * 16

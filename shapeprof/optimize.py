@@ -1,0 +1,1084 @@
+"""optimize(): capture a model, run graph rewrites on it, verify them against the original, hand back a drop-in.
+
+    >>> import torch, shapeprof
+    >>> from shapeprof.optimize import optimize
+    >>> model = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.ReLU(), torch.nn.Linear(256, 64)).eval()
+    >>> fast = optimize(model, torch.randn(8, 64))
+    >>> [m.what for m in fast.shapeprof_report.applied]
+    ['Linear + ReLU -> mkldnn._linear_pointwise(relu)']
+    >>> isinstance(fast, torch.nn.Sequential), fast[0].weight is model[0].weight
+    (True, True)
+
+What comes back is a drop-in, not a bare graph: a copy of the module tree whose parameters and buffers are the
+user's own tensors (shared, not copied), so it has the same state_dict keys, mode and device and stays in step
+with the original's weights. Each module whose forward was rewritten becomes an instance of a subclass of its own
+class, created on the fly, whose `forward` runs the rewritten graph on the module itself (attribute lookups go
+through `self`, so a buffer replaced by `.to()` is seen). Its other methods, such as nanoGPT's `generate()`, call
+`self(...)` and so run the rewritten forward. The graph is kept on that subclass, never registered as a
+submodule: `state_dict()` is the user's.
+
+Pickling the whole module (``torch.save(fast)``) saves the user's class, without the rewrites (the class made
+here cannot be imported by name): optimize again after loading. ``state_dict()`` saves and loads as the
+original's.
+
+The rewritten forward is guarded: the graph is specialised to what symbolic tracing saw (train/eval mode, the
+values of non-tensor arguments such as ``targets=None``). A call that differs - another mode, another constant,
+``None`` where a tensor was - runs the class's own forward instead, unoptimized and correct.
+
+Capture: the model's forward is traced with `shapeprof.capture` (symbolic_trace, the same tracer settings the
+analysis uses). When that fails (nanoGPT's ``assert t <= block_size`` is Python control flow on a shape), the
+largest submodules that trace are captured and rewritten instead (its transformer blocks), and the model's own
+forward runs as written around them.
+
+Verification: every rewrite is run against the unchanged model on the example inputs (``torch.no_grad``, the same
+RNG seed, user hooks silenced, buffers restored afterwards) and compared with `torch.testing.assert_close` at the
+output dtype's default rtol, with atol at least rtol x the output's largest magnitude (`Tolerance.for_output`;
+pass ``verify=Tolerance(rtol, atol)`` to choose). A rewrite whose outputs differ, or that raises, is undone and
+reported; it is never returned. Verification needs
+real weights and real inputs: a meta model or meta inputs are refused unless ``verify=False``, which the report
+then says loudly.
+
+The user's model is never run, moved, hooked or changed: every run happens on copies that share its tensors.
+"""
+from __future__ import annotations
+
+import copy
+import inspect
+import io
+import math
+import operator
+import statistics
+import time
+import types
+from collections import OrderedDict
+from contextlib import ExitStack, contextmanager
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+from torch.utils import _pytree as pytree
+
+from .capture import CaptureError, InputShape, NodeError, _unwrap, capture
+from .hardware import DeviceSpec, SpecError, get_spec
+
+__all__ = ["Measurement", "OptimizeError", "OptimizeReport", "OutputCheck", "RewriteOutcome", "Tolerance",
+           "Verification", "optimize"]
+
+
+class OptimizeError(RuntimeError):
+    """optimize cannot do what it was asked: nothing to verify against, an unknown rewrite, a model it cannot copy."""
+
+
+# ---------------------------------------------------------------------------------------------- results
+
+@dataclass(frozen=True)
+class Tolerance:
+    """assert_close tolerances: |actual - expected| <= atol + rtol * |expected|, elementwise."""
+
+    rtol: float
+    atol: float
+
+    @classmethod
+    def for_dtype(cls, dtype: torch.dtype) -> "Tolerance":
+        """torch.testing.assert_close's default for `dtype` (exact for integers and bool).
+
+            >>> Tolerance.for_dtype(torch.float32)
+            Tolerance(rtol=1.3e-06, atol=1e-05)
+        """
+        return cls(*_DEFAULT_TOLERANCES.get(dtype, (0.0, 0.0)))
+
+    @classmethod
+    def for_output(cls, expected: torch.Tensor) -> "Tolerance":
+        """The dtype's default, with atol raised to rtol x the output's largest magnitude.
+
+        A rewrite that reorders a matmul's sums or rounds an intermediate once less (a fused epilogue) changes
+        each output by about rtol x the size of the values summed, not of the element itself: an element that
+        cancels to near 0 would otherwise fail a relative test it cannot pass. A wrong function (erf GELU
+        swapped for tanh GELU in fp32) still fails by orders of magnitude.
+
+            >>> Tolerance.for_output(torch.tensor([0.001, -100.0]))
+            Tolerance(rtol=1.3e-06, atol=0.00013)
+        """
+        base = cls.for_dtype(expected.dtype)
+        if not (expected.is_floating_point() or expected.is_complex()) or expected.numel() == 0:
+            return base
+        scale = float(expected.detach().abs().max())
+        if not math.isfinite(scale):
+            finite = expected.detach().abs()[torch.isfinite(expected.detach().abs())]
+            scale = float(finite.max()) if finite.numel() else 0.0
+        return cls(base.rtol, float(f"{max(base.atol, base.rtol * scale):.3g}"))
+
+
+# torch.testing.assert_close's documented defaults
+_DEFAULT_TOLERANCES = {torch.float16: (1e-3, 1e-5), torch.bfloat16: (1.6e-2, 1e-5), torch.float32: (1.3e-6, 1e-5),
+                       torch.float64: (1e-7, 1e-7), torch.complex32: (1e-3, 1e-5), torch.complex64: (1.3e-6, 1e-5),
+                       torch.complex128: (1e-7, 1e-7)}
+
+
+@dataclass(frozen=True)
+class OutputCheck:
+    """One output leaf of the rewritten model against the original's."""
+
+    output: str             # 'out', '[0]', "['logits']" ...
+    dtype: str
+    max_abs_diff: float     # nan for a non-tensor output
+    rtol: float
+    atol: float
+    ok: bool
+    message: str = ""       # why it failed
+
+
+@dataclass(frozen=True)
+class Verification:
+    """The rewritten model run on the example inputs, against the original's outputs."""
+
+    checks: tuple[OutputCheck, ...] = ()
+    error: str = ""         # the rewritten model raised, or its output structure differs
+
+    @property
+    def ok(self) -> bool:
+        return not self.error and all(c.ok for c in self.checks)
+
+    @property
+    def max_abs_diff(self) -> float:
+        diffs = [c.max_abs_diff for c in self.checks if not math.isnan(c.max_abs_diff)]
+        return max(diffs, default=0.0)
+
+    def summary(self) -> str:
+        if self.error:
+            return self.error
+        bad = [c for c in self.checks if not c.ok]
+        if bad:
+            return "; ".join(f"{c.output}: {c.message}" for c in bad)
+        return f"outputs match (max abs diff {self.max_abs_diff:.3g})"
+
+
+@dataclass
+class RewriteOutcome:
+    """What became of one rewrite.
+
+    status: 'applied' (verified and kept), 'unverified' (kept with verify=False), 'no match' (nothing to change),
+    'rejected' (its outputs differed from the original's: undone), 'failed' (it raised: undone),
+    'not run' (it needs a capture optimize does not make).
+    """
+
+    name: str
+    status: str
+    result: Any = None                    # the RewriteResult over all captured graphs (None when not run)
+    verification: Verification | None = None
+    error: str = ""
+
+    @property
+    def kept(self) -> bool:
+        return self.status in ("applied", "unverified")
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """Original vs optimized, timed in the same run: per-call medians over interleaved repeats."""
+
+    original_seconds: float
+    optimized_seconds: float
+    repeats: int
+    calls_per_repeat: int
+    device: str
+
+    @property
+    def speedup(self) -> float:
+        return self.original_seconds / self.optimized_seconds if self.optimized_seconds else float("inf")
+
+
+@dataclass(frozen=True)
+class CapturedGraph:
+    """One graph optimize rewrote: the module it runs on (its path; '' for the model) and how it was captured."""
+
+    path: str
+    module_type: str
+    method: str
+    nodes: int
+
+
+@dataclass
+class OptimizeReport:
+    """What optimize did: rewrites applied where, skipped and why, verification, predicted and measured gains.
+
+    Printable (`print(report)`) and rich-renderable (`rich.print(report)`).
+    """
+
+    model: str
+    spec: DeviceSpec
+    dtype: str | None
+    device: str
+    verify: bool
+    tolerance: Tolerance | None                      # None: each output's Tolerance.for_output
+    graphs: list[CapturedGraph] = field(default_factory=list)
+    not_captured: list[tuple[str, str]] = field(default_factory=list)   # (module path, why) tried but not traced
+    outcomes: list[RewriteOutcome] = field(default_factory=list)
+    predicted_seconds: float = 0.0                   # roofline time of the captured graphs before rewriting
+    measurement: Measurement | None = None
+    refused: str = ""                                # why nothing could be rewritten at all
+    code: dict[str, str] = field(default_factory=dict)   # module path -> the Python of its rewritten forward
+
+    @property
+    def applied(self) -> list:
+        """Every Match of every rewrite that was kept."""
+        return [m for o in self.outcomes if o.kept and o.result is not None for m in o.result.applied]
+
+    @property
+    def skipped(self) -> list:
+        """Every Skip of every rewrite that ran."""
+        return [s for o in self.outcomes if o.result is not None for s in o.result.skipped]
+
+    @property
+    def bytes_saved(self) -> int:
+        return sum(m.bytes_saved for m in self.applied)
+
+    @property
+    def seconds_saved(self) -> float:
+        return sum(m.seconds_saved for m in self.applied)
+
+    @property
+    def verified(self) -> bool:
+        """Every kept rewrite was verified against the original."""
+        return self.verify and all(o.status == "applied" for o in self.outcomes if o.kept)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The report as plain data (json.dumps-able; a non-tensor output's max_abs_diff is NaN)."""
+        def outcome(o: RewriteOutcome) -> dict[str, Any]:
+            return {"name": o.name, "status": o.status, "error": o.error,
+                    "applied": [asdict(m) for m in o.result.applied] if o.result is not None else [],
+                    "skipped": [asdict(s) for s in o.result.skipped] if o.result is not None else [],
+                    "verification": None if o.verification is None else {
+                        "ok": o.verification.ok, "error": o.verification.error,
+                        "checks": [asdict(c) for c in o.verification.checks]}}
+        m = self.measurement
+        return {"model": self.model, "spec": self.spec.name, "dtype": self.dtype, "device": self.device,
+                "verify": self.verify, "verified": self.verified,
+                "tolerance": asdict(self.tolerance) if self.tolerance else None,
+                "graphs": [asdict(g) for g in self.graphs], "not_captured": [list(p) for p in self.not_captured],
+                "outcomes": [outcome(o) for o in self.outcomes], "refused": self.refused,
+                "predicted_seconds": self.predicted_seconds, "bytes_saved": self.bytes_saved,
+                "seconds_saved": self.seconds_saved,
+                "measurement": None if m is None else {**asdict(m), "speedup": m.speedup}}
+
+    def __rich_console__(self, console, options):
+        yield render(self)
+
+    def __str__(self) -> str:
+        console = _text_console()
+        console.print(render(self))
+        return console.file.getvalue()
+
+
+# ---------------------------------------------------------------------------------------------- optimize
+
+def optimize(model: nn.Module, *args: Any, rewrites: Sequence[str | Any] | None = None,
+             verify: bool | Tolerance = True, measure: bool = False, spec: str | DeviceSpec | None = None,
+             dtype: torch.dtype | None = None, **kwargs: Any) -> nn.Module:
+    """A drop-in for `model` with graph rewrites applied, each verified on the example inputs.
+
+        >>> import torch
+        >>> from examples.mlp import MLP
+        >>> model = MLP(d_in=32, d_hidden=64, d_out=8).eval()
+        >>> fast = optimize(model, torch.randn(4, 32))
+        >>> print(len(fast.shapeprof_report.applied), fast.shapeprof_report.verified)
+        2 True
+
+    Args:
+        model: the nn.Module to optimize (eval mode for the fusing rewrites). It is not run, moved or changed.
+        *args, **kwargs: example inputs, as the model's forward takes them. Real tensors on the model's device:
+            verification runs the model on them. `rewrites`, `verify`, `measure`, `spec` and `dtype` are this
+            function's own and not passed on.
+        rewrites: names from `shapeprof.rewrites.available()` (or Rewrite instances), run in the order given;
+            None runs every registered rewrite.
+        verify: True compares each rewrite's outputs with the original's at `Tolerance.for_output` (the dtype's
+            rtol; atol scaled to the output); a `Tolerance` sets both; False keeps rewrites unverified (the
+            report says so loudly).
+        measure: also time original and optimized, interleaved in one run (medians), into the report.
+        spec: the device whose roofline prices each match (a name, a spec file or a DeviceSpec); default: the
+            CUDA device the model is on if it is a known one, else A100-SXM4-80GB.
+        dtype: price matches as if floating tensors were in this dtype (predictions only; nothing is cast).
+
+    Returns:
+        The drop-in module; `fast.shapeprof_report` is an `OptimizeReport`.
+    Raises:
+        OptimizeError: verify is on but the model's weights or the inputs are meta tensors (or `InputShape`s);
+            an unknown rewrite name; a model that cannot be copied.
+    """
+    from shapeprof import rewrites as registry   # rewrites import shapeprof modules: import here, not at the top
+
+    model = _unwrap(model)
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"optimize takes an nn.Module, got {type(model).__name__}")
+    selected = _select(rewrites, registry)
+    no_data = _why_no_data(model, args, kwargs)
+    if no_data and verify is not False:
+        raise OptimizeError(f"cannot verify rewrites of {type(model).__name__}: {no_data}. Verification runs the "
+                            f"model on real weights and real inputs; pass verify=False to rewrite without it")
+    device = _device_of(model, args, kwargs)
+    device_spec = _spec_for(spec, device)
+    tolerance = verify if isinstance(verify, Tolerance) else None
+    report = OptimizeReport(type(model).__name__, device_spec, str(dtype).removeprefix("torch.") if dtype else None,
+                            str(device), verify is not False, tolerance)
+    fast = _shared_copy(model)
+    inputs_require_grad = any(isinstance(t, torch.Tensor) and t.requires_grad
+                              for t in pytree.tree_leaves((args, kwargs)))
+
+    # capture: the whole model if it traces, else its largest submodules that do
+    whole, why = _try_capture(fast, args, kwargs)
+    reference, recorded = None, {}
+    if whole is None or verify is not False:
+        reference, recorded = _run(fast, args, kwargs, record_inputs=whole is None)
+    if whole is not None:
+        targets = [_Target("", fast, whole, example=(args, kwargs))]
+    else:
+        report.not_captured.append(("", why))
+        targets = _submodule_targets(fast, recorded, report.not_captured)
+    if not targets:
+        report.refused = f"nothing could be captured: {why}"
+        return _finish(fast, report)
+    for t in targets:
+        t.ctx_args = dict(spec=device_spec, dtype=dtype, path=t.path, device=device, training=t.module.training,
+                          inputs_require_grad=inputs_require_grad)
+        report.graphs.append(CapturedGraph(t.path, type(t.module).__name__, t.capture.method,
+                                           len(t.capture.nodes)))
+        report.predicted_seconds += _predicted_seconds(t, registry)
+
+    # the captured graphs, unrewritten, must reproduce the model before a rewrite's outputs can be blamed on it
+    if verify is not False:
+        targets = _faithful_targets(fast, targets, args, kwargs, reference, tolerance, report)
+        if not targets:
+            report.refused = "no captured graph reproduces its module's forward on the example inputs"
+            return _finish(fast, report)
+
+    for rewrite in selected:
+        report.outcomes.append(_apply(rewrite, targets, fast, args, kwargs, reference, verify, tolerance, registry))
+    for t in targets:
+        if t.installed is not None:
+            report.code[t.path] = t.gm.code
+    if measure:
+        report.measurement = _measure(_shared_copy(model), fast, args, kwargs, device)
+    return _finish(fast, report)
+
+
+def _finish(fast: nn.Module, report: OptimizeReport) -> nn.Module:
+    fast.shapeprof_report = report   # a plain attribute: not a parameter, buffer or submodule
+    return fast
+
+
+def _select(rewrites, registry) -> list:
+    if rewrites is None:
+        return [registry.get(name) for name, _ in registry.available()]
+    if isinstance(rewrites, str):
+        rewrites = [rewrites]
+    chosen = []
+    for r in rewrites:
+        if isinstance(r, str):
+            try:
+                chosen.append(registry.get(r))
+            except KeyError as e:
+                raise OptimizeError(e.args[0]) from None
+        elif isinstance(r, registry.Rewrite):
+            chosen.append(r)
+        else:
+            raise TypeError(f"rewrites takes names or Rewrite instances, got {type(r).__name__}")
+    return chosen
+
+
+def _why_no_data(model: nn.Module, args, kwargs) -> str:
+    """Why the model cannot be run for verification ('' when it can)."""
+    from torch._subclasses.fake_tensor import FakeTensor
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if t.is_meta or isinstance(t, FakeTensor):
+            return f"{'parameter' if isinstance(t, nn.Parameter) else 'buffer'} '{name}' has no data (meta device)"
+    for path, leaf in pytree.tree_flatten_with_path((args, kwargs))[0]:
+        where = pytree.keystr(path)
+        if isinstance(leaf, InputShape):
+            return f"input {where} is an InputShape (a shape, no values)"
+        if isinstance(leaf, torch.Tensor) and (leaf.is_meta or isinstance(leaf, FakeTensor)):
+            return f"input {where} has no data (meta device)"
+    return ""
+
+
+def _device_of(model: nn.Module, args, kwargs) -> torch.device:
+    for t in list(model.parameters()) + list(model.buffers()):
+        return t.device
+    for leaf in pytree.tree_leaves((args, kwargs)):
+        if isinstance(leaf, torch.Tensor):
+            return leaf.device
+    return torch.device("cpu")
+
+
+def _spec_for(spec, device: torch.device) -> DeviceSpec:
+    if spec is not None or device.type != "cuda":
+        return get_spec(spec)
+    try:
+        return get_spec(torch.cuda.get_device_name(device))   # the GPU it runs on, when it is a known one
+    except (SpecError, RuntimeError, AssertionError):
+        return get_spec()
+
+
+# ---------------------------------------------------------------------------------------------- the copy
+
+def _shared_copy(model: nn.Module) -> nn.Module:
+    """A copy of the module tree whose parameters and buffers are the model's own tensors.
+
+    Modules, their attributes and their hook registries are copied (the hooks themselves, functions, are
+    shared): changing the copy's mode, hooks or submodules leaves the model alone.
+    """
+    memo: dict[int, Any] = {}
+    for m in model.modules():
+        for t in list(m._parameters.values()) + list(m._buffers.values()):
+            if t is not None:
+                memo[id(t)] = t
+        for name, value in vars(m).items():
+            if "hooks" in name and isinstance(value, dict):
+                memo[id(value)] = type(value)(value)
+    try:
+        return copy.deepcopy(model, memo)
+    except Exception as e:
+        raise OptimizeError(f"cannot copy {type(model).__name__} to rewrite it (its parameters would be shared, "
+                            f"its modules copied): {type(e).__name__}: {e}") from e
+
+
+@contextmanager
+def _quiet(module: nn.Module) -> Iterator[None]:
+    """No user hooks fire while optimize runs its copies (hooks registered inside are gone afterwards), and
+    buffers a forward mutates (shared with the user's model) get their values back."""
+    saved_hooks = []
+    for m in module.modules():
+        for name, value in list(vars(m).items()):
+            if "hooks" in name and isinstance(value, dict):
+                saved_hooks.append((m, name, value))
+                vars(m)[name] = type(value)()
+    buffers = {}
+    for b in module.buffers():
+        if id(b) not in buffers:
+            buffers[id(b)] = (b, b._version, b.detach().clone() if not b.is_meta else None)
+    try:
+        yield
+    finally:
+        for m, name, value in saved_hooks:
+            vars(m)[name] = value
+        with torch.no_grad():
+            for b, version, saved in buffers.values():
+                if saved is not None and b._version != version:
+                    b.copy_(saved)
+
+
+# ---------------------------------------------------------------------------------------------- running
+
+_SEED = 0x5EED
+
+
+def _clone_inputs(tree):
+    def clone(x):
+        if isinstance(x, torch.Tensor):
+            return x.detach().clone().requires_grad_(x.requires_grad) if x.is_floating_point() or x.is_complex() \
+                else x.detach().clone()
+        return x
+    return pytree.tree_map(clone, tree)
+
+
+@contextmanager
+def _seeded(device: torch.device | None) -> Iterator[None]:
+    devices = []
+    if device is not None and device.type == "cuda":
+        devices = [device.index if device.index is not None else torch.cuda.current_device()]
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(_SEED)
+        yield
+
+
+def _run(module: nn.Module, args, kwargs, record_inputs: bool = False):
+    """module(*args, **kwargs) under no_grad, quiet and seeded; with record_inputs, also each submodule's first call
+    (positional and keyword arguments), by id(module)."""
+    recorded: dict[int, tuple[tuple, dict]] = {}
+    device = next((t.device for t in module.parameters()), None)
+    with ExitStack() as stack:
+        stack.enter_context(torch.no_grad())
+        stack.enter_context(_quiet(module))   # the recording hooks below go into the emptied registries
+        stack.enter_context(_seeded(device))
+        if record_inputs:
+            for m in module.modules():
+                m.register_forward_pre_hook(_recorder(recorded), with_kwargs=True)
+        a, k = _clone_inputs((args, kwargs))
+        out = module(*a, **k)
+    return _detached(out), recorded
+
+
+def _recorder(recorded):
+    def hook(m, args, kwargs):
+        recorded.setdefault(id(m), (args, kwargs))
+    return hook
+
+
+def _detached(tree):
+    return pytree.tree_map(lambda x: x.detach().clone() if isinstance(x, torch.Tensor) else x, tree)
+
+
+def _verify(module: nn.Module, args, kwargs, reference, tolerance: Tolerance | None) -> Verification:
+    try:
+        out, _ = _run(module, args, kwargs)
+    except Exception as e:
+        return Verification(error=f"the rewritten model raised {type(e).__name__}: {_first_line(e)}")
+    return _compare(reference, out, tolerance)
+
+
+def _compare(expected, actual, tolerance: Tolerance | None) -> Verification:
+    exp, exp_spec = pytree.tree_flatten_with_path(expected)
+    act, act_spec = pytree.tree_flatten_with_path(actual)
+    if exp_spec != act_spec:
+        return Verification(error=f"the output's structure changed: {act_spec} instead of {exp_spec}")
+    checks = []
+    for (path, e), (_, a) in zip(exp, act):
+        name = pytree.keystr(path) or "out"
+        if not isinstance(e, torch.Tensor):
+            ok = _equal(a, e)
+            checks.append(OutputCheck(name, type(e).__name__, float("nan"), 0.0, 0.0, ok,
+                                      "" if ok else f"{a!r} instead of {e!r}"))
+            continue
+        tol = tolerance or Tolerance.for_output(e)
+        dtype = str(e.dtype).removeprefix("torch.")
+        if not isinstance(a, torch.Tensor) or a.shape != e.shape or a.dtype != e.dtype:
+            what = f"{type(a).__name__}" if not isinstance(a, torch.Tensor) else f"{a.dtype}{list(a.shape)}"
+            checks.append(OutputCheck(name, dtype, float("inf"), tol.rtol, tol.atol, False,
+                                      f"{what} instead of {e.dtype}{list(e.shape)}"))
+            continue
+        diff = _max_abs_diff(a, e)
+        try:
+            torch.testing.assert_close(a, e, rtol=tol.rtol, atol=tol.atol)
+            checks.append(OutputCheck(name, dtype, diff, tol.rtol, tol.atol, True))
+        except AssertionError as err:
+            lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+            detail = "; ".join(ln for ln in lines if ln.startswith(("Mismatched", "Greatest"))) or lines[0]
+            checks.append(OutputCheck(name, dtype, diff, tol.rtol, tol.atol, False, detail))
+    return Verification(tuple(checks))
+
+
+def _max_abs_diff(a: torch.Tensor, e: torch.Tensor) -> float:
+    if a.numel() == 0:
+        return 0.0
+    if a.is_complex():
+        return float((a - e).abs().max())
+    return float((a.double() - e.double()).abs().max())
+
+
+def _equal(a, b) -> bool:
+    try:
+        return bool(a == b) if a is not b else True
+    except Exception:
+        return False
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else ""
+
+
+# ---------------------------------------------------------------------------------------------- capture targets
+
+@dataclass(eq=False)
+class _Target:
+    """One captured graph: the real module it runs on, the capture, and the GraphModule rewrites work on."""
+
+    path: str
+    module: nn.Module
+    capture: Any
+    gm: fx.GraphModule | None = None
+    example: tuple = ((), {})        # the (args, kwargs) the module was called with: what its guard checks
+    installed: Any = None            # the _Installation now in place (None: the class's own forward runs)
+    ctx_args: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.gm = _graph_module(self.module, self.capture)
+
+
+def _try_capture(module: nn.Module, args, kwargs, path: str = ""):
+    """(Capture, '') or (None, why): the module's forward traced, if the graph can stand in for it."""
+    try:
+        cap = capture(module, *args, method="symbolic_trace", **kwargs)
+    except (CaptureError, NodeError) as e:
+        return None, _first_line(e)
+    lost = _hooks_lost(module, cap, path)
+    return (None, lost) if lost else (cap, "")
+
+
+def _hooks_lost(module: nn.Module, cap, prefix: str = "") -> str:
+    """Why the graph would drop user hooks ('' if it would not): the graph calls leaf modules as modules (their
+    hooks fire) but runs the forward of every other submodule inline, where nobody calls their hooks."""
+    called = {n.target for n in cap.graph.nodes if n.op == "call_module"}
+    hooked = []
+    for path, m in module.named_modules():
+        if not path or path in called or any(path.startswith(c + ".") for c in called):
+            continue
+        if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks:
+            hooked.append(f"{prefix}.{path}" if prefix else path)
+    if hooked:
+        return (f"the traced graph runs {', '.join(hooked)} inline, so the hooks registered on "
+                f"{'it' if len(hooked) == 1 else 'them'} would not run")
+    return ""
+
+
+def _submodule_targets(root: nn.Module, recorded: dict, not_captured: list) -> list[_Target]:
+    """The largest submodules that were called and trace, top down; a module that does not is looked into."""
+    targets: list[_Target] = []
+    seen: set[int] = set()
+
+    def visit(path: str, module: nn.Module) -> None:
+        for name, child in module.named_children():
+            sub = f"{path}.{name}" if path else name
+            if id(child) in seen:
+                continue
+            seen.add(id(child))
+            call = recorded.get(id(child))
+            if call is None:           # never called itself (a ModuleList, ModuleDict): its children may be
+                visit(sub, child)
+                continue
+            if _torch_leaf(child):     # one of torch's own modules: one op, nothing to rewrite inside
+                continue
+            cap, why = _try_capture(child, call[0], call[1], sub)
+            if cap is None:
+                not_captured.append((sub, why))
+                visit(sub, child)
+                continue
+            try:
+                targets.append(_Target(sub, child, cap, example=call))
+            except OptimizeError as e:
+                not_captured.append((sub, str(e)))
+    visit("", root)
+    return targets
+
+
+def _torch_leaf(m: nn.Module) -> bool:
+    # what fx's Tracer.is_leaf_module keeps whole: torch's own modules (one op each; nothing to rewrite inside)
+    return m.__module__.startswith(("torch.nn", "torch.ao.nn")) and not isinstance(m, nn.Sequential)
+
+
+def _graph_module(module: nn.Module, cap) -> fx.GraphModule:
+    """A GraphModule over `module`'s own attributes (shared), on a copy of the captured graph whose nodes carry
+    what the capture recorded in node.meta[CAPTURE_KEY]."""
+    from shapeprof.rewrites import CAPTURE_KEY
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    out = graph.graph_copy(cap.graph, env)
+    graph.output(out)
+    for cn in cap.nodes:
+        if cn.node in env:
+            env[cn.node].meta[CAPTURE_KEY] = cn
+    gm = fx.GraphModule(nn.Module(), fx.Graph(), class_name=f"{type(module).__name__}Graph")
+    containers: set[int] = set()
+    targets = {n.target for n in graph.nodes if n.op in ("get_attr", "call_module")}
+    for target in sorted(targets, key=lambda t: t.count(".")):   # parents before their attributes
+        value = _lookup(module, target)
+        if value is _MISSING:
+            value = _lookup(cap.root, target)   # a constant the tracer made (_tensor_constant0)
+            if value is _MISSING or (isinstance(value, torch.Tensor) and value.is_meta
+                                     and not _is_meta_module(module)):
+                raise OptimizeError(f"the traced graph of {type(module).__name__} needs '{target}', which "
+                                    f"the module does not have")
+        _put(gm, target, value, containers)
+    gm.graph = graph   # sets the owning module and recompiles
+    return gm
+
+
+def _put(gm: nn.Module, target: str, value: Any, containers: set[int]) -> None:
+    """gm.<target> = value, through fresh container modules; nothing is set on the user's (copied) modules."""
+    *prefix, name = target.split(".")
+    node = gm
+    for item in prefix:
+        child = getattr(node, item, None)
+        if child is None:
+            child = nn.Module()
+            containers.add(id(child))
+            setattr(node, item, child)
+        elif id(child) not in containers:
+            return   # a module of the model is already here: the attribute is reachable through it
+        node = child
+    if isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter):
+        node.register_buffer(name, value, persistent=False)
+    else:
+        setattr(node, name, value)
+
+
+_MISSING = object()
+
+
+def _lookup(obj: Any, target: str) -> Any:
+    try:
+        return operator.attrgetter(target)(obj)
+    except AttributeError:
+        return _MISSING
+
+
+def _is_meta_module(module: nn.Module) -> bool:
+    return any(t.is_meta for t in module.parameters())
+
+
+def _predicted_seconds(t: _Target, registry) -> float:
+    ctx = registry.RewriteContext(**t.ctx_args)
+    return sum(ctx.seconds(cn.records) for cn in t.capture.nodes if cn.records)
+
+
+def _faithful_targets(fast, targets, args, kwargs, reference, tolerance, report) -> list[_Target]:
+    """The targets whose unrewritten graph reproduces the model: all of them when the first check passes;
+    else each is tried alone and the ones that do not are reported and dropped."""
+    for t in targets:
+        _install(t, t.gm)
+    check = _verify(fast, args, kwargs, reference, tolerance)
+    for t in targets:
+        _uninstall(t)
+    if check.ok:
+        return targets
+    kept = []
+    for t in targets:
+        _install(t, t.gm)
+        alone = _verify(fast, args, kwargs, reference, tolerance)
+        _uninstall(t)
+        if alone.ok:
+            kept.append(t)
+        else:
+            report.not_captured.append((t.path, f"its traced graph does not reproduce its forward on the example "
+                                                 f"inputs ({alone.summary()})"))
+    return kept
+
+
+# ---------------------------------------------------------------------------------------------- rewriting
+
+def _apply(rewrite, targets: list[_Target], fast, args, kwargs, reference, verify, tolerance, registry
+           ) -> RewriteOutcome:
+    if rewrite.capture != "symbolic_trace":
+        return RewriteOutcome(rewrite.name, "not run",
+                              error=f"it needs a {rewrite.capture} capture, which optimize does not make yet")
+    merged = registry.RewriteResult(rewrite.name)
+    work: dict[_Target, fx.GraphModule] = {}
+    try:
+        for t in targets:
+            gm = fx.GraphModule(t.gm, copy.deepcopy(t.gm.graph), class_name=t.gm.__class__.__name__)
+            result = rewrite(gm, registry.RewriteContext(**t.ctx_args))
+            merged = merged.merged(result)
+            if result.changed:
+                work[t] = gm
+    except Exception as e:
+        return RewriteOutcome(rewrite.name, "failed", merged,
+                              error=f"{type(e).__name__}: {_first_line(e)}")
+    if not work:
+        return RewriteOutcome(rewrite.name, "no match", merged)
+    previous = {t: (t.installed.gm if t.installed is not None else None) for t in work}
+
+    def undo():
+        for t in work:
+            _install(t, previous[t]) if previous[t] is not None else _uninstall(t)
+    try:
+        for t, gm in work.items():
+            _install(t, gm)
+    except Exception as e:
+        undo()
+        return RewriteOutcome(rewrite.name, "failed", merged, error=f"{type(e).__name__}: {_first_line(e)}")
+    if verify is False:
+        for t, gm in work.items():
+            t.gm = gm
+        return RewriteOutcome(rewrite.name, "unverified", merged)
+    check = _verify(fast, args, kwargs, reference, tolerance)
+    if not check.ok:
+        undo()
+        return RewriteOutcome(rewrite.name, "rejected", merged, check)
+    for t, gm in work.items():
+        t.gm = gm
+    return RewriteOutcome(rewrite.name, "applied", merged, check)
+
+
+# ---------------------------------------------------------------------------------------------- the drop-in
+
+@dataclass
+class _Installation:
+    gm: fx.GraphModule                # the graph now running as the module's forward
+    cls: type                         # the module's class before
+    adopted: list[tuple[nn.Module, str]]
+
+
+def _install(t: _Target, gm: fx.GraphModule) -> None:
+    """Make t.module run `gm`'s graph as its forward (replacing what is installed now)."""
+    _uninstall(t)
+    module = t.module
+    adopted: list[tuple[nn.Module, str]] = []
+    cls = type(module)
+    try:
+        for node in gm.graph.nodes:
+            if node.op in ("get_attr", "call_module") and _lookup(module, node.target) is _MISSING:
+                adopted.append(_adopt(module, node.target, _lookup(gm, node.target)))
+        module.__class__ = _dropin_class(cls, gm, _Guard(cls, t.example, module.training))
+    except Exception:
+        for parent, name in adopted:
+            _drop(parent, name)
+        module.__class__ = cls
+        raise
+    t.installed = _Installation(gm, cls, adopted)
+
+
+def _uninstall(t: _Target) -> None:
+    if t.installed is not None:
+        t.module.__class__ = t.installed.cls
+        for parent, name in t.installed.adopted:
+            _drop(parent, name)
+        t.installed = None
+
+
+def _adopt(module: nn.Module, target: str, value: Any) -> tuple[nn.Module, str]:
+    """Put an attribute the rewritten graph needs (a rewrite's new state, a traced constant) on the module:
+    tensors as non-persistent buffers, so state_dict keys stay the same."""
+    parent_path, _, name = target.rpartition(".")
+    parent = _lookup(module, parent_path) if parent_path else module
+    if not isinstance(parent, nn.Module):
+        raise OptimizeError(f"the rewritten graph needs '{target}', but '{parent_path}' is not a module")
+    if value is _MISSING:
+        raise OptimizeError(f"the rewritten graph needs '{target}', which neither the module nor the graph has")
+    if isinstance(value, nn.Parameter):
+        raise OptimizeError(f"a rewrite added a parameter '{target}': it would change the model's state_dict")
+    if isinstance(value, torch.Tensor):
+        parent.register_buffer(name, value, persistent=False)
+    elif isinstance(value, nn.Module):
+        if value.state_dict():
+            raise OptimizeError(f"a rewrite added a module '{target}' with state: it would change the state_dict")
+        parent.add_module(name, value)
+    else:
+        setattr(parent, name, value)
+    return parent, name
+
+
+def _drop(parent: nn.Module, name: str) -> None:
+    if name in parent._buffers:
+        del parent._buffers[name]
+        parent._non_persistent_buffers_set.discard(name)
+    elif name in parent._modules:
+        del parent._modules[name]
+    elif name in vars(parent):
+        del vars(parent)[name]
+
+
+class _Guard:
+    """Decides per call whether the rewritten graph may run: the graph is what tracing saw, so the module must be
+    in the same mode, tensors must come where tensors came, and non-tensor arguments must have the values they
+    had. Returns the arguments in the graph's order, or None (then the class's own forward runs)."""
+
+    def __init__(self, cls: type, example: tuple, training: bool):
+        signature = inspect.signature(cls.forward)
+        params = list(signature.parameters.values())[1:]   # without self
+        self.signature = signature.replace(parameters=params)
+        self.training = training
+        args, kwargs = example
+        bound = self.signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        self.params: list[tuple[str, str, Any]] = []
+        for p in params:
+            value = bound.arguments[p.name]
+            if isinstance(value, torch.Tensor):
+                self.params.append((p.name, "tensor", None))
+            elif any(isinstance(v, torch.Tensor) for v in pytree.tree_leaves(value)):
+                self.params.append((p.name, "tree", pytree.tree_structure(value)))
+            else:
+                self.params.append((p.name, "constant", value))
+        self.all_tensors = all(kind == "tensor" for _, kind, _ in self.params)
+        self.positional = all(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in params)
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple | None:
+        if module.training != self.training:
+            return None
+        if self.all_tensors and self.positional and not kwargs and len(args) == len(self.params):
+            return args if all(isinstance(a, _TENSORLIKE) for a in args) else None
+        try:
+            bound = self.signature.bind(*args, **kwargs)
+        except TypeError:
+            return None
+        bound.apply_defaults()
+        values = []
+        for name, kind, expected in self.params:
+            value = bound.arguments[name]
+            if kind == "tensor":
+                if not isinstance(value, _TENSORLIKE):
+                    return None
+            elif kind == "tree":
+                if pytree.tree_structure(value) != expected:
+                    return None
+            elif not (value is expected or (type(value) is type(expected) and _equal(value, expected))):
+                return None
+            values.append(value)
+        return tuple(values)
+
+
+_TENSORLIKE = (torch.Tensor, fx.Proxy)   # a Proxy: the optimized model being traced (analysed) itself
+
+
+def _dropin_class(cls: type, gm: fx.GraphModule, guard: _Guard) -> type:
+    """A subclass of `cls` whose forward runs gm's graph on the instance itself when the guard allows."""
+    base = getattr(cls, "_shapeprof_base", cls)
+    graph_forward = type(gm).forward       # generated code; every attribute is looked up through `self`
+    own_forward = base.forward
+
+    def forward(self, *args, **kwargs):
+        call = guard(self, args, kwargs)
+        if call is None:
+            return own_forward(self, *args, **kwargs)
+        return graph_forward(self, *call)
+
+    forward.__wrapped__ = own_forward      # inspect.signature and fx see the user's parameters
+    forward.__qualname__ = f"{base.__qualname__}.forward"
+    namespace = {"forward": forward, "_shapeprof_base": base, "_shapeprof_graph_module": gm,
+                 "__reduce_ex__": _reduce_as_base, "__deepcopy__": _deepcopy_keeping_class,
+                 "__module__": base.__module__, "__qualname__": base.__qualname__, "__doc__": base.__doc__}
+    return types.new_class(base.__name__, (base,), {}, lambda ns: ns.update(namespace))
+
+
+def _reduce_as_base(self, protocol):
+    """Pickling (torch.save of the whole module) saves the user's class: the class made here cannot be imported
+    by name. What is loaded runs the original forward; optimize it again after loading."""
+    return _unpickle_as, (type(self)._shapeprof_base, dict(self.__dict__))
+
+
+def _unpickle_as(cls: type, state: dict) -> nn.Module:
+    module = cls.__new__(cls)
+    module.__setstate__(state)
+    return module
+
+
+def _deepcopy_keeping_class(self, memo):
+    """copy.deepcopy keeps the rewritten class (shapeprof.analyze copies a model into its meta shadow)."""
+    new = object.__new__(type(self))
+    memo[id(self)] = new
+    new.__dict__.update(copy.deepcopy(self.__dict__, memo))
+    return new
+
+
+# ---------------------------------------------------------------------------------------------- measuring
+
+_REPEATS = 15
+
+
+def _measure(baseline: nn.Module, fast: nn.Module, args, kwargs, device: torch.device) -> Measurement:
+    """Per-call medians of the original and the optimized model, interleaved (ABBA) so drift hits both alike."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    a, k = _clone_inputs((args, kwargs))
+    with torch.no_grad(), _quiet(baseline), _quiet(fast):
+        for _ in range(3):
+            baseline(*a, **k)
+            fast(*a, **k)
+        sync()
+        start = time.perf_counter()
+        baseline(*a, **k)
+        sync()
+        one = time.perf_counter() - start
+        calls = max(1, min(1000, int(0.02 / max(one, 1e-7))))   # about 20 ms per timed sample
+        times: dict[int, list[float]] = {0: [], 1: []}
+        for r in range(_REPEATS):
+            order = ((0, baseline), (1, fast)) if r % 2 == 0 else ((1, fast), (0, baseline))
+            for which, m in order:
+                sync()
+                start = time.perf_counter()
+                for _ in range(calls):
+                    m(*a, **k)
+                sync()
+                times[which].append((time.perf_counter() - start) / calls)
+    return Measurement(statistics.median(times[0]), statistics.median(times[1]), _REPEATS, calls, str(device))
+
+
+# ---------------------------------------------------------------------------------------------- rendering
+
+def render(report: OptimizeReport):
+    """The report as a rich renderable."""
+    from rich.console import Group
+    from rich.table import Table
+    from rich.text import Text
+
+    from .terminal import fmt_bytes, fmt_seconds
+
+    parts: list[Any] = []
+    head = Text()
+    head.append("shapeprof optimize ", style="bold")
+    head.append(report.model, style="bold cyan")
+    head.append(f"  on {report.device}; roofline of {report.spec.display_name}")
+    if report.dtype:
+        head.append(f" as {report.dtype}")
+    parts.append(head)
+    if not report.verify:
+        parts.append(Text("NOT VERIFIED: verify=False, so the rewrites below were kept without running the model "
+                          "against the original. Outputs may differ.", style="bold white on red"))
+    if report.refused:
+        parts.append(Text(f"nothing rewritten: {report.refused}", style="bold yellow"))
+    captured = Text()
+    for path, why in report.not_captured:
+        captured.append(f"not traced: {path or report.model}: {why}\n", style="yellow")
+    if report.graphs:
+        names = ", ".join(g.path or f"{g.module_type} (the whole model)" for g in report.graphs)
+        captured.append(f"rewrote the traced forward of: {names}")
+        if report.graphs[0].path:
+            captured.append(f"; {report.model}'s own forward runs as written around them")
+    parts.append(captured)
+
+    for o in report.outcomes:
+        line = Text()
+        line.append(f"{o.name}: ", style="bold")
+        style = {"applied": "bold green", "unverified": "bold red", "rejected": "bold red", "failed": "bold red"}
+        line.append(o.status, style=style.get(o.status, "dim"))
+        if o.result is not None:
+            line.append(f"  ({len(o.result.applied)} matched, {len(o.result.skipped)} skipped)")
+        if o.status == "rejected":
+            line.append(f"  undone: its outputs differ from the original's: {o.verification.summary()}")
+        elif o.verification is not None:
+            line.append(f"  verified: {o.verification.summary()}")
+        if o.error:
+            line.append(f"  {o.error}", style="red")
+        parts.append(line)
+
+    if report.applied:
+        table = Table(title=f"Applied (predicted on {report.spec.display_name})", title_justify="left",
+                      header_style="bold")
+        for col in ("where", "what"):
+            table.add_column(col, overflow="fold")
+        table.add_column("bytes saved", justify="right", no_wrap=True)
+        table.add_column("time saved", justify="right", no_wrap=True)
+        for m in report.applied:
+            table.add_row(m.where, m.what, fmt_bytes(m.bytes_saved), fmt_seconds(m.seconds_saved))
+        parts.append(table)
+    if report.skipped:
+        table = Table(title="Skipped", title_justify="left", header_style="bold")
+        table.add_column("where", overflow="fold")
+        table.add_column("why", overflow="fold")
+        for s in report.skipped:
+            table.add_row(s.where, s.reason)
+        parts.append(table)
+    checks = [(o.name, c) for o in report.outcomes if o.verification is not None for c in o.verification.checks]
+    if checks:
+        table = Table(title="Verification (rewritten vs original on the example inputs)", title_justify="left",
+                      header_style="bold")
+        for col in ("rewrite", "output", "dtype"):
+            table.add_column(col, overflow="fold")
+        for col in ("max abs diff", "rtol", "atol", ""):
+            table.add_column(col, justify="right", no_wrap=True)
+        for name, c in checks:
+            table.add_row(name, c.output, c.dtype, "-" if math.isnan(c.max_abs_diff) else f"{c.max_abs_diff:.3g}",
+                          f"{c.rtol:.3g}", f"{c.atol:.3g}", Text("ok", style="green") if c.ok
+                          else Text("FAIL", style="bold red"))
+        parts.append(table)
+    totals = Text()
+    if report.predicted_seconds:
+        after = report.predicted_seconds - report.seconds_saved
+        totals.append(f"predicted for the traced graphs on {report.spec.display_name}: "
+                      f"{fmt_seconds(report.predicted_seconds)} -> "
+                      f"{fmt_seconds(after)} ({report.seconds_saved / report.predicted_seconds:.1%} less), "
+                      f"{fmt_bytes(report.bytes_saved)} less memory traffic per call\n")
+    m = report.measurement
+    if m is not None:
+        totals.append(f"measured on {m.device}: original {fmt_seconds(m.original_seconds)}, optimized "
+                      f"{fmt_seconds(m.optimized_seconds)} per call (medians of {m.repeats} interleaved repeats "
+                      f"of {m.calls_per_repeat} calls): ")
+        totals.append(f"{m.speedup:.2f}x", style="bold")
+    if totals:
+        parts.append(totals)
+    return Group(*parts)
+
+
+def _text_console():
+    from rich.console import Console
+    return Console(file=io.StringIO(), width=120, color_system=None)
