@@ -10,11 +10,14 @@ from .calibration import calibrate
 from .capture import CaptureError, InputShape, NodeError, capture
 from .costs import FLOP_CONVENTION
 from .hardware import DeviceSpec, SpecError, get_spec, list_specs, load_spec
+from .optimize import OptimizeError, OptimizeReport, Tolerance, optimize
 from .profiling import ProfileError, ProfileResult, profile
 from .report import Report, ReportFormatError
+from .tensorboard import ExportError, export_tensorboard, tensorboard_trace_handler
 
 __all__ = [
-    "FLOP_CONVENTION", "META_KEY", "CaptureError", "DeviceSpec", "InputShape", "NodeError", "ProfileError",
-    "ProfileResult", "Report", "ReportFormatError", "SpecError", "UncoveredOpError", "analyze", "calibrate",
-    "capture", "get_spec", "list_specs", "load_spec", "profile",
+    "FLOP_CONVENTION", "META_KEY", "CaptureError", "DeviceSpec", "ExportError", "InputShape", "NodeError",
+    "OptimizeError", "OptimizeReport", "ProfileError", "ProfileResult", "Report", "ReportFormatError", "SpecError",
+    "Tolerance", "UncoveredOpError", "analyze", "calibrate", "capture", "export_tensorboard", "get_spec",
+    "list_specs", "load_spec", "optimize", "profile", "tensorboard_trace_handler",
 ]

@@ -1,0 +1,425 @@
+"""The command line, run as a user runs it: `python -m shapeprof ...` and the `shapeprof` console script, in a
+subprocess, on scripts written to tmp_path. Independent commands run side by side to keep the file quick."""
+import importlib.util
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+import shapeprof
+from shapeprof import cli
+
+REPO = Path(__file__).resolve().parent.parent
+CONSOLE_SCRIPT = Path(sys.executable).with_name("shapeprof")
+HAS_TENSORBOARD_EXPORT = importlib.util.find_spec("shapeprof.tensorboard") is not None
+
+
+def _cmd(args, console=False):
+    return [str(CONSOLE_SCRIPT)] + args if console else [sys.executable, "-m", "shapeprof"] + args
+
+
+def _env():
+    env = dict(os.environ)
+    env.pop("SHAPEPROF_DEBUG", None)
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def run(args, cwd, console=False, timeout=120):
+    return subprocess.run(_cmd(args, console), cwd=cwd, capture_output=True, text=True, env=_env(), timeout=timeout)
+
+
+def run_many(jobs, timeout=180):
+    """Run several (args, cwd) commands at once; their CompletedProcess-like results, in order."""
+    procs = [subprocess.Popen(_cmd(args), cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=_env()) for args, cwd in jobs]
+    results = []
+    for p in procs:
+        out, err = p.communicate(timeout=timeout)
+        results.append(subprocess.CompletedProcess(p.args, p.returncode, out, err))
+    return results
+
+
+def write(path, text):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def no_shapeprof_traceback(stderr):
+    assert "Traceback" not in stderr, stderr
+
+
+# ---------------------------------------------------------------------------------------------- one full trace
+
+MODELS = """
+    import torch
+    import torch.nn as nn
+
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(16, 16)
+
+        def forward(self, x):
+            return torch.relu(self.lin(x))
+
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.block = Block()      # called only inside Net.forward: part of Net, not a model of its own
+            self.head = nn.Linear(16, 4)
+
+        def forward(self, x):
+            return self.head(self.block(x))
+
+
+    class Other(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(10, 6)
+
+        def forward(self, x, scale=1.0):
+            return self.proj(x) * scale
+
+
+    class DataDependent(nn.Module):
+        # its Python depends on tensor values: no capture method can follow it on shapes alone
+
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+
+        def forward(self, x):
+            for _ in range(int(x.abs().sum().item()) % 3 + 1):
+                x = self.lin(x)
+            return x
+"""
+
+MAIN = """
+    import sys
+    import torch
+    import torch.nn as nn
+    from sibling_models import DataDependent, Net, Other   # beside the script: its directory is on sys.path
+
+    print("ARGV=" + repr(sys.argv))
+    print("NAME=" + __name__)
+    net, other = Net(), Other()
+    for _ in range(5):
+        net(torch.randn(8, 16))
+    other(torch.randn(2, 3, 10), scale=torch.tensor(2.0))
+    DataDependent()(torch.randn(2, 4))
+    nn.MSELoss()(torch.randn(3), torch.randn(3))   # no parameters: listed, not analysed
+    sys.exit(3)
+"""
+
+
+@pytest.fixture(scope="module")
+def traced(tmp_path_factory):
+    """`python -m shapeprof trace` on a script with two models, run once for the tests below."""
+    root = tmp_path_factory.mktemp("trace")
+    proj = root / "proj"
+    write(proj / "sibling_models.py", MODELS)
+    write(proj / "main.py", MAIN)
+    spec_file = root / "my-l4.toml"
+    shapeprof.get_spec("l4").save(spec_file)
+    logdir = root / "logs"
+    result = run(["trace", "--no-tensorboard", "--logdir", str(logdir), "--spec", str(spec_file), "--top", "4",
+                  "main.py", "--", "--epochs", "1", "--lr", "3e-4"], cwd=proj)
+    return result, logdir, root
+
+
+def test_trace_runs_the_script_as_python_would(traced):
+    result, _, _ = traced
+    assert result.returncode == 3, result.stderr       # sys.exit(3) passes through (after the reports)
+    assert "ARGV=['main.py', '--epochs', '1', '--lr', '3e-4']" in result.stdout
+    assert "NAME=__main__" in result.stdout
+    no_shapeprof_traceback(result.stderr)
+
+
+def test_trace_reports_each_top_level_model_once_with_its_call_count(traced):
+    result, logdir, _ = traced
+    out = result.stdout
+    assert "model 1 of 3: Net" in out and "model 2 of 3: Other" in out and "model 3 of 3: DataDependent" in out
+    assert "Net: called 5x at top level, analysed once" in out
+    assert "Other: called 1x at top level" in out
+    assert "MSELoss (1x)" in out                          # listed as not analysed
+    assert "NVIDIA L4" in out                             # --spec FILE was used
+    assert out.index("ARGV=") < out.index("model 1 of 3")  # the script's output first, then the reports
+    # one model that cannot be analysed costs the others nothing, and does not change the script's exit status
+    assert "shapeprof: could not analyse DataDependent: CaptureError" in result.stderr
+    assert "shapeprof: 1 of 3 models could not be analysed" in result.stderr
+    summary = json.loads((logdir / "trace.json").read_text())
+    assert [(m["name"], m["calls"]) for m in summary["models"]] == [("Net", 5), ("Other", 1), ("DataDependent", 1)]
+    assert summary["exit_code"] == 3 and summary["skipped"][0]["type"] == "MSELoss" and summary["failed"] == 1
+    assert summary["models"][2]["error"].startswith("CaptureError") and summary["models"][2]["report_path"] is None
+    net = shapeprof.Report.from_json(logdir / "Net" / "report.json")
+    assert net.model == "Net" and net.spec.name == "l4" and net.inputs == ("f32[8, 16]",)
+    # the Block called inside Net's forward is part of Net's report, not a model of its own
+    assert {n.module_path for n in net.nodes} >= {"block.lin", "head"}
+    other = shapeprof.Report.from_json(logdir / "Other" / "report.json")
+    assert other.inputs == ("f32[2, 3, 10]", "f32[]")     # keyword inputs of the first call too
+
+
+def test_no_tensorboard_writes_no_event_files(traced):
+    _, logdir, _ = traced
+    files = [p for p in logdir.rglob("*") if p.is_file()]
+    assert sorted(p.relative_to(logdir).as_posix() for p in files) == [
+        "Net/report.json", "Other/report.json", "trace.json"]
+
+
+def test_report_prints_saved_reports_again(traced):
+    _, logdir, _ = traced
+    path = logdir / "Net" / "report.json"
+    text, as_json, whole_dir = run_many([(["report", str(path), "--top", "2"], logdir),
+                                         (["report", str(path), "--json"], logdir),
+                                         (["report", str(logdir)], logdir)])
+    assert text.returncode == 0 and "shapeprof Net" in text.stdout and "Top 2 nodes" in text.stdout
+    assert as_json.returncode == 0
+    assert shapeprof.Report.from_dict(json.loads(as_json.stdout)) == shapeprof.Report.from_json(path)
+    assert whole_dir.returncode == 0 and "shapeprof Net" in whole_dir.stdout and "shapeprof Other" in whole_dir.stdout
+
+
+# ---------------------------------------------------------------------------------------------- how scripts end
+
+def test_a_script_that_raises_gets_its_reports_then_its_traceback(tmp_path):
+    write(tmp_path / "fails.py", """
+        import torch
+        import torch.nn as nn
+        nn.Linear(4, 4)(torch.randn(2, 4))
+        def fail():
+            raise RuntimeError("the user's error")
+        fail()
+    """)
+    result = run(["trace", "fails.py"], cwd=tmp_path, console=True)   # the console script; default logdir
+    assert result.returncode == 1
+    assert "model 1 of 1: Linear" in result.stdout
+    err = result.stderr
+    tb = err[err.index("Traceback (most recent call last):"):]
+    assert 'fails.py", line 7, in <module>' in tb and 'fails.py", line 6, in fail' in tb
+    assert tb.rstrip().endswith("RuntimeError: the user's error")
+    assert "shapeprof" not in tb and "runpy" not in tb
+    (logdir,) = (tmp_path / "runs" / "shapeprof").iterdir()          # runs/shapeprof/<script>-<time>
+    assert logdir.name.startswith("fails-") and (logdir / "Linear" / "report.json").is_file()
+    if HAS_TENSORBOARD_EXPORT:
+        assert list(logdir.rglob("events.out.tfevents.*"))
+        assert "shapeprof view" in result.stdout
+
+
+def test_json_output_and_module_mode(tmp_path):
+    write(tmp_path / "mypkg" / "__init__.py", "")
+    write(tmp_path / "mypkg" / "serve.py", """
+        import sys
+        import torch
+        import torch.nn as nn
+        print("hello from serve", sys.argv[1:])
+        model = nn.Sequential(nn.Linear(8, 8), nn.GELU())
+        for n in (1, 2):
+            model(torch.randn(n, 8))
+    """)
+    result = run(["trace", "--json", "--no-tensorboard", "--dtype", "bf16", "--logdir", "out",
+                  "-m", "mypkg.serve", "--port", "80"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    doc = json.loads(result.stdout)                     # stdout is nothing but the JSON
+    assert "hello from serve ['--port', '80']" in result.stderr   # the module's own stdout went to stderr
+    assert doc["schema"] == "shapeprof.trace" and doc["is_module"] and doc["argv"][1:] == ["--port", "80"]
+    (model,) = doc["models"]
+    assert model["name"] == "Sequential" and model["calls"] == 2 and model["distinct_inputs"] == 2
+    report = shapeprof.Report.from_dict(model["report"])
+    assert report.dtype == "bfloat16" and report.inputs == ("bf16[1, 8]",)
+    assert Path(model["report_path"]) == tmp_path / "out" / "Sequential" / "report.json"
+
+
+def test_a_script_without_a_model(tmp_path):
+    write(tmp_path / "plain.py", "print('just python')\n")
+    result = run(["trace", "plain.py"], cwd=tmp_path)
+    assert result.returncode == 0
+    assert "just python" in result.stdout and "ran no nn.Module" in result.stdout
+    assert not (tmp_path / "runs").exists()
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+
+def test_bad_input_is_one_line_and_exit_2(tmp_path):
+    marker = tmp_path / "ran"
+    write(tmp_path / "ok.py", f"open({str(marker)!r}, 'w').close()\n")
+    write(tmp_path / "broken.toml", "name = 'x'\npeak_flops = [1,\n")
+    write(tmp_path / "notjson.json", "{ nope")
+    jobs = {
+        "missing script": ["trace", "missing.py"],
+        "missing spec": ["trace", "--spec", "a100x", "ok.py"],
+        "malformed spec": ["trace", "--spec", "broken.toml", "ok.py"],
+        "malformed report": ["report", "notjson.json"],
+        "missing logdir": ["view", "no-such-dir"],
+        "specs": ["specs"],
+    }
+    results = dict(zip(jobs, run_many([(args, tmp_path) for args in jobs.values()])))
+    for what in ("missing script", "missing spec", "malformed spec", "malformed report", "missing logdir"):
+        r = results[what]
+        assert r.returncode == 2, (what, r.stderr)
+        assert r.stdout == "" and r.stderr.startswith("shapeprof: error: "), (what, r.stderr)
+        assert len(r.stderr.strip().splitlines()) == 1, (what, r.stderr)
+    assert "can't open file 'missing.py'" in results["missing script"].stderr
+    assert "a100-80gb-sxm" in results["missing spec"].stderr and "closest" in results["missing spec"].stderr
+    assert "broken.toml" in results["malformed spec"].stderr and "invalid TOML" in results["malformed spec"].stderr
+    assert "notjson.json" in results["malformed report"].stderr
+    assert "no-such-dir" in results["missing logdir"].stderr
+    assert not marker.exists()                       # a bad option never runs the script
+    specs = results["specs"]
+    assert specs.returncode == 0
+    assert "a100-80gb-sxm (default)" in specs.stdout and "153 FLOP/B" in specs.stdout and "h100-sxm" in specs.stdout
+
+
+def test_more_bad_input_in_process(tmp_path, monkeypatch, capsys):
+    """The same checks as above, for more cases, without a process each."""
+    monkeypatch.chdir(tmp_path)
+    write(tmp_path / "ok.py", "raise SystemExit('must not run')\n")
+    for args, expected in ((["report", "nothere.json"], "nothere.json: no such file or directory"),
+                           (["trace", "-m", "no_such_module_here"], "no module named 'no_such_module_here'"),
+                           (["calibrate", "-o", "spec.txt"], "use a .toml or .json suffix"),
+                           (["trace", "--logdir", "ok.py", "ok.py"], "exists and is not a directory")):
+        assert cli.main(args) == 2, args
+        captured = capsys.readouterr()
+        assert captured.out == "" and captured.err.startswith("shapeprof: error: ") and expected in captured.err
+        assert len(captured.err.splitlines()) == 1 and "must not run" not in captured.err
+    # what argparse checks gets argparse's usual message and status
+    for args, expected in ((["trace", "--dtype", "bf17", "ok.py"], "argument --dtype: unknown dtype 'bf17'"),
+                           (["frobnicate"], "invalid choice: 'frobnicate'"),
+                           (["trace"], "required: SCRIPT"),
+                           (["trace", "--top", "0", "ok.py"], "argument --top: must be at least 1")):
+        with pytest.raises(SystemExit) as exit_:
+            cli.main(args)
+        assert exit_.value.code == 2 and expected in capsys.readouterr().err
+
+
+def test_missing_optional_modules_fail_with_one_clear_line(tmp_path, monkeypatch, capsys):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(cli.importlib.util, "find_spec",
+                        lambda name, *a: None if name in ("shapeprof.profiling", "shapeprof.optimize",
+                                                          "shapeprof.calibration") else real(name, *a))
+    write(tmp_path / "ok.py", "raise SystemExit('must not run')\n")
+    for args, line in ((["trace", "--profile", str(tmp_path / "ok.py")],
+                        "--profile needs shapeprof.profiling, not available in this build"),
+                       (["trace", "--optimize", str(tmp_path / "ok.py")],
+                        "--optimize needs shapeprof.optimize, not available in this build"),
+                       (["calibrate"], "calibrate needs shapeprof.calibration, not available in this build")):
+        assert cli.main(args) == 2
+        captured = capsys.readouterr()
+        assert captured.err == f"shapeprof: error: {line}\n" and "must not run" not in captured.out
+
+
+SMALL = """
+    import torch
+    import torch.nn as nn
+    model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 8)).eval()
+    x = torch.randn(16, 64)
+    with torch.no_grad():
+        for _ in range(3):
+            model(x)
+    x.zero_()   # the script changes its input afterwards: profile and optimize use a copy of the first call's
+"""
+
+
+@pytest.mark.skipif(importlib.util.find_spec("shapeprof.profiling") is None, reason="no shapeprof.profiling")
+def test_profile_measures_each_model_beside_its_prediction(tmp_path):
+    write(tmp_path / "small.py", SMALL)
+    result = run(["trace", "--profile", "--steps", "2", "--json", "--logdir", "logs", "small.py"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    (model,) = json.loads(result.stdout)["models"]
+    assert model["error"] is None and model["warnings"] == [], model
+    assert model["measured_seconds"] > 0 and model["measured_on"].startswith("cpu")
+    measured = shapeprof.Report.from_json(tmp_path / "logs" / "Sequential" / "measured.json")
+    assert all(n.measured_seconds is not None for n in measured.nodes)
+    predicted = shapeprof.Report.from_dict(model["report"])
+    assert predicted.spec.name == "a100-80gb-sxm" and predicted.total.measured_seconds is None
+    if HAS_TENSORBOARD_EXPORT:
+        assert sorted(r.split("-")[1] for r in model["tensorboard_runs"]) == ["measured", "predicted"]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("shapeprof.optimize") is None, reason="no shapeprof.optimize")
+def test_optimize_shows_the_verified_rewrites_before_and_after(tmp_path):
+    write(tmp_path / "small.py", SMALL)
+    text, as_json = run_many([(["trace", "--optimize", "--no-tensorboard", "--logdir", "a", "small.py"], tmp_path),
+                              (["trace", "--optimize", "--json", "--logdir", "b", "small.py"], tmp_path)])
+    assert text.returncode == 0 and as_json.returncode == 0, text.stderr + as_json.stderr
+    assert "Sequential --optimize: before and after" in text.stdout and "fuse_linear_activation" in text.stdout
+    (model,) = json.loads(as_json.stdout)["models"]
+    opt = model["optimize"]
+    assert opt["verified"] and [a["what"].split(" ->")[0] for a in opt["applied"]] == ["Linear + ReLU"]
+    assert opt["predicted_seconds_after"] < opt["predicted_seconds_before"]
+    assert opt["measured"] is None                      # measured before/after only with --profile
+    assert json.loads((tmp_path / "b" / "Sequential" / "optimize.json").read_text()) == opt
+
+
+# ---------------------------------------------------------------------------------------------- the examples
+
+def test_the_examples_run_under_trace(tmp_path):
+    names = {"train_mlp.py": "MLP", "generate_gpt.py": "GPT", "cnn_inference.py": "SmallCNN"}
+    # run by `shapeprof trace` as scripts, exactly as `python examples/X.py` runs them
+    results = run_many([(["trace", "--no-tensorboard", "--logdir", str(tmp_path / name), f"examples/{name}"], REPO)
+                        for name in names])
+    for (name, model), r in zip(names.items(), results):
+        assert r.returncode == 0, (name, r.stderr)
+        assert f"model 1 of 1: {model}" in r.stdout, (name, r.stdout)
+        assert (tmp_path / name / model / "report.json").is_file()
+        no_shapeprof_traceback(r.stderr)
+    assert "GPT: called 16x at top level" in results[1].stdout        # one call per generated token
+    assert "CrossEntropyLoss (5x)" in results[0].stdout                 # the loss: no parameters, listed
+
+
+def test_the_examples_import_as_a_package_too():
+    from examples import cnn_inference, generate_gpt, train_mlp
+    assert train_mlp.main(["--steps", "1", "--batch", "4"]).out.out_features == 10
+    assert generate_gpt.main(["--max-new-tokens", "2", "--n-layer", "1", "--prompt", "ab"]).shape == (1, 4)
+    assert cnn_inference.main(["--batch", "2", "--batches", "1"]).shape == (2,)
+
+
+# ---------------------------------------------------------------------------------------------- calibrate, view
+
+def test_calibrate_writes_a_spec_that_trace_accepts(tmp_path):
+    result = run(["calibrate", "--device", "cpu", "--budget", "0.5", "-o", "cpu.json"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    spec = shapeprof.load_spec(tmp_path / "cpu.json")
+    assert spec.peak_flops["fp32"] > 0 and spec.memory_bandwidth > 0
+    assert "--spec cpu.json" in result.stdout
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_view_serves_the_logdir_on_localhost_until_ctrl_c(traced):
+    _, logdir, _ = traced
+    port = _free_port()
+    proc = subprocess.Popen(_cmd(["view", str(logdir), "--port", str(port)]), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=_env(), start_new_session=True)
+    try:
+        deadline, status = time.monotonic() + 60, None
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/data/logdir", timeout=2) as response:
+                    status, body = response.status, json.loads(response.read())
+                    break
+            except OSError:
+                time.sleep(0.3)
+        assert status == 200, proc.stderr.read() if proc.poll() is not None else "no answer"
+        assert Path(body["logdir"]).resolve() == logdir.resolve()
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)          # Ctrl-C in the terminal: the whole foreground group
+        out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    assert f"http://127.0.0.1:{port}/" in out
+    with pytest.raises(OSError):
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/data/logdir", timeout=2)
