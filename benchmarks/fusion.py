@@ -105,6 +105,7 @@ def main(argv=None) -> None:
     parser.add_argument("--repeats", type=int, default=15, help="interleaved repeats per pair (default 15)")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="CPU threads (default: all cores)")
     parser.add_argument("--no-cuda", action="store_true", help="skip the CUDA bf16 table even if a GPU is present")
+    parser.add_argument("--no-cpu", action="store_true", help="skip the CPU fp32 table (GPU runs)")
     args = parser.parse_args(argv)
     activations = args.activation or ["relu", "gelu"]
     torch.set_num_threads(args.threads)
@@ -112,7 +113,8 @@ def main(argv=None) -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, "
           f"{'CUDA: ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'no CUDA'}")
     print("ratio = original / optimized, per-call medians of interleaved repeats (>1: the fused model is faster)")
-    print_table("CPU, fp32", run("cpu", torch.float32, activations, args.repeats))
+    if not args.no_cpu:
+        print_table("CPU, fp32", run("cpu", torch.float32, activations, args.repeats))
     if torch.cuda.is_available() and not args.no_cuda:
         # cuBLASLt's GELU epilogue is the tanh approximation: an exact GELU stays unfused there
         cuda_acts = args.activation or ["relu", "gelu_tanh", "gelu"]

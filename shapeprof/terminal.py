@@ -18,12 +18,23 @@ BOUND_STYLE = {"memory": "bold red", "compute": "bold green", "none": "dim"}
 
 
 def render(report: Report, top: int = 15, module_depth: int | None = None):
-    """A rich renderable of the report."""
-    parts = [_header(report), _top_table(report, top), _module_table(report, module_depth)]
-    if report.findings:
-        parts.append(_findings(report))
-    parts.append(_coverage(report))
-    return Group(*parts)
+    """A rich renderable of the report, laid out for the width of the console it is printed on."""
+    return _Rendering(report, top, module_depth)
+
+
+class _Rendering:
+    def __init__(self, report: Report, top: int, module_depth: int | None):
+        self.report, self.top, self.module_depth = report, top, module_depth
+
+    def __rich_console__(self, console, options):
+        r = self.report
+        # the node-name column is the first to go: times and shares must never be cropped off the right
+        parts = [_header(r), _top_table(r, self.top, with_node=options.max_width >= 150),
+                 _module_table(r, self.module_depth)]
+        if r.findings:
+            parts.append(_findings(r))
+        parts.append(_coverage(r))
+        yield Group(*parts)
 
 
 def to_text(report: Report, width: int | None = None, color: bool | None = None, **options) -> str:
@@ -67,14 +78,15 @@ def _header(r: Report) -> Text:
     return text
 
 
-def _top_table(r: Report, top: int) -> Table:
+def _top_table(r: Report, top: int, with_node: bool) -> Table:
     measured = r.total.measured_seconds is not None
     table = Table(title=f"Top {top} nodes by predicted time (a node and its twins in repeated layers: one row)",
                   title_justify="left", header_style="bold")
-    table.add_column("module", overflow="fold", min_width=24)
-    table.add_column("op", overflow="fold", ratio=2)
-    table.add_column("node", overflow="ellipsis", no_wrap=True, max_width=16, style="dim")
-    table.add_column("output", overflow="fold", ratio=2)
+    table.add_column("module", overflow="fold", min_width=16, max_width=26)
+    table.add_column("op", overflow="fold", max_width=14)
+    if with_node:
+        table.add_column("node", overflow="ellipsis", no_wrap=True, max_width=20, style="dim")
+    table.add_column("output", overflow="fold", max_width=18)
     for col in ("calls", "FLOPs", "bytes", "FLOP/B"):
         table.add_column(col, justify="right", no_wrap=True)
     table.add_column("bound", no_wrap=True)
@@ -86,7 +98,8 @@ def _top_table(r: Report, top: int) -> Table:
     for group in r.twin_groups()[:top]:
         n = group[0]
         seconds = sum(g.predicted_seconds for g in group)
-        row = [n.pattern or "(model)", n.op, n.name, n.output, f"x{len(group)}" if len(group) > 1 else "1",
+        row = [n.pattern or "(model)", n.op, *([n.name] if with_node else []), n.output,
+               f"x{len(group)}" if len(group) > 1 else "1",
                fmt_flops(n.flops, unit=False), fmt_bytes(n.bytes), fmt_intensity(n.intensity),
                Text(n.bound, style=BOUND_STYLE.get(n.bound, "")), fmt_seconds(seconds),
                f"{sum(g.share for g in group):.1%}"]
@@ -111,13 +124,16 @@ def _module_table(r: Report, depth: int | None) -> Table:
     return table
 
 
-def _findings(r: Report) -> Text:
-    text = Text("Memory-bound hot spots\n", style="bold")
-    for f in r.findings:
+def _findings(r: Report, limit: int = 5) -> Text:
+    text = Text()
+    text.append("Memory-bound hot spots\n", style="bold")
+    for f in r.findings[:limit]:
         where = f"{f.pattern} · {f.op}" if f.pattern else f.op
         text.append(f"• {where}", style="bold red")
         text.append(f" ({f.share:.1%} of time, {f.nodes} node{'s' if f.nodes > 1 else ''})\n")
         text.append(f"  why: {f.why}\n  fix: {f.suggestion}\n")
+    if len(r.findings) > limit:
+        text.append(f"  ... {len(r.findings) - limit} more in report.findings / report.json\n", style="dim")
     return text
 
 
