@@ -2,7 +2,7 @@
 
     >>> import shapeprof.rewrites as rewrites
     >>> [name for name, _ in rewrites.available()]
-    ['fuse_linear_activation']
+    ['fuse_linear_activation', 'prepack_linear']
     >>> rewrites.get("fuse_linear_activation").capture
     'symbolic_trace'
 
@@ -64,4 +64,6 @@ def available() -> list[tuple[str, str]]:
     return [(r.name, r.description) for r in _REGISTRY.values()]
 
 
+# registration order is the order optimize runs them: fusion first, then packing what fusion left
 from . import fuse_linear_activation as _fuse_linear_activation  # noqa: E402  (registers itself)
+from . import prepack_linear as _prepack_linear  # noqa: E402  (registers itself)

@@ -27,9 +27,14 @@ def _no_autograd_warning_noise():
         yield
 
 
-def fused_count(module: nn.Module) -> int:
-    """Fused calls in the rewritten forwards of `module` and its submodules."""
-    return sum(sum(1 for n in type(m)._shapeprof_graph_module.graph.nodes if n.target is fused_linear_activation)
+FUSION = ["fuse_linear_activation"]   # tests of the fusion itself; prepack_linear has its own
+
+
+def fused_count(module: nn.Module, activation: bool = True) -> int:
+    """Fused Linear + activation calls (with `activation=False`: prepacked plain Linears) in the rewritten forwards
+    of `module` and its submodules."""
+    return sum(sum(1 for n in type(m)._shapeprof_graph_module.graph.nodes if n.target is fused_linear_activation
+                   and (n.kwargs["activation"] != "none") == activation)
                for m in module.modules() if hasattr(type(m), "_shapeprof_graph_module"))
 
 
@@ -69,6 +74,7 @@ def test_drop_in_is_the_users_class_with_the_same_parameters_and_state_dict():
     assert {p.device for p in fast.parameters()} == {torch.device("cpu")}
     assert not any(isinstance(m, fx.GraphModule) for m in fast.modules())   # the graph is no submodule
     assert fused_count(fast) == 2
+    assert fused_count(fast, activation=False) == 1          # the output Linear: prepacked for oneDNN
     with torch.no_grad():
         torch.testing.assert_close(fast(x), model(x))
         torch.testing.assert_close(fast(torch.randn(1, 32) * 0 + x[:1]), model(x[:1]))   # another batch size
@@ -120,7 +126,7 @@ def test_whole_mlp_both_styles_every_activation():
         for act in ("relu", "gelu", "silu"):
             model = cls(d_in=24, d_hidden=48, d_out=8, n_blocks=3, activation=act).eval()
             x = torch.randn(7, 24)
-            fast = optimize(model, x)
+            fast = optimize(model, x, rewrites=FUSION)
             report = fast.shapeprof_report
             assert [o.status for o in report.outcomes] == ["applied"], (cls, act, str(report))
             assert len(report.applied) == 3 and report.skipped == []
@@ -136,7 +142,7 @@ def test_gpt_mlp_blocks_are_fused_and_generate_gives_the_same_tokens(flash):
     config = GPTConfig.tiny(flash=flash, n_layer=3)
     model = GPT(config).eval()
     idx = torch.randint(0, config.vocab_size, (2, 8))
-    fast = optimize(model, idx)
+    fast = optimize(model, idx, rewrites=FUSION)
     report = fast.shapeprof_report
     # GPT.forward does not trace (assert t <= block_size): its blocks are captured instead
     assert report.not_captured[0][0] == "" and "control flow" in report.not_captured[0][1]
@@ -217,7 +223,7 @@ def test_model_with_a_tensor_constant_is_captured_whole():
 
 def test_training_mode_is_skipped_with_the_reason():
     model = MLP(d_in=8, d_hidden=16, d_out=4)   # training mode
-    fast = optimize(model, torch.randn(2, 8))
+    fast = optimize(model, torch.randn(2, 8), rewrites=FUSION)
     report = fast.shapeprof_report
     assert [o.status for o in report.outcomes] == ["no match"]
     assert len(report.skipped) == 2 and all("training mode" in s.reason for s in report.skipped)
@@ -226,7 +232,7 @@ def test_training_mode_is_skipped_with_the_reason():
 
 def test_inputs_requiring_grad_are_skipped():
     model = MLP(d_in=8, d_hidden=16, d_out=4).eval()
-    report = optimize(model, torch.randn(2, 8, requires_grad=True)).shapeprof_report
+    report = optimize(model, torch.randn(2, 8, requires_grad=True), rewrites=FUSION).shapeprof_report
     assert report.applied == [] and all("requires grad" in s.reason for s in report.skipped)
 
 
@@ -234,13 +240,13 @@ def test_meta_model_or_inputs_are_refused_unless_verify_is_off():
     with torch.device("meta"):
         model = MLP(d_in=8, d_hidden=16, d_out=4).eval()
     with pytest.raises(OptimizeError, match="parameter 'blocks.0.0.weight' has no data.*verify=False"):
-        optimize(model, torch.randn(2, 8))
+        optimize(model, torch.randn(2, 8), rewrites=FUSION)
     real = MLP(d_in=8, d_hidden=16, d_out=4).eval()
     with pytest.raises(OptimizeError, match="input .* has no data"):
-        optimize(real, torch.empty(2, 8, device="meta"))
+        optimize(real, torch.empty(2, 8, device="meta"), rewrites=FUSION)
     with pytest.raises(OptimizeError, match="InputShape"):
         optimize(real, shapeprof.InputShape((2, 8)))
-    fast = optimize(model, torch.empty(2, 8, device="meta"), verify=False)
+    fast = optimize(model, torch.empty(2, 8, device="meta"), verify=False, rewrites=FUSION)
     report = fast.shapeprof_report
     assert not report.verify and not report.verified
     assert all("no fused Linear + activation kernel on meta" in s.reason for s in report.skipped)
@@ -249,7 +255,7 @@ def test_meta_model_or_inputs_are_refused_unless_verify_is_off():
 
 def test_verify_false_is_said_loudly():
     model = MLP(d_in=8, d_hidden=16, d_out=4).eval()
-    report = optimize(model, torch.randn(2, 8), verify=False).shapeprof_report
+    report = optimize(model, torch.randn(2, 8), verify=False, rewrites=FUSION).shapeprof_report
     assert [o.status for o in report.outcomes] == ["unverified"] and len(report.applied) == 2
     assert not report.verified
     assert "NOT VERIFIED" in str(report)
@@ -381,7 +387,7 @@ def test_analyze_of_the_drop_in_sees_the_fused_kernels():
     torch.manual_seed(0)
     model = MLP(d_in=64, d_hidden=256, d_out=16).eval()
     x = torch.randn(32, 64)
-    fast = optimize(model, x)
+    fast = optimize(model, x, rewrites=FUSION)
     before, after = shapeprof.analyze(model, x), shapeprof.analyze(fast, x)
     assert after.capture.method == "symbolic_trace" and after.coverage.complete
     assert [n.op for n in after.nodes].count("fused_linear_activation") == 2
@@ -474,3 +480,40 @@ def test_a_moved_drop_in_fails_clearly():
     with torch.no_grad(), pytest.raises(RuntimeError, match="fused for cpu .* now runs on cuda"):
         moved(x.cuda())
     assert fast is not moved
+
+
+def test_prepacked_linears_follow_their_parameters():
+    torch.manual_seed(0)
+    model = MLP(d_in=32, d_hidden=64, d_out=8, n_blocks=1).eval()
+    x = torch.randn(16, 32)
+    fast = optimize(model, x)
+    report = fast.shapeprof_report
+    assert [o.result.name for o in report.outcomes if o.status == "applied"] == ["fuse_linear_activation",
+                                                                                 "prepack_linear"]
+    assert fused_count(fast) == 1 and fused_count(fast, activation=False) == 1
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), model(x), rtol=1e-5, atol=1e-5)
+        model.out.weight.mul_(2)                           # in place: the packed copy must be refreshed
+        model.blocks[0][0].weight.add_(1)
+        torch.testing.assert_close(fast(x), model(x), rtol=1e-5, atol=1e-5)
+        model.load_state_dict({k: torch.randn_like(v) for k, v in model.state_dict().items()})
+        torch.testing.assert_close(fast(x), model(x), rtol=1e-5, atol=1e-5)
+        for rows in (1, 3, 100):                           # one row runs the plain Linear; any count works
+            y = torch.randn(rows, 32)
+            torch.testing.assert_close(fast(y), model(y), rtol=1e-5, atol=1e-5)
+
+
+def test_one_row_examples_are_not_prepacked():
+    model = MLP(d_in=32, d_hidden=64, d_out=8, n_blocks=1).eval()
+    report = optimize(model, torch.randn(1, 32), rewrites=["prepack_linear"]).shapeprof_report
+    assert report.applied == []
+    assert {s.reason for s in report.skipped} == {"one row: MKL's matrix-vector path beats oneDNN's linear there"}
+
+
+def test_gpt_generate_is_unchanged_with_every_rewrite():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.tiny()).eval()
+    idx = torch.randint(0, 256, (2, 12))
+    fast = optimize(model, idx)
+    assert fused_count(fast) == 2 and fused_count(fast, activation=False) >= 4
+    torch.testing.assert_close(fast.generate(idx, 10, greedy=True), model.generate(idx, 10, greedy=True))
