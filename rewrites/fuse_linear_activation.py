@@ -52,7 +52,7 @@ import torch.nn.functional as F
 from torch._subclasses.fake_tensor import is_fake
 from torch.overrides import handle_torch_function, has_torch_function
 
-from shapeprof.capture import CapturedNode
+from shapeprof.capture import CapturedNode, target_name
 from shapeprof.costs import cost_of
 from shapeprof.records import OpRecord, TensorMeta
 from shapeprof.roofline import compute_dtype, op_time
@@ -266,7 +266,7 @@ class FuseLinearActivation(Rewrite):
                 self._match(gm, ctx, node, result)
             except Exception as e:   # name the node, as every per-node failure in shapeprof does
                 source = ctx.source(node)
-                raise RuntimeError(f"{self.name} at node '{node.name}' ({node.op} {_target_name(node)})"
+                raise RuntimeError(f"{self.name} at node '{node.name}' ({node.op} {target_name(node)})"
                                    f"{' at ' + source if source else ''}: {type(e).__name__}: {e}") from e
         return result
 
@@ -471,10 +471,6 @@ def _kernel_name(kernel: str, kind: str) -> str:
         attr, algorithm = _MKLDNN_POST_OP[kind]
         return f"mkldnn._linear_pointwise({attr}{', ' + algorithm if algorithm else ''})"
     return f"aten._addmm_activation({'use_gelu' if kind == 'gelu_tanh' else 'relu'}) [cuBLASLt epilogue]"
-
-
-def _target_name(node: fx.Node) -> str:
-    return node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
 
 
 def _device_of(gm: fx.GraphModule, node: fx.Node) -> torch.device | None:

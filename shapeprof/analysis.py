@@ -7,11 +7,10 @@ from collections import defaultdict
 from typing import Any
 
 import torch
-import torch.fx as fx
 import torch.nn as nn
 from torch.utils import _pytree as pytree
 
-from .capture import Capture, CapturedNode, InputShape, capture, source_location
+from .capture import Capture, CapturedNode, InputShape, capture, source_location, target_name
 from .costs import cost_of
 from .findings import find
 from .hardware import DeviceSpec, get_spec
@@ -131,14 +130,7 @@ def _node_stats(cn: CapturedNode, c: _NodeCosts, total_seconds: float) -> NodeSt
 
 def _op_name(cn: CapturedNode) -> str:
     node = cn.node
-    if node.op == "call_module":
-        return cn.module_type
-    target = node.target
-    if isinstance(target, str):
-        return target
-    if isinstance(target, torch._ops.OpOverload):
-        return str(target.overloadpacket).removeprefix("aten.")
-    return getattr(target, "__name__", str(target))
+    return cn.module_type if node.op == "call_module" else target_name(node)
 
 
 _SHORT = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16", torch.float64: "f64",

@@ -494,7 +494,7 @@ def _propagate(graph: fx.Graph, root: nn.Module, inputs: dict[fx.Node, Any],
             try:
                 value = _run_node(node, env, root, attrs, inputs)
             except Exception as e:
-                raise NodeError(f"{_describe(node)}: {_one_line(e)}") from e
+                raise NodeError(f"{describe_node(node)}: {_one_line(e)}") from e
             env[node] = value
             records[node] = tuple(sink)
             outputs[node] = _first_meta(value)
@@ -582,10 +582,20 @@ _FRAME = re.compile(r'File "([^"]+)", line (\d+)')
 _LIBRARY_DIRS = (os.path.dirname(torch.__file__), os.path.dirname(os.path.abspath(__file__)))
 
 
-def _describe(node: fx.Node) -> str:
+def target_name(node: fx.Node) -> str:
+    """What a node calls, short: 'layers.0.attention.wq', 'addmm' (an ATen op), 'relu', 'view'."""
+    target = node.target
+    if isinstance(target, str):
+        return target
+    if isinstance(target, torch._ops.OpOverload):
+        return str(target.overloadpacket).removeprefix("aten.")
+    return getattr(target, "__name__", str(target))
+
+
+def describe_node(node: fx.Node, name: str | None = None) -> str:
+    """"node 'wq' (call_module layers.0.attention.wq) at model.py:42": how errors name a node."""
     where = source_location(node)
-    target = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
-    return f"node '{node.name}' ({node.op} {target})" + (f" at {where}" if where else "")
+    return f"node '{name or node.name}' ({node.op} {target_name(node)})" + (f" at {where}" if where else "")
 
 
 def _captured_nodes(graph, root, records, outputs, twins) -> list[CapturedNode]:

@@ -15,8 +15,8 @@ import math
 import time
 from dataclasses import dataclass
 
-import torch
 
+from .capture import target_name
 from .report import NodeStats, Report
 
 __all__ = ["graph_def"]
@@ -72,19 +72,10 @@ def _graph_entries(report: Report) -> list[_Entry]:
     for cn in captured.nodes:
         node = cn.node
         s = stats.get(node.name)
-        op = s.op if s is not None else _KIND_OP.get(node.op) or _target_name(node)
+        op = s.op if s is not None else _KIND_OP.get(node.op) or target_name(node)
         entries.append(_Entry(node.name, node.op, op, cn.module_path, [i.name for i in node.all_input_nodes],
                               cn.output.shape if cn.output is not None else None, describe_meta(cn.output)))
     return entries
-
-
-def _target_name(node) -> str:
-    target = node.target
-    if isinstance(target, str):
-        return target
-    if isinstance(target, torch._ops.OpOverload):
-        return str(target.overloadpacket).removeprefix("aten.")
-    return getattr(target, "__name__", str(target))
 
 
 def _graph_names(entries: list[_Entry]) -> dict[str, str]:

@@ -36,7 +36,7 @@ from torch.utils import _pytree as pytree
 
 from .analysis import analyze
 from .calibration import DEFAULT_DTYPES, _PEAK_KEY, calibrate
-from .capture import InputShape, _one_line, _unwrap, source_location
+from .capture import InputShape, _one_line, _unwrap, describe_node
 from .hardware import DeviceSpec, get_spec
 from .report import Report
 
@@ -256,13 +256,7 @@ class _RangedInterpreter(fx.Interpreter):
             try:
                 return super().run_node(n)
             except Exception as e:
-                raise ProfileError(f"{_describe(n, name)} failed while profiling: {_one_line(e)}") from e
-
-
-def _describe(node: fx.Node, name: str) -> str:
-    where = source_location(node)
-    target = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
-    return f"node '{name}' ({node.op} {target})" + (f" at {where}" if where else "")
+                raise ProfileError(f"{describe_node(n, name)} failed while profiling: {_one_line(e)}") from e
 
 
 def _copy_graph(graph: fx.Graph, device: torch.device) -> tuple[fx.Graph, dict[fx.Node, str]]:
