@@ -143,8 +143,12 @@ def reference(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 
 def _analysing(t: torch.Tensor) -> bool:
     # meta or fake tensors: the model is being traced or costed (shapeprof.analyze, torch.export), never
-    # differentiated with real data; record the fused kernel it will run
-    return t.device.type == "meta" or is_fake(t)
+    # differentiated with real data; record the fused kernel it will run. (A plain Tensor is never fake: that
+    # check first keeps is_fake, a few microseconds, off every real call.)
+    return t.device.type == "meta" or (type(t) not in _PLAIN and is_fake(t))
+
+
+_PLAIN = (torch.Tensor, nn.Parameter)
 
 
 _warned: set[str] = set()

@@ -34,7 +34,8 @@ def packed_weight(weight: torch.Tensor) -> torch.Tensor:
     Meta and fake tensors (shapeprof analysing or torch.export tracing the optimized model) and weights oneDNN
     cannot pack (a dtype this CPU lacks) come back as they are: `_linear_pointwise` takes plain weights too.
     """
-    if weight.device.type != "cpu" or is_fake(weight) or weight.layout != torch.strided:
+    if weight.device.type != "cpu" or weight.layout != torch.strided or (
+            type(weight) not in (torch.Tensor, torch.nn.Parameter) and is_fake(weight)):
         return weight
     key = id(weight)
     hit = _cache.get(key)
