@@ -17,7 +17,6 @@ output says which could not (set SHAPEPROF_DEBUG=1 for their tracebacks).
 from __future__ import annotations
 
 import argparse
-import importlib
 import importlib.util
 import json
 import os
@@ -66,20 +65,9 @@ class CliError(Exception):
 
 
 # ---------------------------------------------------------------------------------------------- adapters
-# profile, calibrate, TensorBoard export and optimize live in modules of their own, imported only when used.
-
-def _library(module: str, what: str):
-    name = f"shapeprof.{module}"
-    if importlib.util.find_spec(name) is None:
-        raise CliError(f"{what} needs {name}, not available in this build")
-    try:
-        return importlib.import_module(name)
-    except Exception as e:
-        raise CliError(f"{what} needs {name}, which failed to import: {_one_line(e)}") from e
-
 
 def _profile(model, args: tuple, kwargs: dict, *, spec: DeviceSpec, dtype, steps: int | None, method: str):
-    profiling = _library("profiling", "--profile")
+    from . import profiling
     own = {"steps": steps} if steps is not None else {}
     _check_clash(model, kwargs, ("logdir", "spec", "dtype", "method", "steps", "warmup", "device_spec"), "profile")
     # logdir=None: the TensorBoard runs are written below, with the other runs of this trace, named like them
@@ -89,9 +77,9 @@ def _profile(model, args: tuple, kwargs: dict, *, spec: DeviceSpec, dtype, steps
 def _optimize(model, args: tuple, kwargs: dict, *, spec: DeviceSpec, dtype, measure: bool):
     """The optimized drop-in's `shapeprof_report`: an OptimizeReport (rich-renderable; predicted before/after, and
     measured before/after with `measure`)."""
-    optimize = _library("optimize", "--optimize")
+    from .optimize import optimize
     _check_clash(model, kwargs, ("rewrites", "verify", "measure", "spec", "dtype"), "optimize")
-    fast = optimize.optimize(model, *args, spec=spec, dtype=dtype, measure=measure, **kwargs)
+    fast = optimize(model, *args, spec=spec, dtype=dtype, measure=measure, **kwargs)
     return fast.shapeprof_report
 
 
@@ -103,13 +91,13 @@ def _check_clash(model, kwargs: dict, reserved: tuple[str, ...], what: str) -> N
 
 
 def _export_tensorboard(logdir: Path, report: Report, *, measured=None, measured_trace=None, name: str):
-    tensorboard = _library("tensorboard", "TensorBoard export")
+    from . import tensorboard
     return tensorboard.export_tensorboard(logdir, report, measured=measured, measured_trace=measured_trace,
                                           name=name)
 
 
 def _calibrate(device: str | None, budget_seconds: float | None = None) -> DeviceSpec:
-    calibration = _library("calibration", "calibrate")
+    from . import calibration
     if budget_seconds is None:
         return calibration.calibrate(device=device)
     return calibration.calibrate(device=device, budget_seconds=budget_seconds)
@@ -281,17 +269,6 @@ def _cmd_trace(ns: argparse.Namespace) -> int:
         check_target(ns.target, ns.is_module)
     except ScriptNotFound as e:
         raise CliError(str(e)) from None
-    if config.profile:
-        _library("profiling", "--profile")
-    if config.optimize:
-        _library("optimize", "--optimize")
-    notes = []
-    if config.tensorboard:   # on by default: without the module, report.json files are still written
-        try:
-            _library("tensorboard", "TensorBoard export")
-        except CliError as e:
-            notes.append(f"{e}; wrote report.json files only (--no-tensorboard skips this note)")
-            config.tensorboard = False
     logdir = default_logdir(config, script_name(ns.target, ns.is_module))   # absolute now: the script may chdir
     if logdir.exists() and not logdir.is_dir():
         raise CliError(f"--logdir {config.logdir} exists and is not a directory")
@@ -302,17 +279,16 @@ def _cmd_trace(ns: argparse.Namespace) -> int:
     analysed = [m for m in run.models if m.has_state or config.all_modules]
     skipped = [m for m in run.models if m not in analysed]
     results = _analyse_all(analysed, config, spec, logdir)
-    notes = notes if results else []
     if analysed:
         _write_summary(logdir / "trace.json", _summary(run, results, skipped, config, spec, logdir, inline=False))
     if config.json:
         out = sys.stdout
         out.write(json.dumps(_summary(run, results, skipped, config, spec, logdir, inline=True), indent=1) + "\n")
         out.flush()
-        for message in _problems(run, results) + notes:
+        for message in _problems(run, results):
             print(f"shapeprof: {message}", file=sys.stderr)
     else:
-        _print_results(run, results, skipped, config, logdir, notes)
+        _print_results(run, results, skipped, config, logdir)
     sys.stdout.flush()
     if run.exception is not None:   # as python would: the traceback of the user's code, on stderr
         sys.excepthook(type(run.exception), run.exception, run.exception.__traceback__)
@@ -444,7 +420,7 @@ def _calls(traced: TracedModel) -> str:
 
 
 def _print_results(run: ScriptRun, results: list[_ModelResult], skipped: list[TracedModel], config: TraceConfig,
-                   logdir: Path, notes: list[str]) -> None:
+                   logdir: Path) -> None:
     console = _stdout_console()
     err = Console(stderr=True, highlight=False, soft_wrap=True)
     if not results:
@@ -476,8 +452,6 @@ def _print_results(run: ScriptRun, results: list[_ModelResult], skipped: list[Tr
                            style="dim"))
     for e in run.recorder_errors:
         err.print(Text(f"shapeprof: recording: {e}", style="yellow"))
-    for note in notes:
-        err.print(Text(f"shapeprof: {note}", style="yellow"))
     failed = sum(r.error is not None for r in results)
     if failed:
         err.print(Text(f"shapeprof: {failed} of {len(results)} model{'s' if len(results) > 1 else ''} could not "

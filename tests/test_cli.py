@@ -1,6 +1,5 @@
 """The command line, run as a user runs it: `python -m shapeprof ...` and the `shapeprof` console script, in a
 subprocess, on scripts written to tmp_path. Independent commands run side by side to keep the file quick."""
-import importlib.util
 import json
 import os
 import signal
@@ -19,7 +18,6 @@ from shapeprof import cli
 
 REPO = Path(__file__).resolve().parent.parent
 CONSOLE_SCRIPT = Path(sys.executable).with_name("shapeprof")
-HAS_TENSORBOARD_EXPORT = importlib.util.find_spec("shapeprof.tensorboard") is not None
 
 
 def _cmd(args, console=False):
@@ -211,9 +209,8 @@ def test_a_script_that_raises_gets_its_reports_then_its_traceback(tmp_path):
     assert "shapeprof" not in tb and "runpy" not in tb
     (logdir,) = (tmp_path / "runs" / "shapeprof").iterdir()          # runs/shapeprof/<script>-<time>
     assert logdir.name.startswith("fails-") and (logdir / "Linear" / "report.json").is_file()
-    if HAS_TENSORBOARD_EXPORT:
-        assert list(logdir.rglob("events.out.tfevents.*"))
-        assert "shapeprof view" in result.stdout
+    assert list(logdir.rglob("events.out.tfevents.*"))
+    assert "shapeprof view" in result.stdout
 
 
 def test_json_output_and_module_mode(tmp_path):
@@ -302,22 +299,6 @@ def test_more_bad_input_in_process(tmp_path, monkeypatch, capsys):
         assert exit_.value.code == 2 and expected in capsys.readouterr().err
 
 
-def test_missing_optional_modules_fail_with_one_clear_line(tmp_path, monkeypatch, capsys):
-    real = importlib.util.find_spec
-    monkeypatch.setattr(cli.importlib.util, "find_spec",
-                        lambda name, *a: None if name in ("shapeprof.profiling", "shapeprof.optimize",
-                                                          "shapeprof.calibration") else real(name, *a))
-    write(tmp_path / "ok.py", "raise SystemExit('must not run')\n")
-    for args, line in ((["trace", "--profile", str(tmp_path / "ok.py")],
-                        "--profile needs shapeprof.profiling, not available in this build"),
-                       (["trace", "--optimize", str(tmp_path / "ok.py")],
-                        "--optimize needs shapeprof.optimize, not available in this build"),
-                       (["calibrate"], "calibrate needs shapeprof.calibration, not available in this build")):
-        assert cli.main(args) == 2
-        captured = capsys.readouterr()
-        assert captured.err == f"shapeprof: error: {line}\n" and "must not run" not in captured.out
-
-
 SMALL = """
     import torch
     import torch.nn as nn
@@ -330,7 +311,6 @@ SMALL = """
 """
 
 
-@pytest.mark.skipif(importlib.util.find_spec("shapeprof.profiling") is None, reason="no shapeprof.profiling")
 def test_profile_measures_each_model_beside_its_prediction(tmp_path):
     write(tmp_path / "small.py", SMALL)
     result = run(["trace", "--profile", "--steps", "2", "--json", "--logdir", "logs", "small.py"], cwd=tmp_path)
@@ -342,11 +322,9 @@ def test_profile_measures_each_model_beside_its_prediction(tmp_path):
     assert all(n.measured_seconds is not None for n in measured.nodes)
     predicted = shapeprof.Report.from_dict(model["report"])
     assert predicted.spec.name == "a100-80gb-sxm" and predicted.total.measured_seconds is None
-    if HAS_TENSORBOARD_EXPORT:
-        assert sorted(r.split("-")[1] for r in model["tensorboard_runs"]) == ["measured", "predicted"]
+    assert sorted(r.split("-")[1] for r in model["tensorboard_runs"]) == ["measured", "predicted"]
 
 
-@pytest.mark.skipif(importlib.util.find_spec("shapeprof.optimize") is None, reason="no shapeprof.optimize")
 def test_optimize_shows_the_verified_rewrites_before_and_after(tmp_path):
     write(tmp_path / "small.py", SMALL)
     text, as_json = run_many([(["trace", "--optimize", "--no-tensorboard", "--logdir", "a", "small.py"], tmp_path),
