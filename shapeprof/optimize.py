@@ -43,13 +43,10 @@ The user's model is never run, moved, hooked or changed: every run happens on co
 from __future__ import annotations
 
 import copy
-import inspect
 import io
 import math
-import operator
 import statistics
 import time
-import types
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterator, Sequence
@@ -60,6 +57,8 @@ import torch.nn as nn
 from torch.utils import _pytree as pytree
 
 from .capture import CaptureError, InputShape, NodeError, _unwrap, capture
+from .dropin import (MISSING, DropInError, install, lookup, quiet, shared_copy, uninstall,
+                     values_equal)
 from .hardware import DeviceSpec, SpecError, get_spec
 
 __all__ = ["Measurement", "OptimizeError", "OptimizeReport", "OutputCheck", "RewriteOutcome", "Tolerance",
@@ -321,7 +320,10 @@ def optimize(model: nn.Module, *args: Any, rewrites: Sequence[str | Any] | None 
     tolerance = verify if isinstance(verify, Tolerance) else None
     report = OptimizeReport(type(model).__name__, device_spec, str(dtype).removeprefix("torch.") if dtype else None,
                             str(device), verify is not False, tolerance)
-    fast = _shared_copy(model)
+    try:
+        fast = shared_copy(model)
+    except DropInError as e:
+        raise OptimizeError(str(e)) from e
     inputs_require_grad = any(isinstance(t, torch.Tensor) and t.requires_grad
                               for t in pytree.tree_leaves((args, kwargs)))
 
@@ -358,7 +360,7 @@ def optimize(model: nn.Module, *args: Any, rewrites: Sequence[str | Any] | None 
         if t.installed is not None:
             report.code[t.path] = t.gm.code
     if measure:
-        report.measurement = _measure(_shared_copy(model), fast, args, kwargs, device)
+        report.measurement = _measure(shared_copy(model), fast, args, kwargs, device)   # copied once already
     return _finish(fast, report)
 
 
@@ -419,54 +421,6 @@ def _spec_for(spec, device: torch.device) -> DeviceSpec:
         return get_spec()
 
 
-# ---------------------------------------------------------------------------------------------- the copy
-
-def _shared_copy(model: nn.Module) -> nn.Module:
-    """A copy of the module tree whose parameters and buffers are the model's own tensors.
-
-    Modules, their attributes and their hook registries are copied (the hooks themselves, functions, are
-    shared): changing the copy's mode, hooks or submodules leaves the model alone.
-    """
-    memo: dict[int, Any] = {}
-    for m in model.modules():
-        for t in list(m._parameters.values()) + list(m._buffers.values()):
-            if t is not None:
-                memo[id(t)] = t
-        for name, value in vars(m).items():
-            if "hooks" in name and isinstance(value, dict):
-                memo[id(value)] = type(value)(value)
-    try:
-        return copy.deepcopy(model, memo)
-    except Exception as e:
-        raise OptimizeError(f"cannot copy {type(model).__name__} to rewrite it (its parameters would be shared, "
-                            f"its modules copied): {type(e).__name__}: {e}") from e
-
-
-@contextmanager
-def _quiet(module: nn.Module) -> Iterator[None]:
-    """No user hooks fire while optimize runs its copies (hooks registered inside are gone afterwards), and
-    buffers a forward mutates (shared with the user's model) get their values back."""
-    saved_hooks = []
-    for m in module.modules():
-        for name, value in list(vars(m).items()):
-            if "hooks" in name and isinstance(value, dict):
-                saved_hooks.append((m, name, value))
-                vars(m)[name] = type(value)()
-    buffers = {}
-    for b in module.buffers():
-        if id(b) not in buffers:
-            buffers[id(b)] = (b, b._version, b.detach().clone() if not b.is_meta else None)
-    try:
-        yield
-    finally:
-        for m, name, value in saved_hooks:
-            vars(m)[name] = value
-        with torch.no_grad():
-            for b, version, saved in buffers.values():
-                if saved is not None and b._version != version:
-                    b.copy_(saved)
-
-
 # ---------------------------------------------------------------------------------------------- running
 
 _SEED = 0x5EED
@@ -498,7 +452,7 @@ def _run(module: nn.Module, args, kwargs, record_inputs: bool = False):
     device = next((t.device for t in module.parameters()), None)
     with ExitStack() as stack:
         stack.enter_context(torch.no_grad())
-        stack.enter_context(_quiet(module))   # the recording hooks below go into the emptied registries
+        stack.enter_context(quiet(module))   # the recording hooks below go into the emptied registries
         stack.enter_context(_seeded(device))
         if record_inputs:
             for m in module.modules():
@@ -535,7 +489,7 @@ def _compare(expected, actual, tolerance: Tolerance | None) -> Verification:
     for (path, e), (_, a) in zip(exp, act):
         name = pytree.keystr(path) or "out"
         if not isinstance(e, torch.Tensor):
-            ok = _equal(a, e)
+            ok = values_equal(a, e)
             checks.append(OutputCheck(name, type(e).__name__, float("nan"), 0.0, 0.0, ok,
                                       "" if ok else f"{a!r} instead of {e!r}"))
             continue
@@ -565,13 +519,6 @@ def _max_abs_diff(a: torch.Tensor, e: torch.Tensor) -> float:
     return float((a.double() - e.double()).abs().max())
 
 
-def _equal(a, b) -> bool:
-    try:
-        return bool(a == b) if a is not b else True
-    except Exception:
-        return False
-
-
 def _first_line(e: BaseException) -> str:
     text = str(e).strip().splitlines()
     return text[0] if text else ""
@@ -588,7 +535,7 @@ class _Target:
     capture: Any
     gm: fx.GraphModule | None = None
     example: tuple = ((), {})        # the (args, kwargs) the module was called with: what its guard checks
-    installed: Any = None            # the _Installation now in place (None: the class's own forward runs)
+    installed: Any = None            # the dropin.Installation now in place (None: the class's own forward runs)
     ctx_args: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -671,10 +618,10 @@ def _graph_module(module: nn.Module, cap) -> fx.GraphModule:
     containers: set[int] = set()
     targets = {n.target for n in graph.nodes if n.op in ("get_attr", "call_module")}
     for target in sorted(targets, key=lambda t: t.count(".")):   # parents before their attributes
-        value = _lookup(module, target)
-        if value is _MISSING:
-            value = _lookup(cap.root, target)   # a constant the tracer made (_tensor_constant0)
-            if value is _MISSING or (isinstance(value, torch.Tensor) and value.is_meta
+        value = lookup(module, target)
+        if value is MISSING:
+            value = lookup(cap.root, target)   # a constant the tracer made (_tensor_constant0)
+            if value is MISSING or (isinstance(value, torch.Tensor) and value.is_meta
                                      and not _is_meta_module(module)):
                 raise OptimizeError(f"the traced graph of {type(module).__name__} needs '{target}', which "
                                     f"the module does not have")
@@ -702,14 +649,13 @@ def _put(gm: nn.Module, target: str, value: Any, containers: set[int]) -> None:
         setattr(node, name, value)
 
 
-_MISSING = object()
+def _install(t: _Target, gm: fx.GraphModule) -> None:
+    t.installed = install(t.module, gm, t.example, t.installed)
 
 
-def _lookup(obj: Any, target: str) -> Any:
-    try:
-        return operator.attrgetter(target)(obj)
-    except AttributeError:
-        return _MISSING
+def _uninstall(t: _Target) -> None:
+    uninstall(t.module, t.installed)
+    t.installed = None
 
 
 def _is_meta_module(module: nn.Module) -> bool:
@@ -789,167 +735,6 @@ def _apply(rewrite, targets: list[_Target], fast, args, kwargs, reference, verif
     return RewriteOutcome(rewrite.name, "applied", merged, check)
 
 
-# ---------------------------------------------------------------------------------------------- the drop-in
-
-@dataclass
-class _Installation:
-    gm: fx.GraphModule                # the graph now running as the module's forward
-    cls: type                         # the module's class before
-    adopted: list[tuple[nn.Module, str]]
-
-
-def _install(t: _Target, gm: fx.GraphModule) -> None:
-    """Make t.module run `gm`'s graph as its forward (replacing what is installed now)."""
-    _uninstall(t)
-    module = t.module
-    adopted: list[tuple[nn.Module, str]] = []
-    cls = type(module)
-    try:
-        for node in gm.graph.nodes:
-            if node.op in ("get_attr", "call_module") and _lookup(module, node.target) is _MISSING:
-                adopted.append(_adopt(module, node.target, _lookup(gm, node.target)))
-        module.__class__ = _dropin_class(cls, gm, _Guard(cls, t.example, module.training))
-    except Exception:
-        for parent, name in adopted:
-            _drop(parent, name)
-        module.__class__ = cls
-        raise
-    t.installed = _Installation(gm, cls, adopted)
-
-
-def _uninstall(t: _Target) -> None:
-    if t.installed is not None:
-        t.module.__class__ = t.installed.cls
-        for parent, name in t.installed.adopted:
-            _drop(parent, name)
-        t.installed = None
-
-
-def _adopt(module: nn.Module, target: str, value: Any) -> tuple[nn.Module, str]:
-    """Put an attribute the rewritten graph needs (a rewrite's new state, a traced constant) on the module:
-    tensors as non-persistent buffers, so state_dict keys stay the same."""
-    parent_path, _, name = target.rpartition(".")
-    parent = _lookup(module, parent_path) if parent_path else module
-    if not isinstance(parent, nn.Module):
-        raise OptimizeError(f"the rewritten graph needs '{target}', but '{parent_path}' is not a module")
-    if value is _MISSING:
-        raise OptimizeError(f"the rewritten graph needs '{target}', which neither the module nor the graph has")
-    if isinstance(value, nn.Parameter):
-        raise OptimizeError(f"a rewrite added a parameter '{target}': it would change the model's state_dict")
-    if isinstance(value, torch.Tensor):
-        parent.register_buffer(name, value, persistent=False)
-    elif isinstance(value, nn.Module):
-        if value.state_dict():
-            raise OptimizeError(f"a rewrite added a module '{target}' with state: it would change the state_dict")
-        parent.add_module(name, value)
-    else:
-        setattr(parent, name, value)
-    return parent, name
-
-
-def _drop(parent: nn.Module, name: str) -> None:
-    if name in parent._buffers:
-        del parent._buffers[name]
-        parent._non_persistent_buffers_set.discard(name)
-    elif name in parent._modules:
-        del parent._modules[name]
-    elif name in vars(parent):
-        del vars(parent)[name]
-
-
-class _Guard:
-    """Decides per call whether the rewritten graph may run: the graph is what tracing saw, so the module must be
-    in the same mode, tensors must come where tensors came, and non-tensor arguments must have the values they
-    had. Returns the arguments in the graph's order, or None (then the class's own forward runs)."""
-
-    def __init__(self, cls: type, example: tuple, training: bool):
-        signature = inspect.signature(cls.forward)
-        params = list(signature.parameters.values())[1:]   # without self
-        self.signature = signature.replace(parameters=params)
-        self.training = training
-        args, kwargs = example
-        bound = self.signature.bind(*args, **kwargs)
-        bound.apply_defaults()
-        self.params: list[tuple[str, str, Any]] = []
-        for p in params:
-            value = bound.arguments[p.name]
-            if isinstance(value, torch.Tensor):
-                self.params.append((p.name, "tensor", None))
-            elif any(isinstance(v, torch.Tensor) for v in pytree.tree_leaves(value)):
-                self.params.append((p.name, "tree", pytree.tree_structure(value)))
-            else:
-                self.params.append((p.name, "constant", value))
-        self.all_tensors = all(kind == "tensor" for _, kind, _ in self.params)
-        self.positional = all(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in params)
-
-    def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple | None:
-        if module.training != self.training:
-            return None
-        if self.all_tensors and self.positional and not kwargs and len(args) == len(self.params):
-            return args if all(isinstance(a, _TENSORLIKE) for a in args) else None
-        try:
-            bound = self.signature.bind(*args, **kwargs)
-        except TypeError:
-            return None
-        bound.apply_defaults()
-        values = []
-        for name, kind, expected in self.params:
-            value = bound.arguments[name]
-            if kind == "tensor":
-                if not isinstance(value, _TENSORLIKE):
-                    return None
-            elif kind == "tree":
-                if pytree.tree_structure(value) != expected:
-                    return None
-            elif not (value is expected or (type(value) is type(expected) and _equal(value, expected))):
-                return None
-            values.append(value)
-        return tuple(values)
-
-
-_TENSORLIKE = (torch.Tensor, fx.Proxy)   # a Proxy: the optimized model being traced (analysed) itself
-
-
-def _dropin_class(cls: type, gm: fx.GraphModule, guard: _Guard) -> type:
-    """A subclass of `cls` whose forward runs gm's graph on the instance itself when the guard allows."""
-    base = getattr(cls, "_shapeprof_base", cls)
-    graph_forward = type(gm).forward       # generated code; every attribute is looked up through `self`
-    own_forward = base.forward
-
-    def forward(self, *args, **kwargs):
-        call = guard(self, args, kwargs)
-        if call is None:
-            return own_forward(self, *args, **kwargs)
-        return graph_forward(self, *call)
-
-    forward.__wrapped__ = own_forward      # inspect.signature and fx see the user's parameters
-    forward.__qualname__ = f"{base.__qualname__}.forward"
-    namespace = {"forward": forward, "_shapeprof_base": base, "_shapeprof_graph_module": gm,
-                 "__reduce_ex__": _reduce_as_base, "__deepcopy__": _deepcopy_keeping_class,
-                 "__module__": base.__module__, "__qualname__": base.__qualname__, "__doc__": base.__doc__}
-    return types.new_class(base.__name__, (base,), {}, lambda ns: ns.update(namespace))
-
-
-def _reduce_as_base(self, protocol):
-    """Pickling (torch.save of the whole module) saves the user's class: the class made here cannot be imported
-    by name. What is loaded runs the original forward; optimize it again after loading."""
-    return _unpickle_as, (type(self)._shapeprof_base, dict(self.__dict__))
-
-
-def _unpickle_as(cls: type, state: dict) -> nn.Module:
-    module = cls.__new__(cls)
-    module.__setstate__(state)
-    return module
-
-
-def _deepcopy_keeping_class(self, memo):
-    """copy.deepcopy keeps the rewritten class (shapeprof.analyze copies a model into its meta shadow)."""
-    new = object.__new__(type(self))
-    memo[id(self)] = new
-    new.__dict__.update(copy.deepcopy(self.__dict__, memo))
-    return new
-
-
 # ---------------------------------------------------------------------------------------------- measuring
 
 _REPEATS = 15
@@ -959,7 +744,7 @@ def _measure(baseline: nn.Module, fast: nn.Module, args, kwargs, device: torch.d
     """Per-call medians of the original and the optimized model, interleaved (ABBA) so drift hits both alike."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     a, k = _clone_inputs((args, kwargs))
-    with torch.no_grad(), _quiet(baseline), _quiet(fast):
+    with torch.no_grad(), quiet(baseline), quiet(fast):
         for _ in range(3):
             baseline(*a, **k)
             fast(*a, **k)

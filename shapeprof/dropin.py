@@ -1,0 +1,269 @@
+"""The drop-in: the user's module tree, copied around the user's own tensors, whose modules can run a rewritten
+graph as their forward while staying instances of the user's classes.
+
+A module running a graph gets a class made on the fly: a subclass of its own class whose `forward` runs the graph
+on the instance itself (attribute lookups go through `self`, so a buffer replaced by `.to()` is seen) when a guard
+finds the call like the one traced, and the class's own forward otherwise. The graph is kept on that class, never
+registered as a submodule, so `state_dict()` keys, mode and device are the user's. What a rewrite adds (a cache, a
+traced constant) goes onto the module as a non-persistent buffer or plain attribute.
+
+    >>> import torch, torch.fx as fx
+    >>> model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU())
+    >>> copy_ = shared_copy(model)
+    >>> copy_[0].weight is model[0].weight, copy_ is model
+    (True, False)
+    >>> x = torch.randn(2, 4)
+    >>> done = install(copy_, fx.symbolic_trace(copy_), ((x,), {}))
+    >>> isinstance(copy_, torch.nn.Sequential), type(copy_) is torch.nn.Sequential
+    (True, False)
+    >>> uninstall(copy_, done); type(copy_) is torch.nn.Sequential
+    True
+"""
+from __future__ import annotations
+
+import copy
+import inspect
+import operator
+import types
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+from torch.utils import _pytree as pytree
+
+__all__ = ["DropInError", "Installation", "MISSING", "install", "lookup", "quiet", "shared_copy", "uninstall",
+           "values_equal"]
+
+
+class DropInError(RuntimeError):
+    """A model that cannot be copied, or a rewritten graph that would change the model's state_dict."""
+
+
+MISSING = object()
+
+
+def lookup(obj: Any, target: str) -> Any:
+    """The attribute at dotted `target`, or MISSING."""
+    try:
+        return operator.attrgetter(target)(obj)
+    except AttributeError:
+        return MISSING
+
+
+def values_equal(a, b) -> bool:
+    """a == b for plain values, False where comparing raises (tensors, odd objects)."""
+    try:
+        return bool(a == b) if a is not b else True
+    except Exception:
+        return False
+
+
+def shared_copy(model: nn.Module) -> nn.Module:
+    """A copy of the module tree whose parameters and buffers are the model's own tensors.
+
+    Modules, their attributes and their hook registries are copied (the hooks themselves, functions, are
+    shared): changing the copy's mode, hooks or submodules leaves the model alone.
+    """
+    memo: dict[int, Any] = {}
+    for m in model.modules():
+        for t in list(m._parameters.values()) + list(m._buffers.values()):
+            if t is not None:
+                memo[id(t)] = t
+        for name, value in vars(m).items():
+            if "hooks" in name and isinstance(value, dict):
+                memo[id(value)] = type(value)(value)
+    try:
+        return copy.deepcopy(model, memo)
+    except Exception as e:
+        raise DropInError(f"cannot copy {type(model).__name__} to rewrite it (its parameters would be shared, "
+                            f"its modules copied): {type(e).__name__}: {e}") from e
+
+
+@contextmanager
+def quiet(module: nn.Module) -> Iterator[None]:
+    """No user hooks fire while optimize runs its copies (hooks registered inside are gone afterwards), and
+    buffers a forward mutates (shared with the user's model) get their values back."""
+    saved_hooks = []
+    for m in module.modules():
+        for name, value in list(vars(m).items()):
+            if "hooks" in name and isinstance(value, dict):
+                saved_hooks.append((m, name, value))
+                vars(m)[name] = type(value)()
+    buffers = {}
+    for b in module.buffers():
+        if id(b) not in buffers:
+            buffers[id(b)] = (b, b._version, b.detach().clone() if not b.is_meta else None)
+    try:
+        yield
+    finally:
+        for m, name, value in saved_hooks:
+            vars(m)[name] = value
+        with torch.no_grad():
+            for b, version, saved in buffers.values():
+                if saved is not None and b._version != version:
+                    b.copy_(saved)
+
+
+@dataclass
+class Installation:
+    gm: fx.GraphModule                # the graph now running as the module's forward
+    cls: type                         # the module's class before
+    adopted: list[tuple[nn.Module, str]]
+
+
+def install(module: nn.Module, gm: fx.GraphModule, example: tuple, current: Installation | None = None
+            ) -> Installation:
+    """Make `module` run `gm`'s graph as its forward (replacing `current`, what is installed now).
+
+    `example` is the (args, kwargs) the graph was traced with: the guard lets the graph run only on calls like it.
+    """
+    uninstall(module, current)
+    adopted: list[tuple[nn.Module, str]] = []
+    cls = type(module)
+    try:
+        for node in gm.graph.nodes:
+            if node.op in ("get_attr", "call_module") and lookup(module, node.target) is MISSING:
+                adopted.append(_adopt(module, node.target, lookup(gm, node.target)))
+        module.__class__ = _dropin_class(cls, gm, _Guard(cls, example, module.training))
+    except Exception:
+        for parent, name in adopted:
+            _drop(parent, name)
+        module.__class__ = cls
+        raise
+    return Installation(gm, cls, adopted)
+
+
+def uninstall(module: nn.Module, installation: Installation | None) -> None:
+    """Give `module` back its own class and drop what `installation` put on it."""
+    if installation is not None:
+        module.__class__ = installation.cls
+        for parent, name in installation.adopted:
+            _drop(parent, name)
+
+
+def _adopt(module: nn.Module, target: str, value: Any) -> tuple[nn.Module, str]:
+    """Put an attribute the rewritten graph needs (a rewrite's new state, a traced constant) on the module:
+    tensors as non-persistent buffers, so state_dict keys stay the same."""
+    parent_path, _, name = target.rpartition(".")
+    parent = lookup(module, parent_path) if parent_path else module
+    if not isinstance(parent, nn.Module):
+        raise DropInError(f"the rewritten graph needs '{target}', but '{parent_path}' is not a module")
+    if value is MISSING:
+        raise DropInError(f"the rewritten graph needs '{target}', which neither the module nor the graph has")
+    if isinstance(value, nn.Parameter):
+        raise DropInError(f"a rewrite added a parameter '{target}': it would change the model's state_dict")
+    if isinstance(value, torch.Tensor):
+        parent.register_buffer(name, value, persistent=False)
+    elif isinstance(value, nn.Module):
+        if value.state_dict():
+            raise DropInError(f"a rewrite added a module '{target}' with state: it would change the state_dict")
+        parent.add_module(name, value)
+    else:
+        setattr(parent, name, value)
+    return parent, name
+
+
+def _drop(parent: nn.Module, name: str) -> None:
+    if name in parent._buffers:
+        del parent._buffers[name]
+        parent._non_persistent_buffers_set.discard(name)
+    elif name in parent._modules:
+        del parent._modules[name]
+    elif name in vars(parent):
+        del vars(parent)[name]
+
+
+class _Guard:
+    """Decides per call whether the rewritten graph may run: the graph is what tracing saw, so the module must be
+    in the same mode, tensors must come where tensors came, and non-tensor arguments must have the values they
+    had. Returns the arguments in the graph's order, or None (then the class's own forward runs)."""
+
+    def __init__(self, cls: type, example: tuple, training: bool):
+        signature = inspect.signature(cls.forward)
+        params = list(signature.parameters.values())[1:]   # without self
+        self.signature = signature.replace(parameters=params)
+        self.training = training
+        args, kwargs = example
+        bound = self.signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        self.params: list[tuple[str, str, Any]] = []
+        for p in params:
+            value = bound.arguments[p.name]
+            if isinstance(value, torch.Tensor):
+                self.params.append((p.name, "tensor", None))
+            elif any(isinstance(v, torch.Tensor) for v in pytree.tree_leaves(value)):
+                self.params.append((p.name, "tree", pytree.tree_structure(value)))
+            else:
+                self.params.append((p.name, "constant", value))
+        self.all_tensors = all(kind == "tensor" for _, kind, _ in self.params)
+        self.positional = all(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in params)
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple | None:
+        if module.training != self.training:
+            return None
+        if self.all_tensors and self.positional and not kwargs and len(args) == len(self.params):
+            return args if all(isinstance(a, _TENSORLIKE) for a in args) else None
+        try:
+            bound = self.signature.bind(*args, **kwargs)
+        except TypeError:
+            return None
+        bound.apply_defaults()
+        values = []
+        for name, kind, expected in self.params:
+            value = bound.arguments[name]
+            if kind == "tensor":
+                if not isinstance(value, _TENSORLIKE):
+                    return None
+            elif kind == "tree":
+                if pytree.tree_structure(value) != expected:
+                    return None
+            elif not (value is expected or (type(value) is type(expected) and values_equal(value, expected))):
+                return None
+            values.append(value)
+        return tuple(values)
+
+
+_TENSORLIKE = (torch.Tensor, fx.Proxy)   # a Proxy: the optimized model being traced (analysed) itself
+
+
+def _dropin_class(cls: type, gm: fx.GraphModule, guard: _Guard) -> type:
+    """A subclass of `cls` whose forward runs gm's graph on the instance itself when the guard allows."""
+    base = getattr(cls, "_shapeprof_base", cls)
+    graph_forward = type(gm).forward       # generated code; every attribute is looked up through `self`
+    own_forward = base.forward
+
+    def forward(self, *args, **kwargs):
+        call = guard(self, args, kwargs)
+        if call is None:
+            return own_forward(self, *args, **kwargs)
+        return graph_forward(self, *call)
+
+    forward.__wrapped__ = own_forward      # inspect.signature and fx see the user's parameters
+    forward.__qualname__ = f"{base.__qualname__}.forward"
+    namespace = {"forward": forward, "_shapeprof_base": base, "_shapeprof_graph_module": gm,
+                 "__reduce_ex__": _reduce_as_base, "__deepcopy__": _deepcopy_keeping_class,
+                 "__module__": base.__module__, "__qualname__": base.__qualname__, "__doc__": base.__doc__}
+    return types.new_class(base.__name__, (base,), {}, lambda ns: ns.update(namespace))
+
+
+def _reduce_as_base(self, protocol):
+    """Pickling (torch.save of the whole module) saves the user's class: the class made here cannot be imported
+    by name. What is loaded runs the original forward; optimize it again after loading."""
+    return _unpickle_as, (type(self)._shapeprof_base, dict(self.__dict__))
+
+
+def _unpickle_as(cls: type, state: dict) -> nn.Module:
+    module = cls.__new__(cls)
+    module.__setstate__(state)
+    return module
+
+
+def _deepcopy_keeping_class(self, memo):
+    """copy.deepcopy keeps the rewritten class (shapeprof.analyze copies a model into its meta shadow)."""
+    new = object.__new__(type(self))
+    memo[id(self)] = new
+    new.__dict__.update(copy.deepcopy(self.__dict__, memo))
+    return new
