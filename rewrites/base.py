@@ -27,22 +27,17 @@ from __future__ import annotations
 
 import abc
 import os
-import re
 from dataclasses import dataclass, field, replace
 from typing import Iterable
 
 import torch
 import torch.fx as fx
 
-import shapeprof
-from shapeprof.capture import CapturedNode
+from shapeprof.capture import CapturedNode, source_location
 from shapeprof.costs import cost_of
 from shapeprof.hardware import DeviceSpec, get_spec
 from shapeprof.records import OpRecord, TensorMeta
 from shapeprof.roofline import compute_dtype, op_time
-
-_FRAME = re.compile(r'File "([^"]+)", line (\d+)')
-_NOT_USER = tuple(os.path.dirname(p) + os.sep for p in (torch.__file__, shapeprof.__file__, __file__))
 
 CAPTURE_KEY = "shapeprof.captured"   # node.meta[CAPTURE_KEY]: the CapturedNode the capture made for this node
 
@@ -148,9 +143,7 @@ class RewriteContext:
     def source(node: fx.Node) -> str:
         """'model.py:42', the line of the user's code that made `node` ('' if unknown): the last frame of its stack
         trace outside torch and shapeprof (whose tracer sits between a Sequential and the modules it calls)."""
-        frames = _FRAME.findall(node.meta.get("stack_trace") or "")
-        user = [(path, line) for path, line in frames if not path.startswith(_NOT_USER)]
-        return f"{os.path.basename(user[-1][0])}:{user[-1][1]}" if user else ""
+        return os.path.basename(source_location(node))
 
     # ------------------------------------------------------------------ the roofline
     def seconds(self, records: Iterable[OpRecord]) -> float:
