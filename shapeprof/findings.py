@@ -12,7 +12,7 @@ from typing import Mapping
 from .costs import cost_of
 from .hardware import DeviceSpec
 from .records import OpRecord
-from .report import Finding, NodeStats
+from .report import Finding, NodeStats, intensity
 
 _MATMUL_2D = {"aten.mm", "aten.addmm", "aten.linear", "aten.matmul"}
 
@@ -31,12 +31,12 @@ def find(nodes: list[NodeStats], records_of: Mapping[str, tuple[OpRecord, ...]],
         if share < min_share:
             continue
         flops, nbytes = sum(m.flops for m in members), sum(m.bytes for m in members)
-        intensity = flops / nbytes if nbytes else math.inf
+        ratio = intensity(flops, nbytes)
         first = members[0]
-        why = (f"{intensity:.3g} FLOP/byte against a ridge of {first.ridge:.0f} on {spec.display_name}: "
+        why = (f"{ratio:.3g} FLOP/byte against a ridge of {first.ridge:.0f} on {spec.display_name}: "
                f"it waits on memory ({_bytes(first.bytes)} per call, {len(members)} call"
                f"{'s' if len(members) > 1 else ''})")
-        found.append(Finding(pattern, op, len(members), share, intensity, first.ridge, why,
+        found.append(Finding(pattern, op, len(members), share, ratio, first.ridge, why,
                              suggest(first, records_of.get(first.name, ()))))
     found.sort(key=lambda f: f.share, reverse=True)
     return found[:limit]

@@ -222,7 +222,7 @@ class OptimizeReport:
     @property
     def applied(self) -> list:
         """Every Match of every rewrite that was kept."""
-        return [m for o in self.outcomes if o.kept and o.result is not None for m in o.result.applied]
+        return [m for o in self._kept() for m in o.result.applied]
 
     @property
     def skipped(self) -> list:
@@ -231,11 +231,14 @@ class OptimizeReport:
 
     @property
     def bytes_saved(self) -> int:
-        return sum(m.bytes_saved for m in self.applied)
+        return sum(o.result.bytes_saved for o in self._kept())
 
     @property
     def seconds_saved(self) -> float:
-        return sum(m.seconds_saved for m in self.applied)
+        return sum(o.result.seconds_saved for o in self._kept())
+
+    def _kept(self) -> list:
+        return [o for o in self.outcomes if o.kept and o.result is not None]
 
     @property
     def verified(self) -> bool:

@@ -72,14 +72,12 @@ class NodeStats:
     @property
     def intensity(self) -> float:
         """FLOP per byte moved (inf for a node that computes without touching memory)."""
-        return self.flops / self.bytes if self.bytes else float("inf")
+        return intensity(self.flops, self.bytes)
 
     @property
     def efficiency(self) -> float | None:
         """predicted / measured: 1.0 means it ran at the roofline."""
-        if not self.measured_seconds:
-            return None
-        return self.predicted_seconds / self.measured_seconds
+        return efficiency(self.predicted_seconds, self.measured_seconds)
 
     @property
     def pattern(self) -> str:
@@ -88,6 +86,16 @@ class NodeStats:
 
 
 _INDEX = re.compile(r"\.\d+(?=\.|$)")
+
+
+def intensity(flops: int, nbytes: int) -> float:
+    """FLOP per byte; inf for work that touches no memory."""
+    return flops / nbytes if nbytes else float("inf")
+
+
+def efficiency(predicted: float, measured: float | None) -> float | None:
+    """predicted / measured, None when nothing (or zero) was measured."""
+    return predicted / measured if measured else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,11 +114,11 @@ class Totals:
 
     @property
     def intensity(self) -> float:
-        return self.flops / self.bytes if self.bytes else float("inf")
+        return intensity(self.flops, self.bytes)
 
     @property
     def efficiency(self) -> float | None:
-        return self.predicted_seconds / self.measured_seconds if self.measured_seconds else None
+        return efficiency(self.predicted_seconds, self.measured_seconds)
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,7 +137,7 @@ class Rollup:
 
     @property
     def intensity(self) -> float:
-        return self.flops / self.bytes if self.bytes else float("inf")
+        return intensity(self.flops, self.bytes)
 
 
 @dataclass(frozen=True, slots=True)
