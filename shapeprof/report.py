@@ -22,7 +22,8 @@ from typing import Any
 from .hardware import DeviceSpec
 
 SCHEMA = "shapeprof.report"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+_READABLE_VERSIONS = (1, 2)   # version 1 had no `notes`
 
 
 class ReportFormatError(ValueError):
@@ -201,6 +202,7 @@ class Report:
     coverage: Coverage
     findings: list[Finding]
     parameter_bytes: int
+    notes: tuple[str, ...] = ()   # what the numbers assume or leave out (attention pricing, masks, forward only)
     analysis_seconds: float = field(default=0.0, compare=False)
     captured: Any = field(default=None, compare=False, repr=False)   # the Capture analysed (not saved)
 
@@ -294,9 +296,9 @@ class Report:
     def from_dict(cls, d: dict[str, Any]) -> "Report":
         if d.get("schema") != SCHEMA:
             raise ReportFormatError(f"not a shapeprof report (schema {d.get('schema')!r})")
-        if d.get("version") != SCHEMA_VERSION:
+        if d.get("version") not in _READABLE_VERSIONS:
             raise ReportFormatError(f"report version {d.get('version')!r} is not supported "
-                                    f"(this shapeprof reads version {SCHEMA_VERSION})")
+                                    f"(this shapeprof reads versions {', '.join(map(str, _READABLE_VERSIONS))})")
         try:
             return cls(
                 model=d["model"], spec=DeviceSpec.from_dict(d["spec"]), dtype=d["dtype"],
@@ -307,7 +309,7 @@ class Report:
                 total=Totals(**d["total"]),
                 coverage=Coverage(tuple(UncoveredOp(**o) for o in d["coverage"]["ops"])),
                 findings=[Finding(**f) for f in d["findings"]],
-                parameter_bytes=d["parameter_bytes"],
+                parameter_bytes=d["parameter_bytes"], notes=tuple(d.get("notes", ())),
             )
         except (KeyError, TypeError) as e:
             raise ReportFormatError(f"malformed shapeprof report: {type(e).__name__}: {e}") from e

@@ -29,7 +29,8 @@ class _Rendering:
     def __rich_console__(self, console, options):
         r = self.report
         # the node-name column is the first to go: times and shares must never be cropped off the right
-        parts = [_header(r), _top_table(r, self.top, with_node=options.max_width >= 150),
+        parts = [_header(r), *([_notes(r)] if r.notes else []),
+                 _top_table(r, self.top, with_node=options.max_width >= 150),
                  _module_table(r, self.module_depth)]
         if r.findings:
             parts.append(_findings(r))
@@ -75,6 +76,13 @@ def _header(r: Report) -> Text:
         need = -(-r.parameter_bytes // int(r.spec.memory_capacity))
         text.append(f"\nweights ({fmt_bytes(r.parameter_bytes)}) exceed one {r.spec.display_name}'s memory "
                     f"({fmt_bytes(r.spec.memory_capacity)}): at least {need} devices", style="bold yellow")
+    return text
+
+
+def _notes(r: Report) -> Text:
+    text = Text()
+    for note in r.notes:
+        text.append(f"note: {note}\n", style="dim")
     return text
 
 
