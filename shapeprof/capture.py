@@ -28,22 +28,28 @@ from __future__ import annotations
 import copy
 import functools
 import inspect
+import linecache
 import os
 import re
 import time
+import traceback
 from collections import OrderedDict
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
+import psutil
 import torch
 import torch.fx as fx
 import torch.nn as nn
 from torch.fx.node import map_arg
 from torch.utils import _pytree as pytree
+from torch.utils.weak import WeakTensorKeyDictionary
 
+from . import masks
 from .records import OpRecord, OpRecorder, TensorMeta
 
-METHODS = ("symbolic_trace", "export", "dispatch")
+METHODS = ("symbolic_trace", "export", "dispatch", "dispatch_real")
 
 
 class CaptureError(RuntimeError):
@@ -93,6 +99,7 @@ class Capture:
     nodes: list[CapturedNode]
     attempts: list[tuple[str, str]] = field(default_factory=list)  # (method, why it failed) before `method` worked
     seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)   # what the report must say about how this was captured
     exported: Any = None   # the torch.export.ExportedProgram when method == "export" (its graph signature maps
                            # the lifted parameter/buffer inputs to their names in the model)
     _gm: fx.GraphModule | None = None
@@ -116,9 +123,11 @@ def capture(model: nn.Module, *args: Any, method: str = "auto", dtype: torch.dty
 
     Args:
         model: any nn.Module, on any device (meta included); it is not run, moved or modified.
-        args, kwargs: example inputs: tensors (only their shape/dtype/strides matter), `InputShape`s,
-            or any other values the forward takes (they are passed through as constants).
-        method: "auto" tries symbolic_trace, then export, then dispatch; or name one of them.
+        args, kwargs: example inputs: tensors (only their shape/dtype/strides matter, except where the forward
+            branches on their values), `InputShape`s, or any other values the forward takes (passed through as
+            constants; objects holding tensors, such as a HuggingFace cache, are copied first).
+        method: "auto" tries symbolic_trace, then export, then dispatch (and, when the forward branches on tensor
+            values and real inputs are given, dispatch_real); or name one of them.
         dtype: analyse as if parameters, buffers and floating inputs were in this dtype.
 
     Returns:
@@ -130,30 +139,131 @@ def capture(model: nn.Module, *args: Any, method: str = "auto", dtype: torch.dty
     if not isinstance(model, nn.Module):
         raise TypeError(f"expected an nn.Module, got {type(model).__name__}")
     start = time.perf_counter()
-    shadow = meta_shadow(model, dtype)
-    meta_args, meta_kwargs = _meta_inputs(args, dtype), _meta_inputs(kwargs, dtype)
     attempts: list[tuple[str, str]] = []
-    for name in (METHODS if method == "auto" else (method,)):
-        try:
-            graph, nodes, exported = _CAPTURERS[name](shadow, meta_args, meta_kwargs)
-        except Exception as e:  # each way fails in its own way; keep why and try the next
-            if method != "auto":
-                raise CaptureError(f"{name} failed for {type(model).__name__}: {_one_line(e)}") from e
-            attempts.append((name, _one_line(e)))
-            continue
-        root = exported.graph_module if exported is not None else shadow
-        return Capture(graph, root, name, nodes, attempts, time.perf_counter() - start, exported)
+    branch_site = ""   # the user's line that branches on a tensor value, when the meta run stopped there
+    with _user_global_hooks_silenced():
+        shadow = meta_shadow(model, dtype)
+        meta_args, meta_kwargs = meta_inputs((args, kwargs), dtype)
+        names = METHODS if method == "auto" else (method,)
+        for name in names:
+            if name == "dispatch_real" and method == "auto" and not branch_site:
+                continue   # only worth a real run (a copy of the model) when the forward needs values
+            try:
+                if name == "dispatch_real":
+                    graph, nodes, exported = _capture_dispatch_real(model, args, kwargs, dtype)
+                else:
+                    graph, nodes, exported = _CAPTURERS[name](shadow, meta_args, meta_kwargs)
+            except Exception as e:  # each way fails in its own way; keep why and try the next
+                if name == "dispatch":
+                    branch_site = _value_branch_site(e)
+                if method != "auto":
+                    raise CaptureError(f"{name} failed for {type(model).__name__}: {_one_line(e)}") from e
+                attempts.append((name, _one_line(e)))
+                continue
+            root = exported.graph_module if exported is not None else shadow
+            notes = masks.annotate(nodes, _leaf_values(name, graph, model, shadow, exported, args, kwargs))
+            if name == "dispatch_real":
+                notes.insert(0, f"the forward branches on tensor values at {branch_site}: it was run once on a "
+                                f"copy with the example inputs' real values; the report is the path they take")
+            return Capture(graph, root, name, nodes, attempts, time.perf_counter() - start, exported=exported,
+                           notes=notes)
+    if branch_site:
+        raise CaptureError(f"could not capture {type(model).__name__}: its forward branches on a tensor's value "
+                           f"at {branch_site}, which the meta tensors it was analysed on do not have; pass real "
+                           f"example inputs (and real weights) and it is run once on a copy")
     reasons = "; ".join(f"{m}: {why}" for m, why in attempts)
     raise CaptureError(f"could not capture {type(model).__name__} - {reasons}")
+
+
+def _leaf_values(method: str, graph: fx.Graph, model: nn.Module, shadow: nn.Module, exported: Any,
+                 args: tuple, kwargs: dict) -> Callable[[fx.Node], Any]:
+    """What each placeholder and get_attr of the captured graph holds in the user's world: the real input or
+    buffer where the user gave one, a meta tensor (shape only) for parameters and inputs given by shape."""
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    if method == "symbolic_trace":
+        bound = inspect.signature(model.forward).bind(*args, **kwargs)
+        bound.apply_defaults()
+        by_node = dict(zip(placeholders, bound.arguments.values()))
+    elif method == "export":
+        from torch.export.graph_signature import InputKind
+        users = iter(flat_user_inputs(exported, args, kwargs))
+        by_node = {}
+        for node, spec in zip(placeholders, exported.graph_signature.input_specs):
+            if spec.kind == InputKind.USER_INPUT:
+                by_node[node] = next(users, None)
+            elif spec.kind in (InputKind.BUFFER, InputKind.PARAMETER):
+                by_node[node] = _user_tensor(model, spec.target)
+            elif spec.kind == InputKind.CONSTANT_TENSOR:
+                by_node[node] = exported.constants.get(spec.target)
+    else:   # dispatch: placeholder input_i is the i-th leaf of the flattened inputs
+        leaves = pytree.tree_leaves((args, kwargs))
+        by_node = {n: leaves[int(n.target.rsplit("_", 1)[1])] for n in placeholders}
+
+    def value(node: fx.Node) -> Any:
+        if node.op == "get_attr":
+            found = _user_tensor(model, node.target)
+            return found if found is not None else _user_tensor(shadow, node.target)  # tracer constants
+        v = by_node.get(node)
+        return v.to_meta() if isinstance(v, InputShape) else v
+    return value
+
+
+def _user_tensor(root: nn.Module, target: str) -> torch.Tensor | None:
+    """The tensor at `target`; a parameter only by shape (its values never shape a mask, and are not copied)."""
+    try:
+        t = _fetch_attr(root, target)
+    except AttributeError:
+        return None
+    if not isinstance(t, torch.Tensor):
+        return None
+    return _meta_like(t, None) if isinstance(t, nn.Parameter) else t
+
+
+def flat_user_inputs(program: Any, args: tuple, kwargs: dict) -> list[Any]:
+    """The inputs flattened as an exported program takes them (keyword arguments in the order export saw)."""
+    in_spec = program.call_spec.in_spec
+    try:
+        kw_spec = in_spec.child(1) if hasattr(in_spec, "child") else in_spec.children_specs[1]
+        keys = list(kw_spec.context)
+        if set(keys) == set(kwargs):
+            kwargs = {k: kwargs[k] for k in keys}
+    except (AttributeError, IndexError, TypeError):
+        pass
+    return pytree.tree_leaves((args, kwargs))
+
+
+@contextmanager
+def _user_global_hooks_silenced() -> Iterator[None]:
+    """The user's global module hooks (`register_module_forward_hook` ...) stay out of capture.
+
+    They would fire on our meta shadow's calls and see meta tensors (or record them in the user's state). The
+    dicts torch keeps them in are emptied for the capture and refilled, in their order, afterwards.
+    """
+    saved = [(d, dict(d)) for d in _global_hook_dicts() if d]
+    for d, _ in saved:
+        d.clear()
+    try:
+        yield
+    finally:
+        for d, hooks in saved:
+            d.clear()
+            d.update(hooks)
+
+
+def _global_hook_dicts() -> list[dict]:
+    from torch.nn.modules import module as module_module
+    return [v for k, v in vars(module_module).items() if k.startswith("_global_") and "hooks" in k
+            and isinstance(v, dict)]
 
 
 # ---------------------------------------------------------------------------------------------- the shadow
 
 def meta_shadow(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
-    """A copy of `model` whose parameters and buffers are meta tensors (cast to `dtype` if floating), no hooks.
+    """A copy of `model` whose tensors are meta tensors (cast to `dtype` if floating), with no hooks.
 
-    The copy shares nothing mutable with the model: running it cannot change the model, its state_dict or
-    anything its hooks point to. Tied parameters stay tied.
+    Parameters, buffers and plain tensor attributes (``self.table = torch.randn(...)``, in lists and dicts too)
+    all become meta: the copy allocates no tensor memory. It shares nothing mutable with the model: running it
+    cannot change the model, its state_dict or anything its hooks point to. Tied parameters stay tied.
     """
     memo: dict[int, Any] = {}
     for t in _tensors_of(model):
@@ -170,6 +280,26 @@ def _tensors_of(model: nn.Module) -> Iterator[torch.Tensor]:
     for m in model.modules():
         yield from (p for p in m._parameters.values() if p is not None)
         yield from (b for b in m._buffers.values() if b is not None)
+        for name, value in vars(m).items():
+            if name not in ("_parameters", "_buffers", "_modules"):
+                yield from _tensors_inside(value)
+
+
+def _tensors_inside(value: Any, depth: int = 0) -> Iterator[torch.Tensor]:
+    """Tensors held by a value: itself, inside lists, tuples, dicts and plain objects' attributes (bounded)."""
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif depth > 6 or isinstance(value, (nn.Module, type, str, bytes, int, float, bool)) or value is None:
+        return
+    elif isinstance(value, (list, tuple, set, frozenset)):
+        for v in value:
+            yield from _tensors_inside(v, depth + 1)
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _tensors_inside(v, depth + 1)
+    elif hasattr(value, "__dict__") and not callable(value):
+        for v in vars(value).values():
+            yield from _tensors_inside(v, depth + 1)
 
 
 def _hook_dicts(m: nn.Module) -> Iterator[dict]:
@@ -182,19 +312,36 @@ def _meta_like(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
     to = dtype if dtype is not None and t.is_floating_point() else t.dtype
     meta = torch.empty_strided(tuple(t.shape), tuple(t.stride()), dtype=to, device="meta")
     if isinstance(t, nn.Parameter):
-        return nn.Parameter(meta, requires_grad=t.requires_grad)
+        return nn.Parameter(meta, requires_grad=t.requires_grad and meta.is_floating_point())
     return meta
 
 
-def _meta_inputs(tree: Any, dtype: torch.dtype | None) -> Any:
-    def convert(x):
-        if isinstance(x, InputShape):
-            return torch.empty(x.shape, dtype=dtype if dtype is not None and x.dtype.is_floating_point
-                               else x.dtype, device="meta")
-        if isinstance(x, torch.Tensor):
-            return _meta_like(x, dtype)
-        return x
-    return pytree.tree_map(convert, tree)
+def meta_inputs(tree: Any, dtype: torch.dtype | None) -> Any:
+    """A copy of the inputs in which every tensor is a meta tensor (an `InputShape` becomes one too).
+
+    Objects that hold tensors (a HuggingFace DynamicCache, a dataclass of tensors) are deep-copied with their
+    tensors replaced, so that a forward which appends to a cache appends to our copy, never to the user's.
+    """
+    memo: dict[int, Any] = {}
+    for leaf in _input_leaves(tree):
+        if id(leaf) in memo:
+            continue
+        if isinstance(leaf, InputShape):
+            memo[id(leaf)] = torch.empty(leaf.shape, device="meta", dtype=dtype if dtype is not None
+                                         and leaf.dtype.is_floating_point else leaf.dtype)
+        else:
+            memo[id(leaf)] = _meta_like(leaf, dtype)
+    return copy.deepcopy(tree, memo)
+
+
+def _input_leaves(value: Any, depth: int = 0) -> Iterator[Any]:
+    if isinstance(value, InputShape):
+        yield value
+    elif isinstance(value, (list, tuple, dict)) and depth <= 6:
+        for v in (value.values() if isinstance(value, dict) else value):
+            yield from _input_leaves(v, depth + 1)
+    else:
+        yield from _tensors_inside(value, depth)
 
 
 def _unwrap(model: Any) -> Any:
@@ -253,6 +400,14 @@ class _TwinTracer(fx.Tracer):
         self.regions: dict[Any, _Region | None] = {}
         self.replays: list[_Replay] = []
         self._module_keys: dict[int, Any] = {}
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        # fx keeps every torch.nn module whole. For one op (Linear, LayerNorm) that is right; torch's composite
+        # modules (TransformerEncoder, TransformerEncoderLayer, MultiheadAttention) would hide 24 layers or an
+        # attention's projections in one node. Look inside any module that has children.
+        if next(iter(m.children()), None) is not None:
+            return False
+        return super().is_leaf_module(m, module_qualified_name)
 
     def call_module(self, m, forward, args, kwargs):
         path = self.path_of_module(m)
@@ -436,23 +591,32 @@ def _has_tensor(x: Any) -> bool:
 
 
 class _no_module_mutation:
-    """Tracing calls forward with Proxies; a forward that stores them on self would leave them in the shadow.
-    The shadow is ours, so that is harmless, but restore the top-level __dict__ so a later run sees it clean."""
+    """Tracing calls forward with Proxies; a forward that stores them on a module (``self.step += 1`` on a buffer,
+    ``self.k = torch.cat([self.k, k])``) would leave Proxies in the shadow's ``_buffers`` dicts, and running
+    the graph on it later would trace again forever. Every module's attribute, parameter, buffer and child
+    dicts are restored in place (the same dict objects) once tracing is done."""
+
+    _DICTS = ("_parameters", "_buffers", "_modules")
 
     def __init__(self, m: nn.Module):
         self.m = m
 
     def __enter__(self):
-        self.saved = dict(vars(self.m))
+        self.saved = [(m, dict(vars(m)), [dict(getattr(m, d)) for d in self._DICTS]) for m in self.m.modules()]
 
     def __exit__(self, *exc):
         # keep the tensor constants the tracer itself set on the root (`x + torch.tensor(...)` in forward
         # becomes get_attr `_tensor_constant0`): the graph reads them
         constants = {k: v for k, v in vars(self.m).items()
-                     if k not in self.saved and k.startswith("_tensor_constant") and isinstance(v, torch.Tensor)}
-        vars(self.m).clear()
-        vars(self.m).update(self.saved)
-        vars(self.m).update(constants)
+                     if k.startswith("_tensor_constant") and isinstance(v, torch.Tensor)}
+        for m, attrs, dicts in self.saved:
+            for name, saved in zip(self._DICTS, dicts):
+                live = attrs[name]
+                live.clear()
+                live.update(saved)
+            vars(m).clear()
+            vars(m).update(attrs)
+        vars(self.m).update({k: v for k, v in constants.items() if k not in vars(self.m)})
 
 
 # ---------------------------------------------------------------------------------------------- propagation
@@ -711,12 +875,74 @@ def _capture_dispatch(shadow: nn.Module, args: tuple, kwargs: dict):
     return builder.finish(out)
 
 
+def _capture_dispatch_real(model: nn.Module, args: tuple, kwargs: dict, dtype: torch.dtype | None):
+    """Run the forward once on real data, on a copy, recording every ATen op: for a forward that branches on
+    tensor values (``if y.mean() > 0:``), which no meta or symbolic run can follow.
+
+    The copy has the user's values (cast to `dtype`) and no hooks; the inputs are copied too, and the global RNG
+    is restored afterwards, so nothing the user holds changes. It costs one copy of the weights in memory.
+    """
+    if _is_meta_anywhere((model, args, kwargs)):
+        raise CaptureError("needs real weights and real inputs (the model or an input is on meta or an InputShape)")
+    need = sum(t.numel() * t.element_size() for t in {id(t): t for t in _tensors_of(model)}.values())
+    available = psutil.virtual_memory().available
+    if 2 * need > available:
+        raise CaptureError(f"a copy of the weights ({need / 1e9:.3g} GB) does not fit in the free memory "
+                           f"({available / 1e9:.3g} GB)")
+    memo: dict[int, Any] = {}
+    for t in _tensors_of(model):
+        if id(t) not in memo:
+            memo[id(t)] = _real_copy(t, dtype)
+    for m in model.modules():
+        for hooks in _hook_dicts(m):
+            memo[id(hooks)] = OrderedDict()
+    copy_ = copy.deepcopy(model, memo)
+    input_memo = {id(t): _real_copy(t, dtype) for t in _input_leaves((args, kwargs))}
+    real_args, real_kwargs = copy.deepcopy((args, kwargs), input_memo)
+    devices = sorted({t.device.index or 0 for t in _tensors_of(model) if t.device.type == "cuda"})
+    with torch.random.fork_rng(devices=devices):
+        graph, nodes, _ = _capture_dispatch(copy_, real_args, real_kwargs)
+    return graph, nodes, None
+
+
+def _real_copy(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    to = dtype if dtype is not None and t.is_floating_point() else t.dtype
+    c = t.detach().to(dtype=to, copy=True)
+    return nn.Parameter(c, requires_grad=t.requires_grad and c.is_floating_point()) \
+        if isinstance(t, nn.Parameter) else c
+
+
+def _is_meta_anywhere(tree: Any) -> bool:
+    model, args, kwargs = tree
+    return any(isinstance(x, InputShape) or x.is_meta for x in _input_leaves((args, kwargs))) or \
+        any(t.is_meta for t in _tensors_of(model))
+
+
+def _value_branch_site(e: BaseException) -> str:
+    """'model.py:7 (`if y.mean() > 0:`)' when a meta run failed because the forward wanted a tensor's value."""
+    text = str(e)
+    if not any(k in text for k in _NEEDS_VALUES):
+        return ""
+    frames = [f for f in traceback.extract_tb(e.__traceback__) if not f.filename.startswith(_LIBRARY_DIRS)]
+    if not frames:
+        return ""
+    f = frames[-1]
+    line = (f.line or linecache.getline(f.filename, f.lineno)).strip()
+    return f"{os.path.basename(f.filename)}:{f.lineno}" + (f" (`{line}`)" if line else "")
+
+
+# what torch says when a meta tensor is asked for its data (.item(), bool(), .tolist(), data-dependent shapes)
+_NEEDS_VALUES = ("cannot be called on meta tensors", "_local_scalar_dense", "Cannot copy out of meta tensor",
+                 "data-dependent", "meta tensors do not have data", "nonzero")
+
+
 class _DispatchGraphBuilder:
     def __init__(self, root: nn.Module, args: tuple, kwargs: dict):
         self.root = root
         self.graph = fx.Graph()
-        self.producer: dict[int, fx.Node] = {}    # id(tensor) -> node that made it
-        self.keep: list[torch.Tensor] = []         # keep tensors alive so ids stay unique
+        # tensor -> node that made it; weak, so that a run on real data does not keep every activation alive
+        self.producer = WeakTensorKeyDictionary()
+        self.constants = 0
         self.nodes: list[CapturedNode] = []
         self.names = {id(m): (name, type(m).__name__) for name, m in root.named_modules()}
         self.stack: list[tuple[str, str]] = [("", type(root).__name__)]
@@ -724,14 +950,13 @@ class _DispatchGraphBuilder:
             self._bind(t, self.graph.get_attr(name))
         flat, _ = pytree.tree_flatten((args, kwargs))
         for i, t in enumerate(flat):
-            if isinstance(t, torch.Tensor) and id(t) not in self.producer:
+            if isinstance(t, torch.Tensor) and t not in self.producer:
                 self._bind(t, self.graph.placeholder(f"input_{i}"))
         self.recorder = _GraphRecorder(self)
         self.handles = []
 
     def _bind(self, t: torch.Tensor, node: fx.Node) -> None:
-        self.producer[id(t)] = node
-        self.keep.append(t)
+        self.producer[t] = node
 
     def __enter__(self):
         pre = nn.modules.module.register_module_forward_pre_hook(self._enter_module)
@@ -756,9 +981,10 @@ class _DispatchGraphBuilder:
     def add(self, record: OpRecord, args: tuple, kwargs: dict, out: Any) -> None:
         def node_of(x):
             if isinstance(x, torch.Tensor):
-                n = self.producer.get(id(x))
+                n = self.producer.get(x)
                 if n is None:  # a tensor from outside the model (a global constant)
-                    n = self.graph.create_node("get_attr", f"_constant_{len(self.keep)}")
+                    self.constants += 1
+                    n = self.graph.create_node("get_attr", f"_constant_{self.constants}")
                     self._bind(x, n)
                 return n
             return x
@@ -772,7 +998,7 @@ class _DispatchGraphBuilder:
         self.nodes.append(CapturedNode(node, path, type_name, (record,), _first_meta(out)))
 
     def finish(self, out: Any):
-        self.graph.output(tuple(self.producer[id(t)] for t in _tensor_leaves(out) if id(t) in self.producer))
+        self.graph.output(tuple(self.producer[t] for t in _tensor_leaves(out) if t in self.producer))
         by_node = {c.node: c for c in self.nodes}
         nodes = [by_node.get(n) or CapturedNode(n, "", "", (), None) for n in self.graph.nodes]
         return self.graph, nodes, None

@@ -33,9 +33,10 @@ from typing import Any, Callable
 import torch
 from torch._ops import OpOverload, OpOverloadPacket
 
+from .masks import MaskedScores
 from .records import OpRecord, TensorMeta
 
-__all__ = ["FLOP_CONVENTION", "CostFormulaError", "OpCost", "cost_of", "has_formula", "register_cost",
+__all__ = ["ATTENTION_OPS", "FLOP_CONVENTION", "CostFormulaError", "OpCost", "cost_of", "has_formula", "register_cost",
            "registered_ops"]
 
 aten = torch.ops.aten
@@ -553,12 +554,20 @@ def _sum_clamped(n: int, c: int, m: int) -> int:
 @register_cost(aten.scaled_dot_product_attention, aten._scaled_dot_product_flash_attention_for_cpu,
                aten._scaled_dot_product_efficient_attention, aten._scaled_dot_product_cudnn_attention,
                *_existing("_scaled_dot_product_fused_attention_overrideable"), matmul=True)
-def _sdpa(query, key, value, is_causal=False, *, output):
+def _sdpa(query, key, value, attn_mask=None, is_causal=False, *, output):
     # q (..., Lq, E), k (..., Lk, E), v (..., Lk, Ev); the output's leading dims are batch x query
     # heads (with GQA the query's heads, not the fewer k/v heads). is_causal keeps j <= i (top-left).
     lq, lk = query.shape[-2], key.shape[-2]
+    batch_heads = math.prod(output[0].shape[:-2])
+    if isinstance(attn_mask, MaskedScores):
+        # an explicit mask whose values capture worked out (shapeprof.masks): the scores it keeps, scaled to the
+        # batch and heads it broadcasts over. A causal one is priced as is_causal: its kernel reads no mask.
+        lead = (1,) * (len(output[0].shape) - len(attn_mask.shape)) + attn_mask.shape[:-2]
+        scores = attn_mask.kept * (batch_heads // math.prod(lead))
+        read = _nbytes(query, key, value, None if attn_mask.priced_as_causal else attn_mask)
+        return OpCost(_attention_flops(1, scores, query.shape[-1], value.shape[-1]), read, _nbytes(output))
     scores = _kept_scores(lq, lk, hi=0) if is_causal else lq * lk
-    return _attention_flops(math.prod(output[0].shape[:-2]), scores, query.shape[-1], value.shape[-1])
+    return _attention_flops(batch_heads, scores, query.shape[-1], value.shape[-1])
 
 
 @register_cost(aten._scaled_dot_product_flash_attention, matmul=True)
@@ -602,6 +611,15 @@ def _efficient_attention_forward(query, key, value, cu_seqlens_q, max_seqlen_q, 
     hi = {0: None, 1: 0, 2: lk - lq}[custom_mask_type]
     return _attention_flops(batch * query.shape[-2], _kept_scores(lq, lk, hi=hi),
                             query.shape[-1], value.shape[-1])
+
+
+#: The fused attention ops (their formulas above): the report says how they are priced, and 8-bit precisions
+#: leave them in bf16.
+ATTENTION_OPS = frozenset(str(p) for p in (
+    aten.scaled_dot_product_attention, aten._scaled_dot_product_flash_attention_for_cpu,
+    aten._scaled_dot_product_efficient_attention, aten._scaled_dot_product_cudnn_attention,
+    aten._scaled_dot_product_flash_attention, aten._flash_attention_forward, aten._efficient_attention_forward,
+    *_existing("_scaled_dot_product_fused_attention_overrideable")))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -144,18 +144,186 @@ def test_explicit_method_failure_names_the_method():
 
 
 def test_every_way_failing_is_one_error_naming_each_cause():
-    class DataDependent(nn.Module):
+    class Broken(nn.Module):
         def forward(self, x):
-            n = int(x.sum())           # needs the tensor's value: impossible on meta
-            return x[:n]
+            return x.reshape(3, -1)        # 4 elements: no way of running it works
 
     with pytest.raises(CaptureError) as err:
-        capture(DataDependent(), torch.ones(4))
+        capture(Broken(), torch.ones(4))
     message = str(err.value)
-    assert "could not capture DataDependent" in message
+    assert "could not capture Broken" in message
     for method in ("symbolic_trace", "export", "dispatch"):
         assert f"{method}:" in message
     assert "\n" not in message
+
+
+class Branches(nn.Module):
+    """Control flow on a tensor's value: no symbolic, export or meta run can follow it."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 16)
+
+    def forward(self, x):
+        y = self.a(x)
+        if y.mean() > 0:                   # BRANCH
+            return torch.dropout(self.b(y), 0.5, True)   # advances the RNG
+        return y
+
+
+def _branch_line() -> int:
+    import inspect
+    lines, start = inspect.getsourcelines(Branches.forward)
+    return start + next(i for i, line in enumerate(lines) if "# BRANCH" in line)
+
+
+def test_a_forward_that_branches_on_values_is_run_once_on_real_data_on_a_copy():
+    torch.manual_seed(0)
+    model = Branches()
+    with torch.no_grad():
+        model.a.bias.fill_(5.0)            # y.mean() > 0: the branch through b is taken
+    x = torch.randn(4, 8)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x_before, rng = x.clone(), torch.get_rng_state()
+    cap = capture(model, x)
+    assert cap.method == "dispatch_real"
+    assert [m for m, _ in cap.attempts] == ["symbolic_trace", "export", "dispatch"]
+    mms = [cn for cn in cap.nodes if cn.records and str(cn.records[0].op) == "aten.addmm.default"]
+    assert [cn.module_path for cn in mms] == ["a", "b"]
+    assert mms[1].records[0].outputs[0].shape == (4, 16)
+    assert any(f"test_capture.py:{_branch_line()}" in note for note in cap.notes)
+    # nothing the user holds changed, and the copy's weights were dropped: the root is a meta shadow
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert torch.equal(x, x_before) and torch.equal(torch.get_rng_state(), rng)
+    assert all(t.is_meta for t in cap.root.state_dict().values())
+
+
+def test_a_forward_that_branches_on_values_names_the_line_on_meta_inputs():
+    with pytest.raises(CaptureError) as err:
+        capture(Branches(), InputShape((4, 8)))
+    message = str(err.value)
+    assert f"test_capture.py:{_branch_line()} (`if y.mean() > 0:                   # BRANCH`)" in message
+    assert "real example inputs" in message and "\n" not in message
+
+
+class _Alarm:
+    """Fail a test that would hang (the bug it guards against looped forever) instead of stalling CI."""
+
+    def __init__(self, seconds: int):
+        self.seconds = seconds
+
+    def __enter__(self):
+        import signal
+
+        def fail(*_):
+            raise TimeoutError(f"still running after {self.seconds} s")
+        self.old = signal.signal(signal.SIGALRM, fail)
+        signal.alarm(self.seconds)
+
+    def __exit__(self, *exc):
+        import signal
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, self.old)
+
+
+def test_a_forward_that_reassigns_its_buffers_captures_and_leaves_them_alone():
+    class Counts(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(8, 8)
+            self.register_buffer("step", torch.zeros(()))
+            self.register_buffer("k", torch.zeros(1, 0, 8))
+
+        def forward(self, x):
+            self.step += 1                          # a registered buffer reassigned ...
+            k = self.proj(x)
+            self.k = torch.cat([self.k, k], 1)      # ... and a hand-made cache grown
+            return self.k.sum(1)
+
+    model = Counts()
+    with _Alarm(60):
+        cap = capture(model, torch.randn(1, 4, 8))
+    assert cap.method == "symbolic_trace"
+    ops = [str(r.op) for cn in cap.nodes for r in cn.records]
+    assert "aten.cat.default" in ops and "aten.add.Tensor" in ops
+    assert model.step.item() == 0 and model.k.shape == (1, 0, 8)
+    shadow = cap.root
+    assert all(isinstance(b, torch.Tensor) and b.is_meta for b in shadow._buffers.values())
+    assert shadow.k.shape == (1, 0, 8)
+
+
+def test_the_users_global_module_hooks_do_not_fire_during_capture():
+    seen = []
+    handle = nn.modules.module.register_module_forward_hook(lambda m, i, o: seen.append(type(m).__name__))
+    try:
+        model = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
+        for method in ("symbolic_trace", "export", "dispatch"):
+            capture(model, torch.randn(2, 4), method=method)
+        assert seen == []
+        model(torch.randn(2, 4))                     # still registered, in place
+        assert seen == ["Linear", "ReLU", "Sequential"]
+    finally:
+        handle.remove()
+
+
+def test_plain_tensor_attributes_become_meta_in_the_shadow():
+    class Holds(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(4, 4)
+            self.table = torch.randn(1024, 1024)                     # not a buffer: a plain attribute
+            self.more = {"a": [torch.randn(8)], "b": (torch.randn(2),)}
+
+        def forward(self, x):
+            return self.proj(x) + self.table[0, :4]
+
+    model = Holds()
+    shadow = meta_shadow(model)
+    assert shadow.table.is_meta and shadow.table.shape == (1024, 1024)
+    assert shadow.more["a"][0].is_meta and shadow.more["b"][0].is_meta
+    assert not model.table.is_meta
+    assert capture(model, torch.randn(2, 4)).method == "symbolic_trace"
+
+
+def test_inputs_holding_tensors_are_copied_not_changed():
+    class Appends(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(4, 4)
+
+        def forward(self, x, cache):
+            cache.keys.append(self.proj(x))     # a cache object changed in place by the forward
+            return torch.cat(cache.keys, 0).sum(0)
+
+    class Cache:                                # not a pytree: an object holding tensors, like HF's caches
+        def __init__(self, past):
+            self.keys = [past]
+
+    past = torch.randn(2, 4)
+    cache = Cache(past)
+    capture(Appends(), torch.randn(2, 4), cache, method="dispatch")
+    assert len(cache.keys) == 1 and cache.keys[0] is past and not past.is_meta
+
+
+def test_torch_transformer_modules_are_looked_inside():
+    class Encoder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            layer = nn.TransformerEncoderLayer(32, 4, 64, batch_first=True, dropout=0.0)
+            self.enc = nn.TransformerEncoder(layer, 3, enable_nested_tensor=False)
+            self.head = nn.Linear(32, 2)
+
+        def forward(self, x):
+            return self.head(self.enc(x))
+
+    cap = capture(Encoder().eval(), torch.randn(2, 10, 32))
+    paths = {cn.module_path for cn in cap.nodes if cn.records}
+    for i in range(3):
+        assert f"enc.layers.{i}.self_attn" in paths and f"enc.layers.{i}.linear1" in paths
+    ops = [str(r.op) for cn in cap.nodes for r in cn.records]
+    assert ops.count("aten.scaled_dot_product_attention.default") == 3     # one fused attention per layer
+    assert not any(cn.module_type in ("TransformerEncoder", "TransformerEncoderLayer") and cn.node.op ==
+                   "call_module" for cn in cap.nodes)
 
 
 def test_node_errors_name_the_node_and_its_source_line():

@@ -77,3 +77,25 @@ def test_hf_llama_8b_shape_on_meta():
     report = shapeprof.analyze(model, shapeprof.InputShape((1, 512), torch.long), dtype=torch.bfloat16)
     params = sum(p.numel() for p in model.parameters()) - 128256 * 4096   # the embedding does no matmul
     assert report.total.flops == pytest.approx(2 * params * 512, rel=0.02)
+
+
+def test_analyze_leaves_a_users_cache_as_it_was():
+    import copy
+    model, (ids,), _ = _llama()
+    model.eval()
+    with torch.no_grad():
+        cache = model(ids, use_cache=True).past_key_values
+    tensors = lambda c: [t for layer in c.layers for t in (layer.keys, layer.values)]   # noqa: E731
+    before, length = [t.clone() for t in tensors(cache)], cache.get_seq_length()
+    step = torch.randint(0, 1000, (2, 1))
+    first = shapeprof.analyze(model, step, past_key_values=cache)
+    second = shapeprof.analyze(model, step, past_key_values=cache)
+    assert first.total == second.total                      # no drift between analyses
+    assert cache.get_seq_length() == length
+    assert all(t.device.type == "cpu" and torch.equal(t, b) for t, b in zip(tensors(cache), before))
+    # the user's next real decode step runs, and gives what it gives on an untouched copy of the cache
+    reference = copy.deepcopy(cache)
+    with torch.no_grad():
+        got = model(step, past_key_values=cache).logits
+        want = model(step, past_key_values=reference).logits
+    torch.testing.assert_close(got, want)
