@@ -11,9 +11,11 @@ import torch.nn as nn
 from torch.utils import _pytree as pytree
 
 from .capture import Capture, CapturedNode, InputShape, capture, source_location, target_name
-from .costs import cost_of
+from .costs import ATTENTION_OPS, cost_of
 from .findings import find
-from .hardware import DeviceSpec, get_spec
+from .hardware import DeviceSpec, SpecError, get_spec
+from .precision import Precision, quantise
+from .precision import resolve as resolve_precision
 from .records import OpRecord, TensorMeta
 from .report import AtenOp, CaptureInfo, Coverage, NodeStats, Report, Totals, UncoveredOp
 from .roofline import compute_dtype, node_time, op_time
@@ -25,8 +27,9 @@ class UncoveredOpError(RuntimeError):
     """strict=True and some ATen ops have no cost formula."""
 
 
-def analyze(model: nn.Module, *args: Any, spec: str | DeviceSpec | None = None, dtype: torch.dtype | None = None,
-            strict: bool = False, method: str = "auto", tf32: bool = False, **kwargs: Any) -> Report:
+def analyze(model: nn.Module, *args: Any, spec: str | DeviceSpec | None = None,
+            dtype: torch.dtype | str | None = None, strict: bool = False, method: str = "auto", tf32: bool = False,
+            **kwargs: Any) -> Report:
     """Trace `model` on its example inputs and say where the time goes on a GPU, and why.
 
     Counting convention: 1 multiply-add = 2 FLOPs; causal attention counts the half of the score matrix that is
@@ -44,7 +47,10 @@ def analyze(model: nn.Module, *args: Any, spec: str | DeviceSpec | None = None, 
             `spec`, `dtype`, `strict`, `method` and `tf32` are this function's own and not passed on.
         spec: device to hold the model against: a built-in name (`shapeprof.list_specs()`), a TOML/JSON spec
             file or a DeviceSpec. Default: A100-80GB SXM.
-        dtype: analyse as if parameters and floating inputs were in this dtype (bytes and peaks follow it).
+        dtype: analyse as if parameters and floating inputs were in this dtype (bytes and peaks follow it): a
+            torch.dtype or a name `shapeprof specs` uses ("bf16", "fp16", "fp32", "tf32", "fp8", "int8"). 8-bit
+            formats price a W8A8 quantised model: matmul-class ops in 8 bits, the rest in bf16
+            (`shapeprof.precision`).
         strict: raise `UncoveredOpError` if any op has no cost formula, instead of listing it in `coverage`.
         method: "auto" (symbolic_trace, then export, then dispatch) or one of those.
         tf32: fp32 matmuls run on tensor cores in TF32 (as with torch.backends.cuda.matmul.allow_tf32).
@@ -54,8 +60,9 @@ def analyze(model: nn.Module, *args: Any, spec: str | DeviceSpec | None = None, 
     """
     start = time.perf_counter()
     device = get_spec(spec)
-    cap = capture(model, *args, method=method, dtype=dtype, **kwargs)
-    costed = _NodeCoster(device, tf32)
+    precision = resolve_precision(dtype, tf32)
+    cap = capture(model, *args, method=method, dtype=precision.dtype, **kwargs)
+    costed = _NodeCoster(device, precision)
     rows = [(cn, costed(cn.records)) for cn in cap.nodes if cn.records]
     rows = [(cn, c) for cn, c in rows if c.flops or c.bytes_read or c.bytes_written or c.uncovered]
     total_seconds = sum(c.time.seconds for _, c in rows)
@@ -70,12 +77,13 @@ def analyze(model: nn.Module, *args: Any, spec: str | DeviceSpec | None = None, 
         listed = ", ".join(f"{o.op} ({o.count}x, first at node '{o.first_node}')" for o in coverage.ops)
         raise UncoveredOpError(f"no cost formula for: {listed}")
     records_of = {cn.node.name: cn.records for cn, _ in rows}
+    notes = [*cap.notes, *([precision.note] if precision.note else []), *costed.notes(nodes)]
     report = Report(
-        model=type(model).__name__, spec=device, dtype=_dtype_name(dtype) if dtype else None,
-        inputs=_describe_inputs(args, kwargs, dtype), capture=_capture_info(cap), nodes=nodes, total=total,
+        model=type(model).__name__, spec=device, dtype=_precision_name(precision),
+        inputs=_describe_inputs(args, kwargs, precision.dtype), capture=_capture_info(cap), nodes=nodes, total=total,
         coverage=coverage, findings=find(nodes, records_of, total_seconds, device),
-        parameter_bytes=_parameter_bytes(model, dtype), analysis_seconds=time.perf_counter() - start,
-        captured=cap)
+        parameter_bytes=_parameter_bytes(model, precision.matmul_dtype or precision.dtype), notes=tuple(notes),
+        analysis_seconds=time.perf_counter() - start, captured=cap)
     return report
 
 
@@ -90,9 +98,11 @@ class _NodeCosts:
 
 
 class _NodeCoster:
-    def __init__(self, spec: DeviceSpec, tf32: bool):
-        self.spec, self.tf32 = spec, tf32
+    def __init__(self, spec: DeviceSpec, precision: Precision):
+        self.spec, self.precision = spec, precision
         self.cache: dict[int, tuple[tuple[OpRecord, ...], _NodeCosts]] = {}
+        self.missing_peaks: dict[str, str] = {}   # dtype -> the peak used instead
+        self.attention = False
 
     def __call__(self, records: tuple[OpRecord, ...]) -> _NodeCosts:
         hit = self.cache.get(id(records))
@@ -101,8 +111,7 @@ class _NodeCoster:
         ops, aten, uncovered = [], [], []
         flops = bytes_read = bytes_written = 0
         for rec in records:
-            cost = cost_of(rec)
-            t = op_time(cost, compute_dtype(rec.input_metas(), rec.outputs), self.spec, tf32=self.tf32)
+            cost, t = self._cost(rec)
             ops.append((cost, t))
             flops += cost.flops
             bytes_read += cost.bytes_read
@@ -115,6 +124,33 @@ class _NodeCoster:
                             tuple(dict.fromkeys(uncovered)))
         self.cache[id(records)] = (records, result)
         return result
+
+    def _cost(self, rec: OpRecord):
+        cost = cost_of(rec)
+        dtype = compute_dtype(rec.input_metas(), rec.outputs)
+        attention = rec.name in ATTENTION_OPS
+        self.attention |= attention
+        if self.precision.matmul_dtype is not None and cost.matmul and not attention:
+            rec = quantise(rec, self.precision.matmul_dtype)
+            cost, dtype = cost_of(rec), self.precision.matmul_dtype
+        try:
+            return cost, op_time(cost, dtype, self.spec, tf32=self.precision.tf32)
+        except SpecError:
+            # a spec without this format's peak (fp64 on a calibrated CPU spec): never fail the analysis for it;
+            # price at the fp32 roof and say so
+            self.missing_peaks[str(dtype).removeprefix("torch.")] = "fp32"
+            return cost, op_time(cost, torch.float32, self.spec, tf32=self.precision.tf32)
+
+    def notes(self, nodes: list[NodeStats]) -> list[str]:
+        notes = []
+        if self.attention:
+            notes.append(f"attention is priced as the one fused kernel {self.spec.display_name} runs for it "
+                         f"(flash / memory-efficient attention): q, k, v, the output and any mask are moved once, "
+                         f"the score matrix is never written to memory")
+        for dtype, used in self.missing_peaks.items():
+            notes.append(f"{self.spec.name} has no {dtype} peak: {dtype} ops are priced at its {used} peak "
+                         f"(their predicted time is then optimistic)")
+        return notes
 
 
 def _node_stats(cn: CapturedNode, c: _NodeCosts, total_seconds: float) -> NodeStats:
@@ -150,8 +186,10 @@ def _basename(location: str) -> str:
     return os.path.basename(location)
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
+def _precision_name(precision: Precision) -> str | None:
+    if precision.dtype is None:
+        return None
+    return precision.name if precision.matmul_dtype is not None else str(precision.dtype).removeprefix("torch.")
 
 
 def _describe_inputs(args: tuple, kwargs: dict, dtype: torch.dtype | None) -> tuple[str, ...]:

@@ -185,3 +185,25 @@ def test_user_model_is_unchanged_by_analysis():
     shapeprof.analyze(model, torch.zeros(1, 8, dtype=torch.long), dtype=torch.bfloat16)
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) and after[k].dtype == before[k].dtype for k in before)
+
+
+def test_multihead_attention_is_priced_as_the_fused_kernel_and_the_report_says_so():
+    class Block(nn.Module):        # as torchvision's ViT encoder block calls it
+        def __init__(self):
+            super().__init__()
+            self.ln = nn.LayerNorm(64)
+            self.attn = nn.MultiheadAttention(64, 4, batch_first=True)
+
+        def forward(self, x):
+            y = self.ln(x)
+            return x + self.attn(y, y, y, need_weights=False)[0]
+
+    report = shapeprof.analyze(Block().eval(), torch.randn(2, 17, 64), dtype=torch.float16)
+    ops = [a.op for n in report.nodes for a in n.aten]
+    assert "aten.scaled_dot_product_attention" in ops
+    assert not {"aten.bmm", "aten._safe_softmax", "aten._softmax", "aten._to_copy"} & set(ops)   # no decomposition
+    sdpa = next(a for n in report.nodes for a in n.aten if a.op == "aten.scaled_dot_product_attention")
+    # q, k, v read and the output written once, fp16 (2 x 4 heads x 17 x 16): no score matrix
+    assert sdpa.bytes == 4 * (2 * 4 * 17 * 16) * 2
+    assert sdpa.flops == 2 * 2 * 4 * 17 * 17 * (16 + 16)
+    assert any("fused kernel" in note for note in report.notes)
