@@ -57,6 +57,7 @@ from torch.utils import _pytree as pytree
 from .analysis import analyze
 from .capture import _unwrap, meta_shadow
 from .hardware import DEFAULT_SPEC_NAME
+from .precision import DTYPES
 from .report import Report
 
 __all__ = ["DTYPES", "ModelRecorder", "ScriptNotFound", "ScriptRun", "TraceConfig", "TracedModel", "analyse_model",
@@ -107,19 +108,6 @@ class TraceConfig:
     def keeps_real_inputs(self) -> bool:
         """Measuring (profile) and verifying rewrites (optimize) need the real module and real inputs."""
         return self.profile or self.optimize
-
-
-#: `--dtype` names -> (dtype, tf32). "tf32" is fp32 whose matmuls run on TF32 tensor cores.
-DTYPES: dict[str, tuple[torch.dtype, bool]] = {
-    "bf16": (torch.bfloat16, False), "bfloat16": (torch.bfloat16, False),
-    "fp16": (torch.float16, False), "float16": (torch.float16, False), "half": (torch.float16, False),
-    "fp32": (torch.float32, False), "float32": (torch.float32, False), "float": (torch.float32, False),
-    "tf32": (torch.float32, True),
-    "fp64": (torch.float64, False), "float64": (torch.float64, False), "double": (torch.float64, False),
-    "fp8": (torch.float8_e4m3fn, False), "fp8e4m3": (torch.float8_e4m3fn, False),
-    "float8_e4m3fn": (torch.float8_e4m3fn, False),
-    "fp8e5m2": (torch.float8_e5m2, False), "float8_e5m2": (torch.float8_e5m2, False),
-}
 
 
 def resolve_dtype(name: str | None) -> tuple[torch.dtype | None, bool]:
