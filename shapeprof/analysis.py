@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import time
 from collections import defaultdict
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -65,7 +66,7 @@ def analyze(model: nn.Module, *args: Any, spec: str | DeviceSpec | None = None,
     costed = _NodeCoster(device, precision)
     rows = [(cn, costed(cn.records)) for cn in cap.nodes if cn.records]
     rows = [(cn, c) for cn, c in rows if c.flops or c.bytes_read or c.bytes_written or c.uncovered]
-    total_seconds = sum(c.time.seconds for _, c in rows)
+    total_seconds = sum(c.time.seconds * cn.repeats for cn, c in rows)
     nodes = [_node_stats(cn, c, total_seconds) for cn, c in rows]
     for cn, stats in zip((cn for cn, _ in rows), nodes):
         cn.node.meta[META_KEY] = stats
@@ -156,12 +157,16 @@ class _NodeCoster:
 def _node_stats(cn: CapturedNode, c: _NodeCosts, total_seconds: float) -> NodeStats:
     node = cn.node
     t = c.time
+    k = cn.repeats     # a folded loop step stands for k calls: its costs are the totals over them
+    aten = c.aten if k == 1 else tuple(replace(a, flops=a.flops * k, bytes=a.bytes * k, seconds=a.seconds * k)
+                                       for a in c.aten)
     return NodeStats(
         name=node.name, op=_op_name(cn), kind=node.op, module_path=cn.module_path, module_type=cn.module_type,
-        flops=c.flops, bytes_read=c.bytes_read, bytes_written=c.bytes_written, predicted_seconds=t.seconds,
-        compute_seconds=t.compute_seconds, memory_seconds=t.memory_seconds, bound=t.bound, ridge=t.ridge,
-        share=t.seconds / total_seconds if total_seconds else 0.0, output=describe_meta(cn.output),
-        aten=c.aten, uncovered=c.uncovered, source=_basename(source_location(node)), twin_of=cn.twin_of)
+        flops=c.flops * k, bytes_read=c.bytes_read * k, bytes_written=c.bytes_written * k,
+        predicted_seconds=t.seconds * k, compute_seconds=t.compute_seconds * k, memory_seconds=t.memory_seconds * k,
+        bound=t.bound, ridge=t.ridge, share=t.seconds * k / total_seconds if total_seconds else 0.0,
+        output=describe_meta(cn.output), aten=aten, uncovered=c.uncovered, source=_basename(source_location(node)),
+        twin_of=cn.twin_of, repeats=k)
 
 
 def _op_name(cn: CapturedNode) -> str:
@@ -224,7 +229,7 @@ def _coverage(nodes: list[NodeStats], total_bytes: int) -> Coverage:
     for n in nodes:
         for a in n.aten:
             if not a.covered:
-                count[a.op] += 1
+                count[a.op] += n.repeats
                 nbytes[a.op] += a.bytes
                 first.setdefault(a.op, n.name)
     ops = [UncoveredOp(op, count[op], nbytes[op], nbytes[op] / total_bytes if total_bytes else 0.0, first[op])
@@ -233,5 +238,6 @@ def _coverage(nodes: list[NodeStats], total_bytes: int) -> Coverage:
 
 
 def _capture_info(cap: Capture) -> CaptureInfo:
-    return CaptureInfo(cap.method, tuple(cap.attempts), len(cap.nodes), cap.reused, cap.seconds)
+    return CaptureInfo(cap.method, tuple(cap.attempts), len(cap.nodes), cap.reused, cap.seconds,
+                       sum(cn.repeats - 1 for cn in cap.nodes))
 

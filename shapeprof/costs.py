@@ -648,6 +648,13 @@ def _batch_norm_flops(input, weight, bias, training) -> int:
     return input.numel * ((5 if training else 2) + _affine(weight, bias))
 
 
+@register_cost(aten._weight_norm, aten._weight_norm_interface)
+def _weight_norm(v, g, *, output):
+    # w = g * v / ||v||, the norm over every dim but `dim` (Wav2Vec2's positional conv computes it each forward):
+    # square 1 + sum 1 per element of v, then v * (g / norm) 1 -> 3 per element; the per-slice g / norm is left out
+    return 3 * v.numel
+
+
 @register_cost(aten.batch_norm, aten.native_batch_norm, aten._native_batch_norm_legit,
                aten._native_batch_norm_legit_functional, aten.cudnn_batch_norm, aten.miopen_batch_norm)
 def _batch_norm(input, weight, bias, training, *, output):

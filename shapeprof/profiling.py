@@ -158,7 +158,9 @@ def profile(model: nn.Module, *args: Any, logdir: str | os.PathLike | None = Non
     else:
         device_spec = get_spec(device_spec)
     tf32 = cuda and torch.get_float32_matmul_precision() != "highest"
-    measured = analyze(model, *args, spec=device_spec, method=method, tf32=tf32, **kwargs)
+    # "auto" here prefers a graph that runs on the model's weights (export before dispatch): node-level times
+    measured = analyze(model, *args, spec=device_spec, method="runnable" if method == "auto" else method, tf32=tf32,
+                       **kwargs)
     cap = measured.captured
     target = analyze(model, *args, spec=spec, dtype=dtype, method=cap.method, **kwargs)
 

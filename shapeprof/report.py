@@ -65,6 +65,7 @@ class NodeStats:
     source: str = ""          # 'model.py:42'
     twin_of: str | None = None
     measured_seconds: float | None = None
+    repeats: int = 1          # calls it stands for: the steps of a loop folded into one node (costs are totals)
 
     @property
     def bytes(self) -> int:
@@ -186,6 +187,7 @@ class CaptureInfo:
     graph_nodes: int
     reused_nodes: int                         # nodes whose ops were taken from an identical twin
     seconds: float
+    folded_calls: int = 0                     # loop steps recorded once and counted on the step they repeat
 
 
 @dataclass(eq=True)

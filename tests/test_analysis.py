@@ -79,7 +79,7 @@ def test_gpt_total_matches_the_analytic_count():
     attention = L * 2 * 2 * d * (T * (T + 1) // 2)   # QK^T and PV over the causal half, all heads together
     analytic = 2 * weights * T + attention
     assert report.total.flops == pytest.approx(analytic, rel=0.01)
-    assert report.capture.method == "export"
+    assert report.capture.method == "dispatch"      # assert t <= block_size: symbolic_trace cannot
 
 
 def test_llama_8b_and_405b_on_meta():

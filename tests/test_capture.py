@@ -106,10 +106,11 @@ def test_modules_with_different_attributes_are_not_twins():
     assert all(cn.twin_of is None for cn in cap.nodes)
 
 
-def test_nanogpt_falls_back_to_export_and_says_why():
+@pytest.mark.parametrize("order, expected", [("auto", "dispatch"), ("runnable", "export")])
+def test_nanogpt_falls_back_and_says_why(order, expected):
     model = GPT(GPTConfig.tiny())
-    cap = capture(model, torch.zeros(1, 16, dtype=torch.long))
-    assert cap.method == "export"
+    cap = capture(model, torch.zeros(1, 16, dtype=torch.long), method=order)
+    assert cap.method == expected
     assert cap.attempts[0][0] == "symbolic_trace"
     assert "control flow" in cap.attempts[0][1]
     ops = {str(r.op) for cn in cap.nodes for r in cn.records}
@@ -187,7 +188,7 @@ def test_a_forward_that_branches_on_values_is_run_once_on_real_data_on_a_copy():
     x_before, rng = x.clone(), torch.get_rng_state()
     cap = capture(model, x)
     assert cap.method == "dispatch_real"
-    assert [m for m, _ in cap.attempts] == ["symbolic_trace", "export", "dispatch"]
+    assert [m for m, _ in cap.attempts] == ["symbolic_trace", "dispatch", "export"]
     mms = [cn for cn in cap.nodes if cn.records and str(cn.records[0].op) == "aten.addmm.default"]
     assert [cn.module_path for cn in mms] == ["a", "b"]
     assert mms[1].records[0].outputs[0].shape == (4, 16)
@@ -431,3 +432,57 @@ def test_real_tensors_outside_the_model_meet_meta_ones():
     mms = [cn for cn in cap.nodes if cn.records and str(cn.records[0].op) == "aten.addmm.default"]
     assert [cn.module_path for cn in mms] == ["a", "<Linear outside the model>"]
     assert GLOBAL_LINEAR.weight.device.type == "cpu"
+
+
+def _work(cap):
+    """Every op a capture stands for, with its cost, as a multiset: equal captures do equal work."""
+    from collections import Counter
+
+    from shapeprof.costs import cost_of
+    return Counter({(str(r.op), cost_of(r)): 0 for cn in cap.nodes for r in cn.records}) + Counter(
+        [(str(r.op), cost_of(r)) for cn in cap.nodes for r in cn.records for _ in range(cn.repeats)])
+
+
+def test_dispatch_runs_twin_layers_once_and_counts_every_one():
+    from shapeprof.capture import _run_dispatch
+    model = GPT(GPTConfig.tiny(n_layer=4))
+    x = torch.zeros(2, 16, dtype=torch.long)
+    cap = capture(model, x, method="dispatch")
+    assert cap.reused > 0
+    paths = {cn.module_path for cn in cap.nodes if cn.twin_of}
+    assert {f"transformer.h.{i}.attn.c_attn" for i in (1, 2, 3)} <= paths
+    shadow = meta_shadow(model)
+    _, unshared, _ = _run_dispatch(shadow, (x.to("meta"),), {}, twins=False, fold=False)
+    full = type(cap)(None, shadow, "dispatch", unshared)
+    assert _work(cap) == _work(full)
+    assert sum(cn.repeats for cn in cap.nodes if cn.records) == len([cn for cn in unshared if cn.records])
+
+
+class Scan(nn.Module):
+    """A recurrent scan written as a Python loop over time steps, like HF Mamba's slow path."""
+
+    def __init__(self, d=16):
+        super().__init__()
+        self.inp = nn.Linear(d, d)
+        self.decay = nn.Parameter(torch.rand(d))
+
+    def forward(self, x):                      # (B, T, d)
+        u = self.inp(x)
+        h = torch.zeros_like(u[:, 0])
+        outs = []
+        for t in range(x.shape[1]):
+            h = self.decay * h + u[:, t]       # (B, d)
+            outs.append(torch.tanh(h))
+        return torch.stack(outs, 1)            # (B, T, d)
+
+
+def test_loop_steps_fold_into_the_step_they_repeat_with_the_same_counts():
+    from shapeprof.capture import _run_dispatch
+    model, x = Scan(), torch.randn(2, 300, 16)
+    cap = capture(model, x, method="dispatch")
+    unrolled = _run_dispatch(meta_shadow(model), (x.to("meta"),), {}, twins=False, fold=False)[1]
+    unrolled_cap = type(cap)(None, model, "dispatch", unrolled)
+    folded = sum(cn.repeats - 1 for cn in cap.nodes)
+    assert folded > 250 * 4                                # ~298 steps of ~5 ops folded
+    assert len(cap.nodes) < len(unrolled) / 20
+    assert _work(cap) == _work(unrolled_cap)

@@ -6,6 +6,8 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
+
+import shapeprof
 from torch.utils.flop_counter import FlopCounterMode
 
 from shapeprof import costs
@@ -647,3 +649,11 @@ def test_convention_is_stated_in_code_and_docs():
     assert "1 multiply-add = 2 FLOPs" in FLOP_CONVENTION
     assert "0 FLOPs and 0 bytes" in FLOP_CONVENTION
     assert FLOP_CONVENTION in costs.__doc__
+
+
+def test_weight_norm_costs_three_flops_per_weight_element():
+    conv = torch.nn.utils.parametrizations.weight_norm(torch.nn.Conv1d(16, 16, 5, padding=2, groups=4), dim=2)
+    report = shapeprof.analyze(conv, torch.randn(1, 16, 40))
+    assert report.coverage.complete
+    norm = [a for n in report.nodes for a in n.aten if a.op == "aten._weight_norm_interface" or a.op == "aten._weight_norm"]
+    assert norm and norm[0].flops == 3 * 16 * 4 * 5      # v is (16, 16/4, 5)

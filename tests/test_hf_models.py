@@ -39,7 +39,9 @@ def test_hf_models_analyse_as_users_call_them(build):
         out = model(*args)                      # the default call: a ModelOutput (with a cache for the LMs)
     assert isinstance(out, transformers.utils.ModelOutput)
     report = shapeprof.analyze(model, *args)
-    assert report.capture.method == "export"    # their forward takes **kwargs: symbolic_trace can't
+    # their forward takes **kwargs: symbolic_trace can't; ViT's attention is still whole under dispatch
+    assert report.capture.method == "dispatch"
+    assert report.capture.reused_nodes > 0      # layer 1 is a twin of layer 0
     assert report.coverage.complete
     assert any(n.module_path == module for n in report.nodes)
     # every token goes through every projection once (2 FLOPs per weight per token), except the pooler of
@@ -99,3 +101,29 @@ def test_analyze_leaves_a_users_cache_as_it_was():
         got = model(step, past_key_values=cache).logits
         want = model(step, past_key_values=reference).logits
     torch.testing.assert_close(got, want)
+
+
+def test_hf_mamba_scan_folds_its_steps_and_counts_what_the_unrolled_capture_counts():
+    import sys
+    capture_module = sys.modules["shapeprof.capture"]
+    c = transformers.MambaConfig(num_hidden_layers=3, hidden_size=64, state_size=8, vocab_size=1000)
+    with torch.device("meta"):
+        model = transformers.MambaForCausalLM(c)
+    ids = shapeprof.InputShape((1, 48), torch.long)
+    folded = shapeprof.analyze(model, ids)
+    assert folded.capture.method == "dispatch"
+    assert folded.capture.folded_calls > 40 * 5 and folded.capture.reused_nodes > 0
+    # the same recording with every layer run and every time step its own node
+    real_run = capture_module._run_dispatch
+    capture_module._run_dispatch = lambda *a, **k: real_run(*a, **{**k, "twins": False, "fold": False})
+    try:
+        unrolled = shapeprof.analyze(model, ids, method="dispatch")
+    finally:
+        capture_module._run_dispatch = real_run
+    assert unrolled.capture.folded_calls == 0 and unrolled.capture.reused_nodes == 0
+    assert folded.capture.graph_nodes < unrolled.capture.graph_nodes / 5
+    f, u = folded.total, unrolled.total
+    assert (f.flops, f.bytes_read, f.bytes_written) == (u.flops, u.bytes_read, u.bytes_written)
+    assert f.predicted_seconds == pytest.approx(u.predicted_seconds, rel=1e-9)
+    # and torch.export, which unrolls the loop its own way, counts the same FLOPs
+    assert folded.total.flops == shapeprof.analyze(model, ids, method="export").total.flops
