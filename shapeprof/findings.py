@@ -1,7 +1,7 @@
 """Findings: the memory-bound nodes that dominate predicted time, why they are slow and what would help.
 
-Nodes are grouped with their twins (same module path up to layer indices, same op), so a model of 126 layers
-gets one finding for `layers.*.feed_forward · mul`, not 126.
+Nodes are grouped with their twins (same module pattern, see `report.module_patterns`, and same op), so a model
+of 126 layers gets one finding for `layers.*.feed_forward · mul`, not 126.
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from typing import Mapping
 from .costs import cost_of
 from .hardware import DeviceSpec
 from .records import OpRecord
-from .report import Finding, NodeStats, intensity
+from .report import Finding, NodeStats, intensity, module_patterns
 
 _MATMUL_2D = {"aten.mm", "aten.addmm", "aten.linear", "aten.matmul"}
 
@@ -20,10 +20,11 @@ _MATMUL_2D = {"aten.mm", "aten.addmm", "aten.linear", "aten.matmul"}
 def find(nodes: list[NodeStats], records_of: Mapping[str, tuple[OpRecord, ...]], total_seconds: float,
          spec: DeviceSpec, *, min_share: float = 0.01, limit: int = 8) -> list[Finding]:
     """Up to `limit` memory-bound groups taking at least `min_share` of the predicted time, biggest first."""
+    patterns = module_patterns(nodes)
     groups: dict[tuple[str, str], list[NodeStats]] = defaultdict(list)
     for n in nodes:
         if n.bound == "memory":
-            groups[(n.pattern, n.op)].append(n)
+            groups[(patterns.get(n.module_path, n.module_path), n.op)].append(n)
     found = []
     for (pattern, op), members in groups.items():   # every memory-bound `mul` of layers.*.attention together
         seconds = sum(m.predicted_seconds for m in members)

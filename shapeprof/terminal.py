@@ -12,7 +12,7 @@ from rich.console import Console, Group
 from rich.table import Table
 from rich.text import Text
 
-from .report import Report
+from .report import Report, is_repeat
 
 BOUND_STYLE = {"memory": "bold red", "compute": "bold green", "none": "dim"}
 
@@ -106,7 +106,7 @@ def _top_table(r: Report, top: int, with_node: bool) -> Table:
     for group in r.twin_groups()[:top]:
         n = group[0]
         seconds = sum(g.predicted_seconds for g in group)
-        row = [n.pattern or "(model)", n.op, *([n.name] if with_node else []), n.output,
+        row = [r.pattern_of(n) or "(model)", n.op, *([n.name] if with_node else []), n.output,
                f"x{len(group)}" if len(group) > 1 else "1",
                fmt_flops(n.flops, unit=False), fmt_bytes(n.bytes), fmt_intensity(n.intensity),
                Text(n.bound, style=BOUND_STYLE.get(n.bound, "")), fmt_seconds(seconds),
@@ -122,10 +122,13 @@ def _top_table(r: Report, top: int, with_node: bool) -> Table:
 def _module_table(r: Report, depth: int | None) -> Table:
     if depth is None:
         depth = r.module_depth()
-    table = Table(title=f"By module (depth {depth}, layers summed)", title_justify="left", header_style="bold")
+    rows = r.by_module(depth, twins=True)[:12]
+    repeated = any(is_repeat(part) for row in rows for part in row.key.split("."))
+    table = Table(title=f"By module (depth {depth}{', repeated layers summed' if repeated else ''})",
+                  title_justify="left", header_style="bold")
     for col in ("module", "nodes", "FLOPs", "bytes", "FLOP/B", "bound", "time", "share"):
         table.add_column(col, justify="left" if col in ("module", "bound") else "right")
-    for row in r.by_module(depth, twins=True)[:12]:
+    for row in rows:
         table.add_row(row.key or "(model)", str(row.nodes), fmt_flops(row.flops, unit=False), fmt_bytes(row.bytes),
                       fmt_intensity(row.intensity), Text(row.bound, style=BOUND_STYLE[row.bound]),
                       fmt_seconds(row.predicted_seconds), f"{row.share:.1%}")
