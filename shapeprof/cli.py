@@ -35,7 +35,7 @@ from rich.text import Text
 from .capture import METHODS
 from .hardware import DeviceSpec, SpecError, get_spec, list_specs
 from .report import Report, ReportFormatError
-from .terminal import fmt_bytes, fmt_flops, fmt_seconds, render
+from .terminal import fmt_bytes, fmt_flops, fmt_intensity, fmt_seconds, render
 from .tracing import (ScriptNotFound, ScriptRun, TraceConfig, TracedModel, analyse_model, check_target,
                       default_logdir, resolve_dtype, run_script, script_name)
 
@@ -581,7 +581,7 @@ def _cmd_specs(ns: argparse.Namespace) -> int:
         table.add_row(s.name + (" (default)" if s.name == default else ""), s.display_name,
                       f"{fmt_flops(bf16)}/s" if bf16 else "-", f"{fmt_flops(s.peak_flops['fp32'])}/s",
                       f"{fmt_bytes(s.memory_bandwidth)}/s", f"{s.memory_capacity / 2**30:.0f} GiB",
-                      f"{s.ridge(torch.bfloat16):.0f} FLOP/B")
+                      f"{fmt_intensity(s.ridge(torch.bfloat16))} FLOP/B")
     _stdout_console().print(table)
     return 0
 

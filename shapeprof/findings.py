@@ -12,7 +12,7 @@ from typing import Mapping
 from .costs import cost_of
 from .hardware import DeviceSpec
 from .records import OpRecord
-from .report import Finding, NodeStats, intensity, module_patterns
+from .report import Finding, NodeStats, fmt_intensity, intensity, module_patterns
 
 _MATMUL_2D = {"aten.mm", "aten.addmm", "aten.linear", "aten.matmul"}
 
@@ -34,8 +34,8 @@ def find(nodes: list[NodeStats], records_of: Mapping[str, tuple[OpRecord, ...]],
         flops, nbytes = sum(m.flops for m in members), sum(m.bytes for m in members)
         ratio = intensity(flops, nbytes)
         first = members[0]
-        why = (f"{ratio:.3g} FLOP/byte against a ridge of {first.ridge:.0f} on {spec.display_name}: "
-               f"it waits on memory ({_bytes(first.bytes)} per call, {len(members)} call"
+        why = (f"{fmt_intensity(ratio)} FLOP/byte against a ridge of {fmt_intensity(first.ridge)} on "
+               f"{spec.display_name}: it waits on memory ({_bytes(first.bytes)} per call, {len(members)} call"
                f"{'s' if len(members) > 1 else ''})")
         found.append(Finding(pattern, op, len(members), share, ratio, first.ridge, why,
                              suggest(first, records_of.get(first.name, ()))))

@@ -86,6 +86,17 @@ def intensity(flops: int, nbytes: int) -> float:
     return flops / nbytes if nbytes else float("inf")
 
 
+def fmt_intensity(x: float) -> str:
+    """An intensity or a ridge point as every renderer and finding writes it: 3 significant figures.
+
+    One format for both, so that a node at 9.6 FLOP/B is never shown against "a ridge of 10" (9.56).
+
+        >>> fmt_intensity(312e12 / 2.039e12), fmt_intensity(19.5e12 / 2.039e12), fmt_intensity(0.125)
+        ('153', '9.56', '0.125')
+    """
+    return "inf" if x == float("inf") else f"{x:.3g}"
+
+
 def efficiency(predicted: float, measured: float | None) -> float | None:
     """predicted / measured, None when nothing (or zero) was measured."""
     return predicted / measured if measured else None

@@ -12,7 +12,7 @@ from rich.console import Console, Group
 from rich.table import Table
 from rich.text import Text
 
-from .report import Report, is_repeat
+from .report import Report, fmt_intensity, is_repeat
 
 BOUND_STYLE = {"memory": "bold red", "compute": "bold green", "none": "dim"}
 
@@ -182,7 +182,3 @@ def fmt_seconds(s: float) -> str:
     if s >= 1e-6:
         return f"{s * 1e6:.3g} µs"
     return f"{s * 1e9:.3g} ns"
-
-
-def fmt_intensity(x: float) -> str:
-    return "inf" if x == float("inf") else f"{x:.3g}"
