@@ -20,7 +20,6 @@ import argparse
 import importlib.util
 import json
 import os
-import shutil
 import subprocess
 import sys
 import traceback
@@ -35,7 +34,7 @@ from rich.text import Text
 from .capture import METHODS
 from .hardware import DeviceSpec, SpecError, get_spec, list_specs
 from .report import Report, ReportFormatError
-from .terminal import fmt_bytes, fmt_flops, fmt_intensity, fmt_seconds, render
+from .terminal import fmt_bytes, fmt_flops, fmt_intensity, fmt_seconds, render, terminal_width
 from .tracing import (ScriptNotFound, ScriptRun, TraceConfig, TracedModel, analyse_model, check_target,
                       default_logdir, resolve_dtype, run_script, script_name)
 
@@ -549,9 +548,9 @@ def _write_summary(path: Path, summary: dict[str, Any]) -> None:
 
 def _stdout_console() -> Console:
     tty = sys.stdout.isatty()
-    width = max(100, shutil.get_terminal_size((120, 40)).columns) if tty else 120
-    return Console(file=sys.stdout, width=width, force_terminal=tty, color_system="auto" if tty else None,
-                   highlight=False, soft_wrap=False)
+    # COLUMNS, else the terminal's width, else 120 (piped): the reports lay themselves out for whatever it is
+    return Console(file=sys.stdout, width=terminal_width(), force_terminal=tty,
+                   color_system="auto" if tty else None, highlight=False, soft_wrap=False)
 
 
 def _display_path(path: Path) -> str:

@@ -339,6 +339,81 @@ def test_optimize_shows_the_verified_rewrites_before_and_after(tmp_path):
     assert json.loads((tmp_path / "b" / "Sequential" / "optimize.json").read_text()) == opt
 
 
+# ---------------------------------------------------------------------------------------------- width
+
+CNN = """
+    import torch
+    import torch.nn as nn
+    # conv-bn-relu-pool twice, then a classifier: every layer different
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(2),
+                          nn.Conv2d(16, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10)).eval()
+    with torch.no_grad():
+        model(torch.randn(4, 3, 16, 16))
+"""
+
+_TABLE_BORDER = set(" ─━┏┓┗┛┡┩└┘┳┻╇┴┬┃│")
+
+
+def _table_rows(lines, title):
+    """The header and rows of the first table after the line starting with `title`."""
+    start = next(i for i, line in enumerate(lines) if line.startswith(title)) + 1
+    rows = []
+    for line in lines[start:]:
+        if not line.strip() or line.startswith(("By module", "Memory-bound", "Coverage")):
+            break
+        if not set(line) <= _TABLE_BORDER:
+            rows.append(line)
+    return rows[0], rows[1:]
+
+
+def test_trace_lays_its_reports_out_for_columns(tmp_path):
+    write(tmp_path / "cnn.py", CNN)
+    procs = {columns: subprocess.Popen(_cmd(["trace", "--no-tensorboard", "--logdir", f"w{columns}", "cnn.py"]),
+                                       cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                       env={**_env(), "COLUMNS": str(columns)})
+             for columns in (80, 200)}
+    for columns, proc in procs.items():
+        out, err = proc.communicate(timeout=180)
+        assert proc.returncode == 0, err
+        lines = out.splitlines()
+        assert max(len(line) for line in lines) <= columns
+        report = shapeprof.Report.from_json(tmp_path / f"w{columns}" / "Sequential" / "report.json")
+        header, rows = _table_rows(lines, "Top ")
+        # one line per node (9: the Flatten is a view, it does no work), no row wrapped into a second line
+        assert len(rows) == len(report.nodes) == 9
+        by_path = {n.module_path: n for n in report.nodes}
+        for row in rows:
+            path = row.strip("│ ").split()[0]
+            n = by_path[path]                               # the whole module path, first
+            assert row.rstrip(" │").endswith(f"{n.share:.1%}"), row
+        assert ("node" in header.split()) == (columns == 200)   # the node names go first when space is short
+
+
+def test_profile_shows_measured_and_efficiency_whole_at_120_columns(tmp_path):
+    write(tmp_path / "cnn.py", CNN)
+    result = subprocess.run(_cmd(["trace", "--profile", "--steps", "2", "--no-tensorboard", "--logdir", "logs",
+                                  "cnn.py"]), cwd=tmp_path, capture_output=True, text=True,
+                            env={**_env(), "COLUMNS": "120"}, timeout=180)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert max(len(line) for line in lines) <= 120
+    measured = shapeprof.Report.from_json(tmp_path / "logs" / "Sequential" / "measured.json")
+    header, rows = _measured_rows(lines)
+    assert "measured" in header.split() and "eff." in header.split()
+    assert len(rows) == len(measured.nodes)
+    by_path = {n.module_path: n for n in measured.nodes}
+    for row in rows:
+        n = by_path[row.strip("│ ").split()[0]]
+        # the efficiency is predicted / measured, whole, at the end of its row
+        assert row.rstrip(" │").endswith(f"{n.predicted_seconds / n.measured_seconds:.0%}"), row
+
+
+def _measured_rows(lines):
+    after = next(i for i, line in enumerate(lines) if "measured on this machine" in line)
+    return _table_rows(lines[after:], "Top ")
+
+
 # ---------------------------------------------------------------------------------------------- the examples
 
 def test_the_examples_run_under_trace(tmp_path):
