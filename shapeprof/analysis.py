@@ -73,7 +73,8 @@ def analyze(model: nn.Module, *args: Any, spec: str | DeviceSpec | None = None, 
     report = Report(
         model=type(model).__name__, spec=device, dtype=_dtype_name(dtype) if dtype else None,
         inputs=_describe_inputs(args, kwargs, dtype), capture=_capture_info(cap), nodes=nodes, total=total,
-        coverage=coverage, findings=find(nodes, records_of, total_seconds, device),
+        coverage=coverage, findings=find(nodes, records_of, total_seconds, device, producers={
+            cn.node.name: cn.node.all_input_nodes[0].name for cn, _ in rows if cn.node.all_input_nodes}),
         parameter_bytes=_parameter_bytes(model, dtype), analysis_seconds=time.perf_counter() - start,
         captured=cap)
     return report
