@@ -36,7 +36,7 @@ from .hardware import DeviceSpec, SpecError, get_spec, list_specs
 from .report import Report, ReportFormatError
 from .terminal import fmt_bytes, fmt_flops, fmt_intensity, fmt_seconds, render, terminal_width
 from .tracing import (ScriptNotFound, ScriptRun, TraceConfig, TracedModel, analyse_model, check_target,
-                      default_logdir, resolve_dtype, run_script, script_name)
+                      default_logdir, resolve_dtype, run_script, script_name, with_trace_notes)
 
 TRACE_SCHEMA = "shapeprof.trace"
 TRACE_SCHEMA_VERSION = 1
@@ -337,7 +337,8 @@ def _analyse_one(result: _ModelResult, config: TraceConfig, spec: DeviceSpec, lo
         try:
             profiled = _profile(module, args, kwargs, spec=spec, dtype=resolve_dtype(config.dtype)[0],
                                 steps=config.profile_steps, method=config.method)
-            result.report, result.measured = profiled.target, profiled.report
+            result.report = with_trace_notes(profiled.target, traced)
+            result.measured = with_trace_notes(profiled.report, traced)
             result.measured_trace, result.profile_note = profiled.trace, profiled.note
         except CliError:
             raise
@@ -493,6 +494,7 @@ def _summary(run: ScriptRun, results: list[_ModelResult], skipped: list[TracedMo
         }
         if r.report is not None:
             d["inputs"] = list(r.report.inputs)
+            d["notes"] = list(r.report.notes)   # what the numbers leave out: forward pass only, say
             d["predicted_seconds"] = r.report.total.predicted_seconds
             if inline:
                 d["report"] = r.report.to_dict()

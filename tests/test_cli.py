@@ -414,6 +414,58 @@ def _measured_rows(lines):
     return _table_rows(lines[after:], "Top ")
 
 
+# ---------------------------------------------------------------------------------------------- forward only
+
+TRAIN = """
+    import torch
+    import torch.nn as nn
+
+
+    def main():
+        model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        x, y = torch.randn(8, 16), torch.randn(8, 4)
+        for _ in range(3):
+            loss = ((model(x) - y) ** 2).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+
+    main()
+"""
+
+ONE_STEP = """
+    import torch
+    import torch.nn as nn
+    model = nn.Linear(16, 4)   # one step, and the script ends right after its backward
+    model(torch.randn(8, 16)).sum().backward()
+"""
+
+INFER = """
+    import torch
+    import torch.nn as nn
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+    for _ in range(3):
+        model(torch.randn(8, 16))   # gradients recorded, never used: still inference
+"""
+
+
+def test_a_training_script_is_told_its_report_is_forward_only(tmp_path):
+    note = "forward pass only: backward and the optimizer step are not analysed"
+    for name, text in (("train.py", TRAIN), ("one_step.py", ONE_STEP), ("infer.py", INFER)):
+        write(tmp_path / name, text)
+    results = run_many([(["trace", "--no-tensorboard", "--logdir", name[:-3], name], tmp_path)
+                        for name in ("train.py", "one_step.py", "infer.py")])
+    for name, result, trained in zip(("train", "one_step", "infer"), results, (True, True, False)):
+        assert result.returncode == 0, result.stderr
+        assert (f"note: {note}" in result.stdout) == trained, (name, result.stdout)
+        (model,) = json.loads((tmp_path / name / "trace.json").read_text())["models"]
+        assert model["notes"] == ([note] if trained else []), name
+        report = shapeprof.Report.from_json(model["report_path"])
+        assert report.notes == ((note,) if trained else ()), name
+
+
 # ---------------------------------------------------------------------------------------------- the examples
 
 def test_the_examples_run_under_trace(tmp_path):
