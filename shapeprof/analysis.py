@@ -82,7 +82,8 @@ def analyze(model: nn.Module, *args: Any, spec: str | DeviceSpec | None = None,
     report = Report(
         model=type(model).__name__, spec=device, dtype=_precision_name(precision),
         inputs=_describe_inputs(args, kwargs, precision.dtype), capture=_capture_info(cap), nodes=nodes, total=total,
-        coverage=coverage, findings=find(nodes, records_of, total_seconds, device),
+        coverage=coverage, findings=find(nodes, records_of, total_seconds, device, producers={
+            cn.node.name: cn.node.all_input_nodes[0].name for cn, _ in rows if cn.node.all_input_nodes}),
         parameter_bytes=_parameter_bytes(model, precision.matmul_dtype or precision.dtype), notes=tuple(notes),
         analysis_seconds=time.perf_counter() - start, captured=cap)
     return report

@@ -20,7 +20,6 @@ import argparse
 import importlib.util
 import json
 import os
-import shutil
 import subprocess
 import sys
 import traceback
@@ -35,9 +34,9 @@ from rich.text import Text
 from .capture import METHODS
 from .hardware import DeviceSpec, SpecError, get_spec, list_specs
 from .report import Report, ReportFormatError
-from .terminal import fmt_bytes, fmt_flops, fmt_seconds, render
+from .terminal import fmt_bytes, fmt_flops, fmt_intensity, fmt_seconds, render, terminal_width
 from .tracing import (ScriptNotFound, ScriptRun, TraceConfig, TracedModel, analyse_model, check_target,
-                      default_logdir, resolve_dtype, run_script, script_name)
+                      default_logdir, resolve_dtype, run_script, script_name, with_trace_notes)
 
 TRACE_SCHEMA = "shapeprof.trace"
 TRACE_SCHEMA_VERSION = 1
@@ -338,7 +337,8 @@ def _analyse_one(result: _ModelResult, config: TraceConfig, spec: DeviceSpec, lo
         try:
             profiled = _profile(module, args, kwargs, spec=spec, dtype=resolve_dtype(config.dtype)[0],
                                 steps=config.profile_steps, method=config.method)
-            result.report, result.measured = profiled.target, profiled.report
+            result.report = with_trace_notes(profiled.target, traced)
+            result.measured = with_trace_notes(profiled.report, traced)
             result.measured_trace, result.profile_note = profiled.trace, profiled.note
         except CliError:
             raise
@@ -494,6 +494,7 @@ def _summary(run: ScriptRun, results: list[_ModelResult], skipped: list[TracedMo
         }
         if r.report is not None:
             d["inputs"] = list(r.report.inputs)
+            d["notes"] = list(r.report.notes)   # what the numbers leave out: forward pass only, say
             d["predicted_seconds"] = r.report.total.predicted_seconds
             if inline:
                 d["report"] = r.report.to_dict()
@@ -549,9 +550,9 @@ def _write_summary(path: Path, summary: dict[str, Any]) -> None:
 
 def _stdout_console() -> Console:
     tty = sys.stdout.isatty()
-    width = max(100, shutil.get_terminal_size((120, 40)).columns) if tty else 120
-    return Console(file=sys.stdout, width=width, force_terminal=tty, color_system="auto" if tty else None,
-                   highlight=False, soft_wrap=False)
+    # COLUMNS, else the terminal's width, else 120 (piped): the reports lay themselves out for whatever it is
+    return Console(file=sys.stdout, width=terminal_width(), force_terminal=tty,
+                   color_system="auto" if tty else None, highlight=False, soft_wrap=False)
 
 
 def _display_path(path: Path) -> str:
@@ -581,7 +582,7 @@ def _cmd_specs(ns: argparse.Namespace) -> int:
         table.add_row(s.name + (" (default)" if s.name == default else ""), s.display_name,
                       f"{fmt_flops(bf16)}/s" if bf16 else "-", f"{fmt_flops(s.peak_flops['fp32'])}/s",
                       f"{fmt_bytes(s.memory_bandwidth)}/s", f"{s.memory_capacity / 2**30:.0f} GiB",
-                      f"{s.ridge(torch.bfloat16):.0f} FLOP/B")
+                      f"{fmt_intensity(s.ridge(torch.bfloat16))} FLOP/B")
     _stdout_console().print(table)
     return 0
 

@@ -343,7 +343,7 @@ def predicted_trace(report: Report, *, start_us: float = 1.0) -> dict[str, Any]:
     model's identical layers; where one pattern covers ops of different cost, by ``"<node> · <op>"``.
     """
     spec = report.spec
-    timeline = _Timeline(start_us, _mixed_patterns(report))
+    timeline = _Timeline(start_us, _mixed_patterns(report), report.patterns)
     for n in report.nodes:
         timeline.node(n, spec)
     # The step starts 1 ns before the first kernel: the profiler plugin's step breakdown counts host and runtime
@@ -383,21 +383,20 @@ def summary(report: Report, kind: str) -> dict[str, Any]:
 
 
 def _mixed_patterns(report: Report) -> set[tuple[str, str]]:
-    """(module pattern, op) pairs that stand for ops of different cost: the Linear(768, 3072) and Linear(3072, 768)
-    of an nn.Sequential both match '*'. Their kernels are named after their nodes, so the Kernel view never sums
-    ops that are not twins."""
+    """(module pattern, op) pairs that stand for ops of different cost: the two `mul`s of one attention module, say.
+    Their kernels are named after their nodes, so the Kernel view never sums ops that are not twins."""
     costs: dict[tuple[str, str], set[tuple[int, int]]] = {}
     for n in report.nodes:
         for a in n.aten:
-            costs.setdefault((n.pattern, a.op), set()).add((a.flops, a.bytes))
+            costs.setdefault((report.pattern_of(n), a.op), set()).add((a.flops, a.bytes))
     return {key for key, seen in costs.items() if len(seen) > 1}
 
 
 class _Timeline:
     """Lays nodes out back to back in integer nanoseconds (no drift from adding float microseconds)."""
 
-    def __init__(self, start_us: float, mixed: set[tuple[str, str]]):
-        self.mixed = mixed
+    def __init__(self, start_us: float, mixed: set[tuple[str, str]], patterns: dict[str, str]):
+        self.mixed, self.patterns = mixed, patterns
         self.start_ns = self.now_ns = round(start_us * 1000)
         self.events: list[dict[str, Any]] = []
         self.external_id = 0
@@ -422,7 +421,8 @@ class _Timeline:
         costs = {**aten_op_args(a, spec), "shapeprof.node": n.name}
         op_name = a.op.replace(".", "::", 1)            # aten.addmm -> aten::addmm, as the profiler names it
         short = a.op.split(".", 1)[-1]
-        group = n.pattern if n.pattern and (n.pattern, a.op) not in self.mixed else n.name
+        pattern = self.patterns.get(n.module_path, n.module_path)
+        group = pattern if pattern and (pattern, a.op) not in self.mixed else n.name
         self.events += [
             _x("cpu_op", op_name, HOST_PID, HOST_TID, begin, end, {"External id": ext, **costs}),
             # the roofline models no launch overhead: the launch takes no time

@@ -57,7 +57,8 @@ def _top_nodes(r: Report, top: int) -> str:
     for group in r.twin_groups()[:top]:
         n = group[0]
         seconds = sum(g.predicted_seconds for g in group)
-        row = [f"`{n.pattern}`" if n.pattern else "(model)", n.op, f"`{n.name}`", f"`{n.output}`",
+        pattern = r.pattern_of(n)
+        row = [f"`{pattern}`" if pattern else "(model)", n.op, f"`{n.name}`", f"`{n.output}`",
                f"x{len(group)}" if len(group) > 1 else "1", fmt_flops(n.flops, unit=False), fmt_bytes(n.bytes),
                fmt_intensity(n.intensity), _bound(n.bound), fmt_seconds(seconds), f"{sum(g.share for g in group):.1%}"]
         if measured:

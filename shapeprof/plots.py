@@ -75,14 +75,13 @@ def points(report: Report, *, measured: bool = False) -> tuple[list[Point], int]
     out, left_out = [], 0
     for group in report.twin_groups():
         n = group[0]
-        # sums, not the first node times the count: a group is nodes at one module pattern, and an nn.Sequential's
-        # '*' also matches layers of different sizes
+        # sums over the group: for twins the same as the first node times their count, and exact for any group
         seconds = sum(_seconds(g, measured) for g in group)
         flops, nbytes = sum(g.flops for g in group), sum(g.bytes for g in group)
         if not flops or not nbytes or not seconds:
             left_out += 1
             continue
-        label = f"{n.pattern or n.name} · {n.op}" + (f" x{len(group)}" if len(group) > 1 else "")
+        label = f"{report.pattern_of(n) or n.name} · {n.op}" + (f" x{len(group)}" if len(group) > 1 else "")
         out.append(Point(label, flops / nbytes, flops / seconds, seconds, seconds / total if total else 0.0,
                          _bound(group)))
     return sorted(out, key=lambda p: -p.seconds), left_out

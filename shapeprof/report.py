@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import tempfile
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field, fields
+from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 from .hardware import DeviceSpec
 
@@ -81,23 +81,95 @@ class NodeStats:
         """predicted / measured: 1.0 means it ran at the roofline."""
         return efficiency(self.predicted_seconds, self.measured_seconds)
 
-    @property
-    def pattern(self) -> str:
-        """Module path with layer indices as '*': 'layers.*.attention.wq' groups a node with its twins."""
-        return _INDEX.sub(".*", "." + self.module_path)[1:] if self.module_path else ""
-
-
-_INDEX = re.compile(r"\.\d+(?=\.|$)")
-
 
 def intensity(flops: int, nbytes: int) -> float:
     """FLOP per byte; inf for work that touches no memory."""
     return flops / nbytes if nbytes else float("inf")
 
 
+def fmt_intensity(x: float) -> str:
+    """An intensity or a ridge point as every renderer and finding writes it: 3 significant figures.
+
+    One format for both, so that a node at 9.6 FLOP/B is never shown against "a ridge of 10" (9.56).
+
+        >>> fmt_intensity(312e12 / 2.039e12), fmt_intensity(19.5e12 / 2.039e12), fmt_intensity(0.125)
+        ('153', '9.56', '0.125')
+    """
+    return "inf" if x == float("inf") else f"{x:.3g}"
+
+
 def efficiency(predicted: float, measured: float | None) -> float | None:
     """predicted / measured, None when nothing (or zero) was measured."""
     return predicted / measured if measured else None
+
+
+def module_patterns(nodes: Iterable[NodeStats]) -> dict[str, str]:
+    """Module path -> its pattern: each index of the path becomes '*' where the modules at it really repeat.
+
+    The modules at `P.3` and `P.7` repeat when the nodes under them are the same, in the same order: the same
+    relative module paths, ops, output shapes and costs. Only those indices are starred: `layers.*.attention.wq`
+    for a Llama's identical layers, while the different convs, norms and pools of a CNN's `nn.Sequential` keep
+    `features.0`, `features.1`, ... A parent with more than one set of repeats (ReLUs at 1 and 3, other ReLUs
+    at 6 and 8) names each set by its indices, `features.{1,3}` and `features.{6,8}`, so that rollups never sum
+    modules that are not repeats of each other. Decided from the nodes alone, so a report read back from JSON
+    groups as the analysed one did.
+
+        >>> def node(path, flops):
+        ...     return NodeStats(path, "Linear", "call_module", path, "Linear", flops, 8, 8, 0., 0., 0., "compute",
+        ...                      1., 0., "f32[2]", ())
+        >>> module_patterns([node("h.0.fc", 4), node("h.1.fc", 4), node("h.2.fc", 6), node("head", 2)])
+        {'h.0.fc': 'h.*.fc', 'h.1.fc': 'h.*.fc', 'h.2.fc': 'h.2.fc', 'head': 'head'}
+    """
+    nodes = list(nodes)
+    # subtree[(parent, index)]: what the nodes under `parent.index` do, each with its path below that module
+    subtree: dict[tuple[str, str], list[tuple]] = defaultdict(list)
+    for n in nodes:
+        parts = n.module_path.split(".") if n.module_path else []
+        work = None
+        for i, part in enumerate(parts):
+            if part.isdigit():
+                work = work or _work(n)
+                subtree[(".".join(parts[:i]), part)].append((".".join(parts[i + 1:]), work))
+    siblings: dict[str, dict[tuple, list[str]]] = defaultdict(lambda: defaultdict(list))
+    for (parent, index), work in subtree.items():
+        siblings[parent][tuple(work)].append(index)
+    label: dict[tuple[str, str], str] = {}
+    for parent, by_work in siblings.items():
+        repeats = [indices for indices in by_work.values() if len(indices) > 1]
+        for indices in repeats:
+            name = "*" if len(repeats) == 1 else _index_set(indices)
+            label.update({(parent, i): name for i in indices})
+    patterns = {}
+    for n in nodes:
+        if n.module_path not in patterns:
+            parts = n.module_path.split(".") if n.module_path else []
+            patterns[n.module_path] = ".".join(
+                label.get((".".join(parts[:i]), part), part) if part.isdigit() else part
+                for i, part in enumerate(parts))
+    return patterns
+
+
+def is_repeat(part: str) -> bool:
+    """Whether a component of a pattern stands for repeated modules ('*' or a set such as '{1,3}')."""
+    return part == "*" or part.startswith("{")
+
+
+def _work(n: NodeStats) -> tuple:
+    """What a node does, to tell repeats apart: its op, output and costs (not its name or absolute path)."""
+    return (n.kind, n.op, n.module_type, n.output, n.flops, n.bytes_read, n.bytes_written,
+            tuple((a.op, a.flops, a.bytes) for a in n.aten), n.uncovered)
+
+
+def _index_set(indices: list[str]) -> str:
+    """'{1,3}', '{0-5,8}': the indices of one set of repeats, runs of three or more as ranges."""
+    values = sorted(int(i) for i in indices)
+    runs: list[list[int]] = []
+    for v in values:
+        if runs and v == runs[-1][-1] + 1:
+            runs[-1].append(v)
+        else:
+            runs.append([v])
+    return "{" + ",".join(f"{r[0]}-{r[-1]}" if len(r) > 2 else ",".join(map(str, r)) for r in runs) + "}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -219,13 +291,23 @@ class Report:
         """The `n` nodes with the largest predicted time."""
         return sorted(self.nodes, key=lambda s: s.predicted_seconds, reverse=True)[:n]
 
+    @cached_property
+    def patterns(self) -> dict[str, str]:
+        """Module path -> pattern, with '*' only where modules really repeat (see `module_patterns`)."""
+        return module_patterns(self.nodes)
+
+    def pattern_of(self, node: NodeStats) -> str:
+        """`node`'s module path with the indices of repeated layers as '*': 'layers.*.attention.wq'."""
+        return self.patterns.get(node.module_path, node.module_path)
+
     def by_module(self, depth: int | None = None, *, twins: bool = False) -> list[Rollup]:
         """Totals per module path, cut to its first `depth` components (None: the full path), biggest first.
 
-        With `twins`, layer indices become '*': `layers.*.attention` sums the attention of every layer.
+        With `twins`, the indices of repeated layers become '*': `layers.*.attention` sums the attention of every
+        layer (and only of layers that are repeats of each other).
         """
         def key(s: NodeStats) -> str:
-            path = s.pattern if twins else s.module_path
+            path = self.pattern_of(s) if twins else s.module_path
             if depth is None or not path:
                 return path
             return ".".join(path.split(".")[:depth])
@@ -236,29 +318,30 @@ class Report:
         return self._rollup(lambda s: s.op)
 
     def by_pattern(self) -> list[Rollup]:
-        """Totals per (module path with indices as '*', op): every `mul` in `layers.*.attention` together."""
-        return self._rollup(lambda s: f"{s.pattern} · {s.op}" if s.pattern else s.op)
+        """Totals per (module pattern, op): every `mul` in `layers.*.attention` together."""
+        return self._rollup(lambda s: f"{self.pattern_of(s)} · {s.op}" if s.module_path else s.op)
 
     def twin_groups(self) -> list[list[NodeStats]]:
         """Nodes grouped with their twins, biggest total predicted time first.
 
         Twins are the nodes at the same place of repeated modules doing the same work: the k-th `mul` of
         `layers.3.attention` and the k-th `mul` of every other layer's attention. The k matters (two muls of one
-        module are not twins), and so do the costs: `blocks.0.0` and `blocks.1.0` of a Sequential share a pattern
-        but are twins only if they are the same size.
+        module are not twins). A node whose module does not repeat is a group of its own, under its real path.
         """
         seen: dict[tuple[str, str], int] = defaultdict(int)
         groups: dict[tuple, list[NodeStats]] = defaultdict(list)
         for s in self.nodes:
             k = seen[(s.module_path, s.op)]
             seen[(s.module_path, s.op)] = k + 1
-            groups[(s.pattern, s.op, k, s.flops, s.bytes_read, s.bytes_written)].append(s)
+            groups[(self.pattern_of(s), s.op, k, s.flops, s.bytes_read, s.bytes_written)].append(s)
         return sorted(groups.values(), key=lambda g: sum(n.predicted_seconds for n in g), reverse=True)
 
     def module_depth(self) -> int:
         """The module depth worth showing: one level inside the repeated layer ('layers.*.attention'), else 2."""
-        starred = [n.pattern.split(".").index("*") for n in self.nodes if "*" in n.pattern.split(".")]
-        return min(starred) + 2 if starred else 2
+        repeated = [next(i for i, part in enumerate(parts) if is_repeat(part))
+                    for parts in (p.split(".") for p in set(self.patterns.values()))
+                    if any(is_repeat(part) for part in parts)]
+        return min(repeated) + 2 if repeated else 2
 
     def _rollup(self, key) -> list[Rollup]:
         groups: dict[str, list[NodeStats]] = defaultdict(list)

@@ -2,17 +2,30 @@
 
 Nodes are shown grouped with their twins: in a model of 126 identical layers, `layers.*.attention.wq` is one
 row with "x126", its time the sum over all of them.
+
+The tables are laid out for the width they are printed at (COLUMNS, the terminal's width, or what the caller
+gives): a row is always one line and a number is never cropped. What gives way, in this order: the node-name
+column, the output-shape column, the table's borders, then spaces inside numbers ('3.87µs') and the bound
+spelled short; module paths and op names are shortened last, a path from its left ('…attention.wq').
 """
 from __future__ import annotations
 
 import io
 import shutil
 import sys
+from dataclasses import dataclass
+from typing import Callable
+
+from rich import box
+from rich.cells import cell_len
 from rich.console import Console, Group
 from rich.table import Table
 from rich.text import Text
 
-from .report import Report
+from .report import Report, fmt_intensity, is_repeat
+
+__all__ = ["BOUND_STYLE", "fmt_bytes", "fmt_flops", "fmt_intensity", "fmt_seconds", "render", "terminal_width",
+           "to_text"]
 
 BOUND_STYLE = {"memory": "bold red", "compute": "bold green", "none": "dim"}
 
@@ -22,16 +35,19 @@ def render(report: Report, top: int = 15, module_depth: int | None = None):
     return _Rendering(report, top, module_depth)
 
 
+def terminal_width(default: int = 120) -> int:
+    """The width to lay a report out at: COLUMNS if set, else the terminal's, else `default` (piped output)."""
+    return shutil.get_terminal_size((default, 40)).columns
+
+
 class _Rendering:
     def __init__(self, report: Report, top: int, module_depth: int | None):
         self.report, self.top, self.module_depth = report, top, module_depth
 
     def __rich_console__(self, console, options):
-        r = self.report
-        # the node-name column is the first to go: times and shares must never be cropped off the right
-        parts = [_header(r), *([_notes(r)] if r.notes else []),
-                 _top_table(r, self.top, with_node=options.max_width >= 150),
-                 _module_table(r, self.module_depth)]
+        r, width = self.report, options.max_width
+        parts = [_header(r, width), *([_notes(r)] if r.notes else []),
+                 *_top_table(r, self.top, width), *_module_table(r, self.module_depth, width)]
         if r.findings:
             parts.append(_findings(r))
         parts.append(_coverage(r))
@@ -39,39 +55,39 @@ class _Rendering:
 
 
 def to_text(report: Report, width: int | None = None, color: bool | None = None, **options) -> str:
-    """The rendering as a string; ANSI colours only when stdout is a terminal (unless `color` says)."""
+    """The rendering as a string; ANSI colours only when stdout is a terminal (unless `color` says).
+
+    `width` defaults to `terminal_width()`: COLUMNS, else the terminal's width, else 120.
+    """
     if color is None:
         color = sys.stdout.isatty()
     if width is None:
-        width = max(100, shutil.get_terminal_size((120, 40)).columns)
+        width = terminal_width()
     console = Console(file=io.StringIO(), width=width, force_terminal=color, color_system="auto" if color else None)
     console.print(render(report, **options))
     return console.file.getvalue()
 
 
-def _header(r: Report) -> Text:
+def _header(r: Report, width: int) -> Text:
     t = r.total
     c = r.capture
-    text = Text()
-    text.append("shapeprof ", style="bold")
-    text.append(f"{r.model}", style="bold cyan")
-    text.append(f"  on {r.spec.display_name}")
-    if r.dtype:
-        text.append(f" as {r.dtype}")
-    text.append(f"  inputs {', '.join(r.inputs) or '-'}\n")
-    text.append(f"captured by {c.method}")
+    first = [Text.assemble(("shapeprof ", "bold"), (r.model, "bold cyan")),
+             Text(f"on {r.spec.display_name}" + (f" as {r.dtype}" if r.dtype else "")),
+             Text(f"inputs {', '.join(r.inputs) or '-'}")]
+    captured = Text(f"captured by {c.method}")
     if c.attempts:
-        text.append(f" (after {', '.join(m for m, _ in c.attempts)} failed)", style="yellow")
-    text.append(f", {c.graph_nodes:,} graph nodes")
-    if c.reused_nodes:
-        text.append(f" ({c.reused_nodes:,} costed once for their identical twins)")
-    text.append(f", {len(r.nodes):,} doing work; weights {fmt_bytes(r.parameter_bytes)}\n")
-    text.append(f"{fmt_flops(t.flops)}  {fmt_bytes(t.bytes)} moved  {fmt_intensity(t.intensity)} FLOP/B  ")
-    text.append(f"predicted {fmt_seconds(t.predicted_seconds)}", style="bold")
-    text.append(f" (compute-bound ops {fmt_seconds(sum(n.predicted_seconds for n in r.nodes if n.bound == 'compute'))},"
-                f" memory-bound ops {fmt_seconds(sum(n.predicted_seconds for n in r.nodes if n.bound == 'memory'))})")
+        captured.append(f" (after {', '.join(m for m, _ in c.attempts)} failed)", style="yellow")
+    second = [captured, Text(f"{c.graph_nodes:,} graph nodes" + (
+        f" ({c.reused_nodes:,} costed once for their identical twins)" if c.reused_nodes else "")),
+              Text(f"{len(r.nodes):,} doing work"), Text(f"weights {fmt_bytes(r.parameter_bytes)}")]
+    compute = sum(n.predicted_seconds for n in r.nodes if n.bound == "compute")
+    memory = sum(n.predicted_seconds for n in r.nodes if n.bound == "memory")
+    third = [Text(f"{fmt_flops(t.flops)}  {fmt_bytes(t.bytes)} moved  {fmt_intensity(t.intensity)} FLOP/B"),
+             Text(f"predicted {fmt_seconds(t.predicted_seconds)}", style="bold"),
+             Text(f"(compute-bound ops {fmt_seconds(compute)}, memory-bound ops {fmt_seconds(memory)})")]
     if t.measured_seconds:
-        text.append(f"  measured {fmt_seconds(t.measured_seconds)}", style="bold")
+        third.append(Text(f"measured {fmt_seconds(t.measured_seconds)}", style="bold"))
+    text = Text("\n").join([_fill(first, "  ", width), _fill(second, ", ", width), _fill(third, "  ", width)])
     if r.parameter_bytes > r.spec.memory_capacity:
         need = -(-r.parameter_bytes // int(r.spec.memory_capacity))
         text.append(f"\nweights ({fmt_bytes(r.parameter_bytes)}) exceed one {r.spec.display_name}'s memory "
@@ -79,70 +95,190 @@ def _header(r: Report) -> Text:
     return text
 
 
+def _fill(segments: list[Text], sep: str, width: int) -> Text:
+    """Segments joined by `sep` on one line while they fit in `width`, else broken between segments (not inside
+    one), so that a narrow terminal gets whole phrases on each line."""
+    out, used = Text(), 0
+    for i, seg in enumerate(segments):
+        joint = sep if i else ""
+        if i and used + len(joint) + seg.cell_len > width:
+            out.append(sep.rstrip() + "\n  ")
+            used = 2
+        else:
+            out.append(joint)
+            used += len(joint)
+        out.append_text(seg)
+        used += seg.cell_len
+    return out
+
+
 def _notes(r: Report) -> Text:
-    text = Text()
-    for note in r.notes:
-        text.append(f"note: {note}\n", style="dim")
-    return text
+    return Text("\n").join(Text(f"note: {note}", style="dim") for note in r.notes)
 
 
-def _top_table(r: Report, top: int, with_node: bool) -> Table:
-    measured = r.total.measured_seconds is not None
-    table = Table(title=f"Top {top} nodes by predicted time (a node and its twins in repeated layers: one row)",
-                  title_justify="left", header_style="bold")
-    table.add_column("module", overflow="fold", min_width=16, max_width=26)
-    table.add_column("op", overflow="fold", max_width=14)
-    if with_node:
-        table.add_column("node", overflow="ellipsis", no_wrap=True, max_width=20, style="dim")
-    table.add_column("output", overflow="fold", max_width=18)
-    for col in ("calls", "FLOPs", "bytes", "FLOP/B"):
-        table.add_column(col, justify="right", no_wrap=True)
-    table.add_column("bound", no_wrap=True)
-    table.add_column("time", justify="right", no_wrap=True)
-    table.add_column("share", justify="right", no_wrap=True)
-    if measured:
-        table.add_column("measured", justify="right", no_wrap=True)
-        table.add_column("eff.", justify="right", no_wrap=True)
-    for group in r.twin_groups()[:top]:
-        n = group[0]
-        seconds = sum(g.predicted_seconds for g in group)
-        row = [n.pattern or "(model)", n.op, *([n.name] if with_node else []), n.output,
-               f"x{len(group)}" if len(group) > 1 else "1",
-               fmt_flops(n.flops, unit=False), fmt_bytes(n.bytes), fmt_intensity(n.intensity),
-               Text(n.bound, style=BOUND_STYLE.get(n.bound, "")), fmt_seconds(seconds),
-               f"{sum(g.share for g in group):.1%}"]
-        if measured:
-            ms = [g.measured_seconds for g in group if g.measured_seconds is not None]
-            row += [fmt_seconds(sum(ms)) if ms else "-",
-                    f"{seconds / sum(ms):.0%}" if ms and sum(ms) else "-"]
-        table.add_row(*row)
+# ---------------------------------------------------------------------------------------------- table layout
+
+@dataclass
+class _Column:
+    header: str
+    cells: list[str]
+    justify: str = "right"
+    styles: list[str] | None = None            # one rich style per cell
+    style: str = ""
+    drop: int | None = None                    # rank in which it is left out when space is short (None: never)
+    shorten: Callable[[str, int], str] | None = None   # how it is cut to a width (None: never cut)
+    cap: int = 0                               # widest it is shown before the tightest layout (0: no cap)
+    floor: int = 0                             # narrowest it is cut to
+    tight_header: str | None = None
+    tight: Callable[[str], str] | None = None  # its cells in the tightest layout
+
+
+# (box, padding, collapse, cells between columns, cells around the table)
+_LAYOUTS = {"boxed": (box.HEAVY_HEAD, (0, 1), False, 3, 4), "compact": (box.SIMPLE_HEAD, (0, 1), True, 2, 0),
+            "tight": (box.SIMPLE_HEAD, (0, 0), False, 1, 0)}
+
+
+def _fit(title: str, short_title: str, columns: list[_Column], width: int) -> list:
+    """A title and a table of `columns` no wider than `width`: the first layout that fits (see the module doc).
+
+    Columns of drop rank 1 and 2 (node, output) go before the borders do; higher ranks (totals that the FLOP/B
+    column sums up) only when even the tightest layout with the shortest paths is too wide.
+    """
+    ranks = sorted({c.drop for c in columns if c.drop is not None})
+    soft, hard = [r for r in ranks if r <= 2], [r for r in ranks if r > 2]
+    tries = ([("boxed", soft[:k]) for k in range(len(soft) + 1)] + [("compact", soft)]
+             + [("tight", soft + hard[:k]) for k in range(len(hard) + 1)])
+    for n, (layout, dropped) in enumerate(tries):
+        shown = [c for c in columns if c.drop not in dropped]
+        tight = layout == "tight"
+        cells = [[c.tight(v) if tight and c.tight else v for v in c.cells] for c in shown]
+        headers = [c.tight_header if tight and c.tight_header else c.header for c in shown]
+        natural = [max([cell_len(h), *map(cell_len, vs)]) for h, vs in zip(headers, cells)]
+        widths = [min(w, c.cap) if c.shorten and c.cap else w for c, w in zip(shown, natural)]
+        # only the tight layouts cut paths and names below their caps
+        least = [min(w, max(c.floor, cell_len(h))) if tight and c.shorten else w
+                 for c, h, w in zip(shown, headers, widths)]
+        _, _, _, gap, edge = _LAYOUTS[layout]
+        room = width - edge - gap * (len(shown) - 1)
+        if sum(least) > room and n < len(tries) - 1:
+            continue
+        excess = sum(widths) - room
+        while excess > 0:   # one cell at a time off the widest column that may be cut (on a tie, the later one)
+            i = max((i for i in range(len(shown)) if widths[i] > least[i]), key=lambda i: (widths[i], i),
+                    default=None)
+            if i is None:
+                break
+            widths[i] -= 1
+            excess -= 1
+        return [Text(title if cell_len(title) <= width else short_title, style="bold"),
+                _table(layout, shown, headers, cells, widths)]
+    raise AssertionError("unreachable: the last layout always returns")
+
+
+def _table(layout: str, shown: list[_Column], headers: list[str], cells: list[list[str]], widths: list[int]):
+    box_, padding, collapse, _, _ = _LAYOUTS[layout]
+    table = Table(box=box_, padding=padding, collapse_padding=collapse, show_edge=layout == "boxed",
+                  pad_edge=layout == "boxed", header_style="bold")
+    for c, h, w in zip(shown, headers, widths):
+        table.add_column(h, justify=c.justify, no_wrap=True, width=w if c.shorten else None, style=c.style)
+    for row in range(len(shown[0].cells) if shown else 0):
+        table.add_row(*(Text(c.shorten(vs[row], w) if c.shorten else vs[row],
+                             style=c.styles[row] if c.styles else "")
+                        for c, vs, w in zip(shown, cells, widths)))
     return table
 
 
-def _module_table(r: Report, depth: int | None) -> Table:
+def _shorten_path(path: str, width: int) -> str:
+    """'layers.*.attention.wq' in 13 cells: '…attention.wq' (the end of a path says the most)."""
+    if cell_len(path) <= width:
+        return path
+    return "…" + path[len(path) - max(width - 1, 0):] if width > 1 else "…"
+
+
+def _shorten_end(text: str, width: int) -> str:
+    if cell_len(text) <= width:
+        return text
+    return text[:max(width - 1, 0)] + "…"
+
+
+def _unspaced(value: str) -> str:
+    return value.replace(" ", "")
+
+
+_SHORT_BOUND = {"memory": "mem", "compute": "comp"}
+
+
+def _numbers(header: str, cells: list[str], tight_header: str | None = None, drop: int | None = None) -> _Column:
+    return _Column(header, cells, tight_header=tight_header, tight=_unspaced, drop=drop)
+
+
+def _bound_column(bounds: list[str]) -> _Column:
+    return _Column("bound", bounds, justify="left", styles=[BOUND_STYLE.get(b, "") for b in bounds],
+                   tight=lambda b: _SHORT_BOUND.get(b, b))
+
+
+def _top_table(r: Report, top: int, width: int) -> list:
+    measured = r.total.measured_seconds is not None
+    groups = r.twin_groups()[:top]
+    firsts = [g[0] for g in groups]
+    seconds = [sum(n.predicted_seconds for n in g) for g in groups]
+    columns = [
+        _Column("module", [r.pattern_of(n) or "(model)" for n in firsts], justify="left", shorten=_shorten_path,
+                cap=32, floor=8),
+        _Column("op", [n.op for n in firsts], justify="left", shorten=_shorten_end, cap=20, floor=6),
+        _Column("node", [n.name for n in firsts], justify="left", style="dim", drop=1),
+        _Column("output", [n.output for n in firsts], justify="left", drop=2),
+        _Column("calls", [f"x{len(g)}" if len(g) > 1 else "1" for g in groups]),
+        _numbers("FLOPs", [fmt_flops(n.flops, unit=False) for n in firsts], drop=3),
+        _numbers("bytes", [fmt_bytes(n.bytes) for n in firsts], drop=4),
+        _numbers("FLOP/B", [fmt_intensity(n.intensity) for n in firsts]),
+        _bound_column([n.bound for n in firsts]),
+        _numbers("time", [fmt_seconds(s) for s in seconds]),
+        _numbers("share", [f"{sum(n.share for n in g):.1%}" for g in groups]),
+    ]
+    if measured:
+        ms = [[n.measured_seconds for n in g if n.measured_seconds is not None] for g in groups]
+        columns += [_numbers("measured", [fmt_seconds(sum(m)) if m else "-" for m in ms], tight_header="meas."),
+                    _numbers("eff.", [f"{s / sum(m):.0%}" if m and sum(m) else "-" for s, m in zip(seconds, ms)])]
+    return _fit(f"Top {top} nodes by predicted time (a node and its twins in repeated layers: one row)",
+                f"Top {top} nodes by predicted time (twins: one row)", columns, width)
+
+
+def _module_table(r: Report, depth: int | None, width: int) -> list:
     if depth is None:
         depth = r.module_depth()
-    table = Table(title=f"By module (depth {depth}, layers summed)", title_justify="left", header_style="bold")
-    for col in ("module", "nodes", "FLOPs", "bytes", "FLOP/B", "bound", "time", "share"):
-        table.add_column(col, justify="left" if col in ("module", "bound") else "right")
-    for row in r.by_module(depth, twins=True)[:12]:
-        table.add_row(row.key or "(model)", str(row.nodes), fmt_flops(row.flops, unit=False), fmt_bytes(row.bytes),
-                      fmt_intensity(row.intensity), Text(row.bound, style=BOUND_STYLE[row.bound]),
-                      fmt_seconds(row.predicted_seconds), f"{row.share:.1%}")
-    return table
+    rows = r.by_module(depth, twins=True)[:12]
+    repeated = any(is_repeat(part) for row in rows for part in row.key.split("."))
+    columns = [
+        _Column("module", [row.key or "(model)" for row in rows], justify="left", shorten=_shorten_path, cap=40,
+                floor=8),
+        _Column("nodes", [str(row.nodes) for row in rows]),
+        _numbers("FLOPs", [fmt_flops(row.flops, unit=False) for row in rows], drop=3),
+        _numbers("bytes", [fmt_bytes(row.bytes) for row in rows], drop=4),
+        _numbers("FLOP/B", [fmt_intensity(row.intensity) for row in rows]),
+        _bound_column([row.bound for row in rows]),
+        _numbers("time", [fmt_seconds(row.predicted_seconds) for row in rows]),
+        _numbers("share", [f"{row.share:.1%}" for row in rows]),
+    ]
+    title = f"By module (depth {depth}{', repeated layers summed' if repeated else ''})"
+    return _fit(title, title, columns, width)
 
 
-def _findings(r: Report, limit: int = 5) -> Text:
-    text = Text()
-    text.append("Memory-bound hot spots\n", style="bold")
+def _findings(r: Report, limit: int = 5) -> Group:
+    parts = [Text("Memory-bound hot spots", style="bold")]
     for f in r.findings[:limit]:
         where = f"{f.pattern} · {f.op}" if f.pattern else f.op
-        text.append(f"• {where}", style="bold red")
-        text.append(f" ({f.share:.1%} of time, {f.nodes} node{'s' if f.nodes > 1 else ''})\n")
-        text.append(f"  why: {f.why}\n  fix: {f.suggestion}\n")
+        head = Text(f"• {where}", style="bold red")
+        head.append(f" ({f.share:.1%} of time, {f.nodes} node{'s' if f.nodes > 1 else ''})", style="")
+        detail = Table.grid(padding=(0, 1))   # wrapped lines hang under the text, not under "why:"
+        detail.add_column(no_wrap=True)
+        detail.add_column(overflow="fold")
+        detail.add_row("  why:", Text(f.why))
+        detail.add_row("  fix:", Text(f.suggestion))
+        parts += [head, detail]
     if len(r.findings) > limit:
-        text.append(f"  ... {len(r.findings) - limit} more in report.findings / report.json\n", style="dim")
-    return text
+        parts.append(Text(f"  ... {len(r.findings) - limit} more in report.findings / report.json", style="dim"))
+    return Group(*parts)
 
 
 def _coverage(r: Report) -> Text:
@@ -179,7 +315,3 @@ def fmt_seconds(s: float) -> str:
     if s >= 1e-6:
         return f"{s * 1e6:.3g} µs"
     return f"{s * 1e9:.3g} ns"
-
-
-def fmt_intensity(x: float) -> str:
-    return "inf" if x == float("inf") else f"{x:.3g}"

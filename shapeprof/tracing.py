@@ -22,7 +22,10 @@ region); inside a region that torch.compile traces the hooks do nothing, so they
 model called only from inside a compiled *function* is not seen.
 
 Calls made by the autograd engine (activation checkpointing recomputes blocks during ``backward()``) are not
-top level: they are part of the model that owns them. The hooks are removed in ``finally``, even when the script
+top level: they are part of the model that owns them. Analysis covers the forward pass only; whether the script
+also ran backward through a model is read from its parameters' ``.grad`` (only read: no hook on a tensor, nothing
+patched) at each later top-level call and when the script ends, and the model's report then says so
+(`FORWARD_ONLY`). The hooks are removed in ``finally``, even when the script
 raises; nothing is left on the user's modules (global hooks live in torch's tables, not on the modules).
 Analysis happens after the script finishes, on the recorded shadows.
 
@@ -37,6 +40,7 @@ Analysis happens after the script finishes, on the recorded shadows.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import runpy
 import sys
@@ -60,8 +64,12 @@ from .hardware import DEFAULT_SPEC_NAME
 from .precision import DTYPES
 from .report import Report
 
-__all__ = ["DTYPES", "ModelRecorder", "ScriptNotFound", "ScriptRun", "TraceConfig", "TracedModel", "analyse_model",
-           "check_target", "default_logdir", "resolve_dtype", "run_script", "script_name"]
+__all__ = ["DTYPES", "FORWARD_ONLY", "ModelRecorder", "ScriptNotFound", "ScriptRun", "TraceConfig", "TracedModel",
+           "analyse_model", "check_target", "default_logdir", "resolve_dtype", "run_script", "script_name",
+           "with_trace_notes"]
+
+#: The note a report gets when the script ran backward through its model: the costs are the forward's alone.
+FORWARD_ONLY = "forward pass only: backward and the optimizer step are not analysed"
 
 
 @dataclass
@@ -150,6 +158,7 @@ class TracedModel:
     signatures: set = field(default_factory=set, repr=False)   # distinct input shapes seen (capped)
     has_state: bool = True         # has parameters or buffers (known once the first call returned)
     first_call_raised: bool = False
+    ran_backward: bool = False     # its parameters had gradients at a later call or at the end (backward ran)
     finished: bool = False         # its first call has returned (or raised); has_state and shadow are set
     shadow: nn.Module | None = field(default=None, repr=False)    # meta copy, taken when the first call returned
     real: tuple | None = field(default=None, repr=False)          # (module, args, kwargs) for profile/optimize
@@ -219,6 +228,7 @@ class ModelRecorder:
         for traced in self.models:   # a first call that never returned (the script raised or exited inside it)
             if not traced.finished:
                 self._finish_first_call(traced, traced.module)
+            self._check_backward(traced, traced.module)   # a script whose last step was a backward
 
     # -- hooks ---------------------------------------------------------------------------------------------
     def _stack(self) -> list[nn.Module]:
@@ -274,6 +284,7 @@ class ModelRecorder:
                 traced.calls += 1
                 if len(traced.signatures) < _MAX_SIGNATURES:
                     traced.signatures.add(_signature(args, kwargs))
+                self._check_backward(traced, module)   # a training loop: the previous step's backward
                 return
             type_name = type(_unwrap(module)).__name__
             k = self._names[type_name] = self._names.get(type_name, 0) + 1
@@ -301,6 +312,15 @@ class ModelRecorder:
                 traced.real = (module, None, None)
                 self.errors.append(f"{traced.name}: could not copy it to the meta device ({_one_line(e)}); "
                                    f"keeping the module itself")
+
+    @staticmethod
+    def _check_backward(traced: TracedModel, module: nn.Module | None) -> None:
+        # Reading .grad is all: a training loop's parameters have gradients from its previous step at the next
+        # top-level call, and a script ending in backward leaves them set. (Hooks on the parameters or on the
+        # autograd graph would see more, but would be shapeprof's objects inside the user's.)
+        if traced.ran_backward or module is None:
+            return
+        traced.ran_backward = any(p.grad is not None for p in _unwrap(module).parameters())
 
     def _internal_error(self, e: Exception) -> None:
         if len(self.errors) < 20:
@@ -423,15 +443,16 @@ def run_script(target: str, args: list[str] | tuple[str, ...] = (), *, is_module
     recorder = ModelRecorder(keep_real=keep_real)
     run = ScriptRun(target, is_module, [target, *args], 0)
     start = time.perf_counter()
+    namespace = None   # the script's globals: kept until the recorder has looked at its models a last time
     try:
         sys.argv = [target, *args]
         with (_stdout_to_stderr() if stdout_to_stderr else contextlib.nullcontext()), recorder:
             if is_module:
                 sys.path.insert(0, os.getcwd())
-                runpy.run_module(target, run_name="__main__", alter_sys=True)
+                namespace = runpy.run_module(target, run_name="__main__", alter_sys=True)
             else:
                 sys.path.insert(0, os.path.dirname(os.path.abspath(target)))
-                runpy.run_path(target, run_name="__main__")
+                namespace = runpy.run_path(target, run_name="__main__")
     except SystemExit as e:
         run.exit_code, run.exit_message = _exit_status(e.code)
     except BaseException as e:   # KeyboardInterrupt too: a Ctrl-C'd training loop still gets its reports
@@ -441,6 +462,7 @@ def run_script(target: str, args: list[str] | tuple[str, ...] = (), *, is_module
         sys.argv = saved_argv
         sys.path[:] = saved_path
         run.seconds = time.perf_counter() - start
+    del namespace
     run.models = recorder.models
     run.recorder_errors = recorder.errors
     return run
@@ -503,5 +525,14 @@ def analyse_model(traced: TracedModel, config: TraceConfig, spec: Any = None) ->
         raise ValueError(f"{traced.type_name}.forward takes keyword input(s) {', '.join(map(repr, clash))}, "
                          f"which shapeprof.analyze reserves for itself")
     dtype, tf32 = resolve_dtype(config.dtype)
-    return analyze(traced.target(), *traced.args, spec=spec if spec is not None else config.spec, dtype=dtype,
-                   strict=config.strict, method=config.method, tf32=tf32, **traced.kwargs)
+    report = analyze(traced.target(), *traced.args, spec=spec if spec is not None else config.spec, dtype=dtype,
+                     strict=config.strict, method=config.method, tf32=tf32, **traced.kwargs)
+    return with_trace_notes(report, traced)
+
+
+def with_trace_notes(report: Report, traced: TracedModel) -> Report:
+    """`report` with the notes of what the script did that the analysis leaves out (`FORWARD_ONLY` when it ran
+    backward through the model), each once."""
+    notes = (FORWARD_ONLY,) if traced.ran_backward else ()
+    missing = tuple(n for n in notes if n not in report.notes)
+    return dataclasses.replace(report, notes=report.notes + missing) if missing else report

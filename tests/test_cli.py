@@ -339,6 +339,133 @@ def test_optimize_shows_the_verified_rewrites_before_and_after(tmp_path):
     assert json.loads((tmp_path / "b" / "Sequential" / "optimize.json").read_text()) == opt
 
 
+# ---------------------------------------------------------------------------------------------- width
+
+CNN = """
+    import torch
+    import torch.nn as nn
+    # conv-bn-relu-pool twice, then a classifier: every layer different
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(2),
+                          nn.Conv2d(16, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10)).eval()
+    with torch.no_grad():
+        model(torch.randn(4, 3, 16, 16))
+"""
+
+_TABLE_BORDER = set(" ─━┏┓┗┛┡┩└┘┳┻╇┴┬┃│")
+
+
+def _table_rows(lines, title):
+    """The header and rows of the first table after the line starting with `title`."""
+    start = next(i for i, line in enumerate(lines) if line.startswith(title)) + 1
+    rows = []
+    for line in lines[start:]:
+        if not line.strip() or line.startswith(("By module", "Memory-bound", "Coverage")):
+            break
+        if not set(line) <= _TABLE_BORDER:
+            rows.append(line)
+    return rows[0], rows[1:]
+
+
+def test_trace_lays_its_reports_out_for_columns(tmp_path):
+    write(tmp_path / "cnn.py", CNN)
+    procs = {columns: subprocess.Popen(_cmd(["trace", "--no-tensorboard", "--logdir", f"w{columns}", "cnn.py"]),
+                                       cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                       env={**_env(), "COLUMNS": str(columns)})
+             for columns in (80, 200)}
+    for columns, proc in procs.items():
+        out, err = proc.communicate(timeout=180)
+        assert proc.returncode == 0, err
+        lines = out.splitlines()
+        assert max(len(line) for line in lines) <= columns
+        report = shapeprof.Report.from_json(tmp_path / f"w{columns}" / "Sequential" / "report.json")
+        header, rows = _table_rows(lines, "Top ")
+        # one line per node (9: the Flatten is a view, it does no work), no row wrapped into a second line
+        assert len(rows) == len(report.nodes) == 9
+        by_path = {n.module_path: n for n in report.nodes}
+        for row in rows:
+            path = row.strip("│ ").split()[0]
+            n = by_path[path]                               # the whole module path, first
+            assert row.rstrip(" │").endswith(f"{n.share:.1%}"), row
+        assert ("node" in header.split()) == (columns == 200)   # the node names go first when space is short
+
+
+def test_profile_shows_measured_and_efficiency_whole_at_120_columns(tmp_path):
+    write(tmp_path / "cnn.py", CNN)
+    result = subprocess.run(_cmd(["trace", "--profile", "--steps", "2", "--no-tensorboard", "--logdir", "logs",
+                                  "cnn.py"]), cwd=tmp_path, capture_output=True, text=True,
+                            env={**_env(), "COLUMNS": "120"}, timeout=180)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert max(len(line) for line in lines) <= 120
+    measured = shapeprof.Report.from_json(tmp_path / "logs" / "Sequential" / "measured.json")
+    header, rows = _measured_rows(lines)
+    assert "measured" in header.split() and "eff." in header.split()
+    assert len(rows) == len(measured.nodes)
+    by_path = {n.module_path: n for n in measured.nodes}
+    for row in rows:
+        n = by_path[row.strip("│ ").split()[0]]
+        # the efficiency is predicted / measured, whole, at the end of its row
+        assert row.rstrip(" │").endswith(f"{n.predicted_seconds / n.measured_seconds:.0%}"), row
+
+
+def _measured_rows(lines):
+    after = next(i for i, line in enumerate(lines) if "measured on this machine" in line)
+    return _table_rows(lines[after:], "Top ")
+
+
+# ---------------------------------------------------------------------------------------------- forward only
+
+TRAIN = """
+    import torch
+    import torch.nn as nn
+
+
+    def main():
+        model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        x, y = torch.randn(8, 16), torch.randn(8, 4)
+        for _ in range(3):
+            loss = ((model(x) - y) ** 2).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+
+    main()
+"""
+
+ONE_STEP = """
+    import torch
+    import torch.nn as nn
+    model = nn.Linear(16, 4)   # one step, and the script ends right after its backward
+    model(torch.randn(8, 16)).sum().backward()
+"""
+
+INFER = """
+    import torch
+    import torch.nn as nn
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+    for _ in range(3):
+        model(torch.randn(8, 16))   # gradients recorded, never used: still inference
+"""
+
+
+def test_a_training_script_is_told_its_report_is_forward_only(tmp_path):
+    note = "forward pass only: backward and the optimizer step are not analysed"
+    for name, text in (("train.py", TRAIN), ("one_step.py", ONE_STEP), ("infer.py", INFER)):
+        write(tmp_path / name, text)
+    results = run_many([(["trace", "--no-tensorboard", "--logdir", name[:-3], name], tmp_path)
+                        for name in ("train.py", "one_step.py", "infer.py")])
+    for name, result, trained in zip(("train", "one_step", "infer"), results, (True, True, False)):
+        assert result.returncode == 0, result.stderr
+        assert (f"note: {note}" in result.stdout) == trained, (name, result.stdout)
+        (model,) = json.loads((tmp_path / name / "trace.json").read_text())["models"]
+        assert model["notes"] == ([note] if trained else []), name
+        report = shapeprof.Report.from_json(model["report_path"])
+        assert report.notes == ((note,) if trained else ()), name
+
+
 # ---------------------------------------------------------------------------------------------- the examples
 
 def test_the_examples_run_under_trace(tmp_path):

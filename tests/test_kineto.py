@@ -150,8 +150,8 @@ def test_predicted_trace_links_every_kernel_to_its_launch_and_op(mlp_report):
         assert launch["args"]["External id"] == k["args"]["External id"]
         assert ops[k["args"]["External id"]]["ts"] == k["ts"]
         assert (k["pid"], k["tid"], k["args"]["device"]) == (0, GPU_STREAM, 0)
-    # the two Linears both match the module pattern '*' but differ: named after their nodes, not summed
-    assert sorted(e["name"] for e in kernels) == ["* · gelu", "_0 · addmm", "_2 · addmm"]
+    # the Linears at 0 and 2 differ, so they are not repeats: each kernel under its own module path
+    assert sorted(e["name"] for e in kernels) == ["0 · addmm", "1 · gelu", "2 · addmm"]
 
 
 def test_kernels_of_twin_layers_share_a_name():

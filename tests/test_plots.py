@@ -20,31 +20,32 @@ def test_roofs_of_an_a100():
 
 
 def test_points_sum_each_group():
-    # bf16, 512 rows: the two ReLUs (512 x 3072 each) are twins; Linear(768, 3072) and Linear(3072, 3072) share
-    # the module pattern 'blocks.*.*' but not their size, so they are two points
-    report = shapeprof.analyze(MLP(), torch.randn(512, 768), dtype=torch.bfloat16)
+    # bf16, 512 rows, d_in = d_hidden: the two blocks (Linear(3072, 3072) + ReLU) are repeats, so their ReLUs are
+    # one point and their Linears another; the output Linear(3072, 768) is not a repeat: a point of its own
+    report = shapeprof.analyze(MLP(d_in=3072), torch.randn(512, 3072), dtype=torch.bfloat16)
     pts, left_out = points(report)
     assert left_out == 0
-    relus = next(p for p in pts if p.label == "blocks.*.* · ReLU x2")
+    relus = next(p for p in pts if p.label == "blocks.*.1 · ReLU x2")
     nodes = [n for n in report.nodes if n.op == "ReLU"]
     assert relus.intensity == pytest.approx(sum(n.flops for n in nodes) / sum(n.bytes for n in nodes))
     assert relus.seconds == pytest.approx(sum(n.predicted_seconds for n in nodes))
     assert relus.bound == "memory"
-    linears = [p for p in pts if p.label == "blocks.*.* · Linear"]
-    assert len(linears) == 2 and {p.bound for p in linears} == {"compute"}
+    linears = [p for p in pts if "Linear" in p.label]
+    assert [p.label for p in linears] == ["blocks.*.0 · Linear x2", "out · Linear"]
+    assert {p.bound for p in linears} == {"compute"}
     assert pts == sorted(pts, key=lambda p: -p.seconds)
     assert sum(p.share for p in pts) == pytest.approx(1.0)
 
 
 def test_figure_draws_roofs_points_and_the_list():
-    report = shapeprof.analyze(MLP(), torch.randn(512, 768), dtype=torch.bfloat16)
+    report = shapeprof.analyze(MLP(d_in=3072), torch.randn(512, 3072), dtype=torch.bfloat16)
     fig = roofline_figure(report)
     ax = fig.axes[0]
     assert ax.get_xscale() == ax.get_yscale() == "log"
     labels = [line.get_label() for line in ax.get_lines()]
     assert "bf16 tensor cores 312 TFLOP/s" in labels and "memory 2.04 TB/s" in labels
     texts = " ".join(t.get_text() for t in fig.texts + ax.texts)
-    assert "ridge 153 FLOP/B (bf16)" in texts and "blocks.*.* · ReLU x2" in texts
+    assert "ridge 153 FLOP/B (bf16)" in texts and "blocks.*.1 · ReLU x2" in texts
     assert len(ax.collections[0].get_offsets()) == len(points(report)[0])
 
 
