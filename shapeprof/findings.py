@@ -68,9 +68,10 @@ def find(nodes: list[NodeStats], records_of: Mapping[str, tuple[OpRecord, ...]],
         flops, nbytes = sum(m.flops for m in members), sum(m.bytes for m in members)
         ratio = intensity(flops, nbytes)
         first = members[0]
+        calls = sum(m.repeats for m in members)
         why = (f"{fmt_intensity(ratio)} FLOP/byte against a ridge of {fmt_intensity(first.ridge)} on "
-               f"{spec.display_name}: it waits on memory ({_bytes(first.bytes)} per call, {len(members)} call"
-               f"{'s' if len(members) > 1 else ''})")
+               f"{spec.display_name}: it waits on memory ({_bytes(first.bytes // first.repeats)} per call, "
+               f"{calls} call{'s' if calls > 1 else ''})")
         before = producer(first)
         found.append(Finding(pattern, op, len(members), share, ratio, first.ridge, why,
                              suggest(first, records_of.get(first.name, ()), before, producer(before[0]))))

@@ -228,9 +228,10 @@ def _top_table(r: Report, top: int, width: int) -> list:
         _Column("op", [n.op for n in firsts], justify="left", shorten=_shorten_end, cap=20, floor=6),
         _Column("node", [n.name for n in firsts], justify="left", style="dim", drop=1),
         _Column("output", [n.output for n in firsts], justify="left", drop=2),
-        _Column("calls", [f"x{len(g)}" if len(g) > 1 else "1" for g in groups]),
-        _numbers("FLOPs", [fmt_flops(n.flops, unit=False) for n in firsts], drop=3),
-        _numbers("bytes", [fmt_bytes(n.bytes) for n in firsts], drop=4),
+        _Column("calls", [f"x{c}" if c > 1 else "1" for c in (sum(n.repeats for n in g) for g in groups)]),
+        # per call: a loop step folded into one node (repeats) holds the totals of all its calls
+        _numbers("FLOPs", [fmt_flops(n.flops // n.repeats, unit=False) for n in firsts], drop=3),
+        _numbers("bytes", [fmt_bytes(n.bytes // n.repeats) for n in firsts], drop=4),
         _numbers("FLOP/B", [fmt_intensity(n.intensity) for n in firsts]),
         _bound_column([n.bound for n in firsts]),
         _numbers("time", [fmt_seconds(s) for s in seconds]),
