@@ -95,16 +95,31 @@ def test_hf_mistral_sliding_window_counts_the_window():
     assert any("sliding window of 8" in note for note in report.notes)
 
 
-def test_hf_decoder_totals_match_two_flops_per_weight_per_token_plus_causal_attention():
+@pytest.mark.parametrize("method", ["auto", "runnable"])
+def test_hf_llama_totals_match_two_flops_per_weight_per_token_plus_causal_attention(method):
     c = transformers.LlamaConfig(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=8,
                                  num_key_value_heads=4, vocab_size=2000)
     with torch.device("meta"):
         model = transformers.LlamaForCausalLM(c)
     t = 512
-    report = shapeprof.analyze(model, shapeprof.InputShape((1, t), torch.long))
+    report = shapeprof.analyze(model, shapeprof.InputShape((1, t), torch.long), method=method)
     params = sum(p.numel() for n, p in model.named_parameters() if "embed" not in n and "norm" not in n)
-    attention = 4 * 2 * 8 * _causal_pairs(t) * (32 + 32)
+    attention = 4 * 2 * 8 * _causal_pairs(t) * (32 + 32)          # layers x QK^T and PV x heads x pairs x dims
     assert report.total.flops == pytest.approx(2 * params * t + attention, rel=0.01)
+
+
+@pytest.mark.parametrize("method", ["auto", "runnable"])
+def test_hf_gpt2_totals_match_two_flops_per_weight_per_token_plus_causal_attention(method):
+    c = transformers.GPT2Config(n_layer=4, n_head=8, n_embd=256, vocab_size=2000, n_positions=1024)
+    with torch.device("meta"):
+        model = transformers.GPT2LMHeadModel(c)
+    t = 1024
+    report = shapeprof.analyze(model, shapeprof.InputShape((1, t), torch.long), method=method)
+    # the projections (Conv1D) and the tied LM head; position and token embeddings and norms do no matmul
+    weights = sum(m.weight.numel() for m in model.modules() if type(m).__name__ == "Conv1D")
+    weights += model.lm_head.weight.numel()
+    attention = 4 * 2 * 8 * _causal_pairs(t) * (32 + 32)
+    assert report.total.flops == pytest.approx(2 * weights * t + attention, rel=0.01)
 
 
 # ---------------------------------------------------------------------------------------------- hand-written
