@@ -15,7 +15,7 @@ import re
 from collections import defaultdict
 from typing import Mapping
 
-from .costs import cost_of
+from .costs import ATTENTION_OPS, cost_of
 from .hardware import DeviceSpec
 from .records import OpRecord
 from .report import Finding, NodeStats, fmt_intensity, intensity, module_patterns
@@ -96,10 +96,8 @@ def suggest(node: NodeStats, records: tuple[OpRecord, ...],
     matmuls = [(c, r) for c, r in matmuls if c.matmul]
     if matmuls:
         _, rec = max(matmuls, key=lambda cr: cr[0].flops)
-        if rec.name == "aten.scaled_dot_product_attention" or "attention" in rec.name:
-            return ("attention reads all of K and V for few queries per head: batching more sequences does not "
-                    "help (each reads its own cache); fewer K/V heads (grouped-query attention), a quantised or "
-                    "paged KV cache, or more queries per step (speculative decoding) do")
+        if rec.name in ATTENTION_OPS:
+            return _attention(rec)
         mkn = _mkn(rec)
         if mkn is not None:
             return _rows_to_ridge(*mkn, itemsize=rec.input_metas()[0].itemsize, ridge=node.ridge)
@@ -127,6 +125,24 @@ def suggest(node: NodeStats, records: tuple[OpRecord, ...],
                 "fused kernel (torch.compile) joins it to the ops around it")
     return ("elementwise work has a fixed, low FLOP/byte and reaches the ridge at no batch size: fuse it with "
             "its neighbours so the tensor stays on chip (torch.compile fuses chains of elementwise ops)")
+
+
+def _attention(rec: OpRecord) -> str:
+    """Advice for a memory-bound fused attention, from its shapes: a cache read (fewer queries than keys) or not."""
+    q, k = rec.args[0], rec.args[1]
+    if rec.name in ("aten._flash_attention_forward", "aten._efficient_attention_forward"):
+        lq, lk = q.shape[1], k.shape[1]          # (B, L, H, E)
+    else:
+        lq, lk = q.shape[-2], k.shape[-2]        # (B, H, L, E)
+    if lq < lk:
+        return (f"{lq} quer{'y' if lq == 1 else 'ies'} per head read all {lk} cached keys and values: decoding "
+                f"re-reads the whole KV cache per token, and batching more sequences does not help (each reads its "
+                f"own cache); fewer K/V heads (grouped-query attention), a quantised or paged KV cache, or more "
+                f"queries per step (speculative decoding) do")
+    return (f"each head attends {lq} queries to {lk} keys: at so few tokens per call the fused kernel does too "
+            f"little math per byte of q, k and v (its FLOP/byte grows with the sequence, not the batch). Longer "
+            f"sequences per call (packing several short ones into one, with a block-diagonal mask) raise it, and "
+            f"fusing the attention with the projections around it (torch.compile, TensorRT) saves the round trips")
 
 
 def _kind(node: NodeStats, records: tuple[OpRecord, ...]) -> str:

@@ -100,3 +100,36 @@ def test_batch_norm_in_training_is_not_folded():
     for f in bns:
         assert f.suggestion.startswith("in training a BatchNorm computes batch statistics")
         assert "fold it" not in f.suggestion and "shapeprof.optimize" not in f.suggestion
+
+
+def _attention_advice(report):
+    return [f.suggestion for f in report.findings if f.op == "scaled_dot_product_attention"]
+
+
+CACHE_WORDS = ("cache", "decod", "speculative")
+
+
+def test_encoder_attention_advice_says_nothing_of_caches_or_decoding():
+    transformers = pytest.importorskip("transformers")
+    bert = transformers.BertModel(transformers.BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                                          intermediate_size=128, vocab_size=1000)).eval()
+    swin = transformers.SwinModel(transformers.SwinConfig(image_size=32, patch_size=4, embed_dim=16, depths=[2],
+                                                          num_heads=[2], window_size=4)).eval()
+    bert_report = shapeprof.analyze(bert, torch.zeros(2, 16, dtype=torch.long))
+    advice = _attention_advice(bert_report)
+    assert advice and all("packing" in a for a in advice)        # 16 tokens per head: a memory-bound attention
+    for report in (bert_report, shapeprof.analyze(swin, torch.randn(1, 3, 32, 32))):
+        text = " ".join(f.suggestion + f.why for f in report.findings).lower()
+        assert report.findings and not any(word in text for word in CACHE_WORDS)
+
+
+def test_decoder_reading_a_cache_is_told_about_caches():
+    transformers = pytest.importorskip("transformers")
+    c = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                 num_key_value_heads=2, vocab_size=1000)
+    model = transformers.LlamaForCausalLM(c).eval()
+    with torch.no_grad():
+        cache = model(torch.zeros(1, 200, dtype=torch.long)).past_key_values
+    report = shapeprof.analyze(model, torch.zeros(1, 1, dtype=torch.long), past_key_values=cache)
+    advice = _attention_advice(report)
+    assert advice and all("KV cache" in a and "201 cached keys" in a for a in advice)
