@@ -57,8 +57,7 @@ import torch.nn as nn
 from torch.utils import _pytree as pytree
 
 from .capture import CaptureError, InputShape, NodeError, _unwrap, capture
-from .dropin import (MISSING, DropInError, install, lookup, quiet, shared_copy, uninstall,
-                     values_equal)
+from .dropin import DropInError, graph_module_over, install, quiet, shared_copy, uninstall, values_equal
 from .hardware import DeviceSpec, SpecError, get_spec
 
 __all__ = ["Measurement", "OptimizeError", "OptimizeReport", "OutputCheck", "RewriteOutcome", "Tolerance",
@@ -617,39 +616,10 @@ def _graph_module(module: nn.Module, cap) -> fx.GraphModule:
     for cn in cap.nodes:
         if cn.node in env:
             env[cn.node].meta[CAPTURE_KEY] = cn
-    gm = fx.GraphModule(nn.Module(), fx.Graph(), class_name=f"{type(module).__name__}Graph")
-    containers: set[int] = set()
-    targets = {n.target for n in graph.nodes if n.op in ("get_attr", "call_module")}
-    for target in sorted(targets, key=lambda t: t.count(".")):   # parents before their attributes
-        value = lookup(module, target)
-        if value is MISSING:
-            value = lookup(cap.root, target)   # a constant the tracer made (_tensor_constant0)
-            if value is MISSING or (isinstance(value, torch.Tensor) and value.is_meta
-                                     and not _is_meta_module(module)):
-                raise OptimizeError(f"the traced graph of {type(module).__name__} needs '{target}', which "
-                                    f"the module does not have")
-        _put(gm, target, value, containers)
-    gm.graph = graph   # sets the owning module and recompiles
-    return gm
-
-
-def _put(gm: nn.Module, target: str, value: Any, containers: set[int]) -> None:
-    """gm.<target> = value, through fresh container modules; nothing is set on the user's (copied) modules."""
-    *prefix, name = target.split(".")
-    node = gm
-    for item in prefix:
-        child = getattr(node, item, None)
-        if child is None:
-            child = nn.Module()
-            containers.add(id(child))
-            setattr(node, item, child)
-        elif id(child) not in containers:
-            return   # a module of the model is already here: the attribute is reachable through it
-        node = child
-    if isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter):
-        node.register_buffer(name, value, persistent=False)
-    else:
-        setattr(node, name, value)
+    try:
+        return graph_module_over(module, graph, cap.root, class_name=f"{type(module).__name__}Graph")
+    except DropInError as e:
+        raise OptimizeError(str(e)) from e
 
 
 def _install(t: _Target, gm: fx.GraphModule) -> None:
@@ -659,10 +629,6 @@ def _install(t: _Target, gm: fx.GraphModule) -> None:
 def _uninstall(t: _Target) -> None:
     uninstall(t.module, t.installed)
     t.installed = None
-
-
-def _is_meta_module(module: nn.Module) -> bool:
-    return any(t.is_meta for t in module.parameters())
 
 
 def _predicted_seconds(t: _Target, registry) -> float:
