@@ -135,27 +135,19 @@ def _put(gm: nn.Module, target: str, value: Any, containers: set[int]) -> None:
 
 @contextmanager
 def quiet(module: nn.Module) -> Iterator[None]:
-    """No user hooks fire while optimize runs its copies (hooks registered inside are gone afterwards), and
-    buffers a forward mutates (shared with the user's model) get their values back."""
+    """No user hooks fire while optimize runs its copies (hooks registered inside are gone afterwards). What a
+    forward writes of the tensors the copies share with the user's model is `shapeprof.snapshot`'s to put back."""
     saved_hooks = []
     for m in module.modules():
         for name, value in list(vars(m).items()):
             if "hooks" in name and isinstance(value, dict):
                 saved_hooks.append((m, name, value))
                 vars(m)[name] = type(value)()
-    buffers = {}
-    for b in module.buffers():
-        if id(b) not in buffers:
-            buffers[id(b)] = (b, b._version, b.detach().clone() if not b.is_meta else None)
     try:
         yield
     finally:
         for m, name, value in saved_hooks:
             vars(m)[name] = value
-        with torch.no_grad():
-            for b, version, saved in buffers.values():
-                if saved is not None and b._version != version:
-                    b.copy_(saved)
 
 
 @dataclass
