@@ -34,8 +34,8 @@ import torch.fx as fx
 import torch.nn as nn
 from torch.utils import _pytree as pytree
 
-__all__ = ["DropInError", "Installation", "MISSING", "install", "lookup", "quiet", "shared_copy", "uninstall",
-           "values_equal"]
+__all__ = ["DropInError", "Installation", "MISSING", "graph_module_over", "install", "lookup", "quiet", "shared_copy",
+           "uninstall", "values_equal"]
 
 
 class DropInError(RuntimeError):
@@ -82,29 +82,72 @@ def shared_copy(model: nn.Module) -> nn.Module:
                             f"its modules copied): {type(e).__name__}: {e}") from e
 
 
+def graph_module_over(module: nn.Module, graph: fx.Graph, constants: nn.Module,
+                      class_name: str = "GraphModule") -> fx.GraphModule:
+    """A GraphModule running `graph` on `module`'s own submodules, parameters and buffers (shared, not copied),
+    with nothing set on `module`.
+
+    A target the module lacks is a tensor constant the tracer made (``x + torch.tensor([1.0, 2.0])`` in forward
+    becomes get_attr ``_tensor_constant0``): the tracer set it on the root it traced, the capture's shadow, so it
+    is taken from `constants` and lives on the GraphModule only. A constant made on the meta device has no value:
+    it is refused unless the module is on meta too.
+
+    Raises:
+        DropInError: a target neither has (naming the node that reads it).
+    """
+    gm = fx.GraphModule(nn.Module(), fx.Graph(), class_name=class_name)
+    gm.training = module.training   # the attribute only: train() would reach the module's children through gm
+    containers: set[int] = set()
+    nodes = {n.target: n for n in graph.nodes if n.op in ("get_attr", "call_module")}
+    meta_module = any(t.is_meta for t in module.parameters())
+    for target in sorted(nodes, key=lambda t: t.count(".")):   # parents before their attributes
+        value = lookup(module, target)
+        if value is MISSING:
+            value = lookup(constants, target)
+            if value is MISSING or (isinstance(value, torch.Tensor) and value.is_meta and not meta_module):
+                why = "has no value (it was made on the meta device)" if value is not MISSING else "is not there"
+                raise DropInError(f"node '{nodes[target].name}' ({nodes[target].op} {target}) of the traced graph of "
+                                  f"{type(module).__name__} reads '{target}', which the module does not have and "
+                                  f"the capture's {why}")
+        _put(gm, target, value, containers)
+    gm.graph = graph   # sets the owning module and recompiles
+    return gm
+
+
+def _put(gm: nn.Module, target: str, value: Any, containers: set[int]) -> None:
+    """gm.<target> = value, through fresh container modules; nothing is set on the user's modules."""
+    *prefix, name = target.split(".")
+    node = gm
+    for item in prefix:
+        child = getattr(node, item, None)
+        if child is None:
+            child = nn.Module()
+            containers.add(id(child))
+            setattr(node, item, child)
+        elif id(child) not in containers:
+            return   # a module of the model is already here: the attribute is reachable through it
+        node = child
+    if isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter):
+        node.register_buffer(name, value, persistent=False)
+    else:
+        setattr(node, name, value)
+
+
 @contextmanager
 def quiet(module: nn.Module) -> Iterator[None]:
-    """No user hooks fire while optimize runs its copies (hooks registered inside are gone afterwards), and
-    buffers a forward mutates (shared with the user's model) get their values back."""
+    """No user hooks fire while optimize runs its copies (hooks registered inside are gone afterwards). What a
+    forward writes of the tensors the copies share with the user's model is `shapeprof.snapshot`'s to put back."""
     saved_hooks = []
     for m in module.modules():
         for name, value in list(vars(m).items()):
             if "hooks" in name and isinstance(value, dict):
                 saved_hooks.append((m, name, value))
                 vars(m)[name] = type(value)()
-    buffers = {}
-    for b in module.buffers():
-        if id(b) not in buffers:
-            buffers[id(b)] = (b, b._version, b.detach().clone() if not b.is_meta else None)
     try:
         yield
     finally:
         for m, name, value in saved_hooks:
             vars(m)[name] = value
-        with torch.no_grad():
-            for b, version, saved in buffers.values():
-                if saved is not None and b._version != version:
-                    b.copy_(saved)
 
 
 @dataclass

@@ -31,14 +31,17 @@ largest submodules that trace are captured and rewritten instead (its transforme
 forward runs as written around them.
 
 Verification: every rewrite is run against the unchanged model on the example inputs (``torch.no_grad``, the same
-RNG seed, user hooks silenced, buffers restored afterwards) and compared with `torch.testing.assert_close` at the
-output dtype's default rtol, with atol at least rtol x the output's largest magnitude (`Tolerance.for_output`;
-pass ``verify=Tolerance(rtol, atol)`` to choose). A rewrite whose outputs differ, or that raises, is undone and
-reported; it is never returned. Verification needs
+RNG seed, user hooks silenced, every parameter and buffer the forward writes put back after each run) and
+compared with `torch.testing.assert_close` at the output dtype's default rtol, with atol at least rtol x the
+output's largest magnitude (`Tolerance.for_output`; pass ``verify=Tolerance(rtol, atol)`` to choose). A rewrite
+whose outputs differ, or that raises, is undone and reported; it is never returned. Verification needs
 real weights and real inputs: a meta model or meta inputs are refused unless ``verify=False``, which the report
 then says loudly.
 
-The user's model is never run, moved, hooked or changed: every run happens on copies that share its tensors.
+The user's model is never run, moved, hooked or changed: every run happens on copies that share its tensors, on
+copies of the inputs; what a run writes of the shared tensors (BatchNorm statistics in train mode, a counter
+buffer, ``self.w.data.mul_(2)``) is saved before it is written and put back (`shapeprof.snapshot`), and the RNG
+state is as it was when optimize returns.
 """
 from __future__ import annotations
 
@@ -57,9 +60,9 @@ import torch.nn as nn
 from torch.utils import _pytree as pytree
 
 from .capture import CaptureError, InputShape, NodeError, _unwrap, capture
-from .dropin import (MISSING, DropInError, install, lookup, quiet, shared_copy, uninstall,
-                     values_equal)
+from .dropin import DropInError, graph_module_over, install, quiet, shared_copy, uninstall, values_equal
 from .hardware import DeviceSpec, SpecError, get_spec
+from .snapshot import WriteSnapshot, copy_inputs, rng_kept
 
 __all__ = ["Measurement", "OptimizeError", "OptimizeReport", "OutputCheck", "RewriteOutcome", "Tolerance",
            "Verification", "optimize"]
@@ -327,6 +330,20 @@ def optimize(model: nn.Module, *args: Any, rewrites: Sequence[str | Any] | None 
         fast = shared_copy(model)
     except DropInError as e:
         raise OptimizeError(str(e)) from e
+    # every run below shares the user's tensors: what they write is saved before it is written (the runs are
+    # watched: verification is not timed) and put back when optimize returns, whatever happens; the timed runs
+    # of `measure` are not watched, and write what their watched warm-up calls wrote
+    snapshot = WriteSnapshot()
+    try:
+        with rng_kept(_cuda_devices(model, args, kwargs)):   # _measure's calls draw from the caller's RNG
+            return _optimize(model, fast, args, kwargs, selected, registry, verify, tolerance, measure, device,
+                             device_spec, dtype, report, snapshot)
+    finally:
+        snapshot.restore()
+
+
+def _optimize(model, fast, args, kwargs, selected, registry, verify, tolerance, measure, device, device_spec,
+              dtype, report, snapshot: WriteSnapshot) -> nn.Module:
     inputs_require_grad = any(isinstance(t, torch.Tensor) and t.requires_grad
                               for t in pytree.tree_leaves((args, kwargs)))
 
@@ -334,7 +351,7 @@ def optimize(model: nn.Module, *args: Any, rewrites: Sequence[str | Any] | None 
     whole, why = _try_capture(fast, args, kwargs)
     reference, recorded = None, {}
     if whole is None or verify is not False:
-        reference, recorded = _run(fast, args, kwargs, record_inputs=whole is None)
+        reference, recorded = _run(fast, args, kwargs, snapshot, record_inputs=whole is None)
     if whole is not None:
         targets = [_Target("", fast, whole, example=(args, kwargs))]
     else:
@@ -352,18 +369,19 @@ def optimize(model: nn.Module, *args: Any, rewrites: Sequence[str | Any] | None 
 
     # the captured graphs, unrewritten, must reproduce the model before a rewrite's outputs can be blamed on it
     if verify is not False:
-        targets = _faithful_targets(fast, targets, args, kwargs, reference, tolerance, report)
+        targets = _faithful_targets(fast, targets, args, kwargs, reference, tolerance, report, snapshot)
         if not targets:
             report.refused = "no captured graph reproduces its module's forward on the example inputs"
             return _finish(fast, report)
 
     for rewrite in selected:
-        report.outcomes.append(_apply(rewrite, targets, fast, args, kwargs, reference, verify, tolerance, registry))
+        report.outcomes.append(_apply(rewrite, targets, fast, args, kwargs, reference, verify, tolerance, registry,
+                                      snapshot))
     for t in targets:
         if t.installed is not None:
             report.code[t.path] = t.gm.code
     if measure:
-        report.measurement = _measure(shared_copy(model), fast, args, kwargs, device)   # copied once already
+        report.measurement = _measure(shared_copy(model), fast, args, kwargs, device, snapshot)   # copied before
     return _finish(fast, report)
 
 
@@ -406,6 +424,11 @@ def _why_no_data(model: nn.Module, args, kwargs) -> str:
     return ""
 
 
+def _cuda_devices(model: nn.Module, args, kwargs) -> set[torch.device]:
+    tensors = [*model.parameters(), *model.buffers(), *pytree.tree_leaves((args, kwargs))]
+    return {t.device for t in tensors if isinstance(t, torch.Tensor) and t.device.type == "cuda"}
+
+
 def _device_of(model: nn.Module, args, kwargs) -> torch.device:
     for t in list(model.parameters()) + list(model.buffers()):
         return t.device
@@ -429,15 +452,6 @@ def _spec_for(spec, device: torch.device) -> DeviceSpec:
 _SEED = 0x5EED
 
 
-def _clone_inputs(tree):
-    def clone(x):
-        if isinstance(x, torch.Tensor):
-            return x.detach().clone().requires_grad_(x.requires_grad) if x.is_floating_point() or x.is_complex() \
-                else x.detach().clone()
-        return x
-    return pytree.tree_map(clone, tree)
-
-
 @contextmanager
 def _seeded(device: torch.device | None) -> Iterator[None]:
     devices = []
@@ -448,9 +462,10 @@ def _seeded(device: torch.device | None) -> Iterator[None]:
         yield
 
 
-def _run(module: nn.Module, args, kwargs, record_inputs: bool = False):
-    """module(*args, **kwargs) under no_grad, quiet and seeded; with record_inputs, also each submodule's first call
-    (positional and keyword arguments), by id(module)."""
+def _run(module: nn.Module, args, kwargs, snapshot: WriteSnapshot, record_inputs: bool = False):
+    """module(*args, **kwargs) under no_grad, quiet and seeded, on copies of the inputs, watched by `snapshot`
+    and put back after it, so every run starts from the user's values; with record_inputs, also each
+    submodule's first call (positional and keyword arguments), by id(module)."""
     recorded: dict[int, tuple[tuple, dict]] = {}
     device = next((t.device for t in module.parameters()), None)
     with ExitStack() as stack:
@@ -460,8 +475,12 @@ def _run(module: nn.Module, args, kwargs, record_inputs: bool = False):
         if record_inputs:
             for m in module.modules():
                 m.register_forward_pre_hook(_recorder(recorded), with_kwargs=True)
-        a, k = _clone_inputs((args, kwargs))
-        out = module(*a, **k)
+        a, k = copy_inputs((args, kwargs))
+        try:
+            with snapshot.watch(ours=(a, k)):
+                out = module(*a, **k)
+        finally:
+            snapshot.restore()
     return _detached(out), recorded
 
 
@@ -475,9 +494,10 @@ def _detached(tree):
     return pytree.tree_map(lambda x: x.detach().clone() if isinstance(x, torch.Tensor) else x, tree)
 
 
-def _verify(module: nn.Module, args, kwargs, reference, tolerance: Tolerance | None) -> Verification:
+def _verify(module: nn.Module, args, kwargs, reference, tolerance: Tolerance | None,
+            snapshot: WriteSnapshot) -> Verification:
     try:
-        out, _ = _run(module, args, kwargs)
+        out, _ = _run(module, args, kwargs, snapshot)
     except Exception as e:
         return Verification(error=f"the rewritten model raised {type(e).__name__}: {_first_line(e)}")
     return _compare(reference, out, tolerance)
@@ -617,39 +637,10 @@ def _graph_module(module: nn.Module, cap) -> fx.GraphModule:
     for cn in cap.nodes:
         if cn.node in env:
             env[cn.node].meta[CAPTURE_KEY] = cn
-    gm = fx.GraphModule(nn.Module(), fx.Graph(), class_name=f"{type(module).__name__}Graph")
-    containers: set[int] = set()
-    targets = {n.target for n in graph.nodes if n.op in ("get_attr", "call_module")}
-    for target in sorted(targets, key=lambda t: t.count(".")):   # parents before their attributes
-        value = lookup(module, target)
-        if value is MISSING:
-            value = lookup(cap.root, target)   # a constant the tracer made (_tensor_constant0)
-            if value is MISSING or (isinstance(value, torch.Tensor) and value.is_meta
-                                     and not _is_meta_module(module)):
-                raise OptimizeError(f"the traced graph of {type(module).__name__} needs '{target}', which "
-                                    f"the module does not have")
-        _put(gm, target, value, containers)
-    gm.graph = graph   # sets the owning module and recompiles
-    return gm
-
-
-def _put(gm: nn.Module, target: str, value: Any, containers: set[int]) -> None:
-    """gm.<target> = value, through fresh container modules; nothing is set on the user's (copied) modules."""
-    *prefix, name = target.split(".")
-    node = gm
-    for item in prefix:
-        child = getattr(node, item, None)
-        if child is None:
-            child = nn.Module()
-            containers.add(id(child))
-            setattr(node, item, child)
-        elif id(child) not in containers:
-            return   # a module of the model is already here: the attribute is reachable through it
-        node = child
-    if isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter):
-        node.register_buffer(name, value, persistent=False)
-    else:
-        setattr(node, name, value)
+    try:
+        return graph_module_over(module, graph, cap.root, class_name=f"{type(module).__name__}Graph")
+    except DropInError as e:
+        raise OptimizeError(str(e)) from e
 
 
 def _install(t: _Target, gm: fx.GraphModule) -> None:
@@ -661,21 +652,17 @@ def _uninstall(t: _Target) -> None:
     t.installed = None
 
 
-def _is_meta_module(module: nn.Module) -> bool:
-    return any(t.is_meta for t in module.parameters())
-
-
 def _predicted_seconds(t: _Target, registry) -> float:
     ctx = registry.RewriteContext(**t.ctx_args)
     return sum(ctx.seconds(cn.records) for cn in t.capture.nodes if cn.records)
 
 
-def _faithful_targets(fast, targets, args, kwargs, reference, tolerance, report) -> list[_Target]:
+def _faithful_targets(fast, targets, args, kwargs, reference, tolerance, report, snapshot) -> list[_Target]:
     """The targets whose unrewritten graph reproduces the model: all of them when the first check passes;
     else each is tried alone and the ones that do not are reported and dropped."""
     for t in targets:
         _install(t, t.gm)
-    check = _verify(fast, args, kwargs, reference, tolerance)
+    check = _verify(fast, args, kwargs, reference, tolerance, snapshot)
     for t in targets:
         _uninstall(t)
     if check.ok:
@@ -683,7 +670,7 @@ def _faithful_targets(fast, targets, args, kwargs, reference, tolerance, report)
     kept = []
     for t in targets:
         _install(t, t.gm)
-        alone = _verify(fast, args, kwargs, reference, tolerance)
+        alone = _verify(fast, args, kwargs, reference, tolerance, snapshot)
         _uninstall(t)
         if alone.ok:
             kept.append(t)
@@ -695,7 +682,7 @@ def _faithful_targets(fast, targets, args, kwargs, reference, tolerance, report)
 
 # ---------------------------------------------------------------------------------------------- rewriting
 
-def _apply(rewrite, targets: list[_Target], fast, args, kwargs, reference, verify, tolerance, registry
+def _apply(rewrite, targets: list[_Target], fast, args, kwargs, reference, verify, tolerance, registry, snapshot
            ) -> RewriteOutcome:
     if rewrite.capture != "symbolic_trace":
         return RewriteOutcome(rewrite.name, "not run",
@@ -729,7 +716,7 @@ def _apply(rewrite, targets: list[_Target], fast, args, kwargs, reference, verif
         for t, gm in work.items():
             t.gm = gm
         return RewriteOutcome(rewrite.name, "unverified", merged)
-    check = _verify(fast, args, kwargs, reference, tolerance)
+    check = _verify(fast, args, kwargs, reference, tolerance, snapshot)
     if not check.ok:
         undo()
         return RewriteOutcome(rewrite.name, "rejected", merged, check)
@@ -743,14 +730,19 @@ def _apply(rewrite, targets: list[_Target], fast, args, kwargs, reference, verif
 _REPEATS = 15
 
 
-def _measure(baseline: nn.Module, fast: nn.Module, args, kwargs, device: torch.device) -> Measurement:
-    """Per-call medians of the original and the optimized model, interleaved (ABBA) so drift hits both alike."""
+def _measure(baseline: nn.Module, fast: nn.Module, args, kwargs, device: torch.device,
+             snapshot: WriteSnapshot) -> Measurement:
+    """Per-call medians of the original and the optimized model, interleaved (ABBA) so drift hits both alike.
+
+    The warm-up calls are watched by `snapshot`, so what the timed calls write of the user's tensors is saved
+    (and put back when optimize returns) without a Python call per op in the timed calls."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    a, k = _clone_inputs((args, kwargs))
+    a, k = copy_inputs((args, kwargs))
     with torch.no_grad(), quiet(baseline), quiet(fast):
-        for _ in range(3):
-            baseline(*a, **k)
-            fast(*a, **k)
+        with snapshot.watch(ours=(a, k)):
+            for _ in range(3):
+                baseline(*a, **k)
+                fast(*a, **k)
         sync()
         start = time.perf_counter()
         baseline(*a, **k)

@@ -1,7 +1,7 @@
 """profile(): run the captured graph under torch.profiler, one range per node, and put measured next to predicted.
 
 `analyze` predicts; `profile` also measures. It captures the model as `analyze` does, then runs the *captured
-graph* on the user's real model and real inputs, node by node, under ``torch.profiler.profile`` with one
+graph* on the user's real model and copies of the real inputs, node by node, under ``torch.profiler.profile`` with one
 ``record_function`` range per graph node, named after the node. Measured time therefore joins each node of the
 Report exactly (no guessing which ATen events belong to which module). The measured run is held against the
 roofline of the machine it ran on (``shapeprof.calibrate()``), so ``efficiency = predicted / measured`` says how
@@ -37,8 +37,10 @@ from torch.utils import _pytree as pytree
 from .analysis import analyze
 from .calibration import DEFAULT_DTYPES, _PEAK_KEY, calibrate
 from .capture import InputShape, _one_line, _unwrap, describe_node
+from .dropin import DropInError, graph_module_over
 from .hardware import DeviceSpec, get_spec
 from .report import Report
+from .snapshot import WriteSnapshot, copy_inputs, rng_kept
 
 __all__ = ["ProfileError", "ProfileResult", "profile"]
 
@@ -95,7 +97,7 @@ def profile(model: nn.Module, *args: Any, logdir: str | os.PathLike | None = Non
     """Measure every node of `model` on this machine and join the times to the predicted ones.
 
     The model is captured as `analyze` captures it, and the captured graph is run on the real model (its own
-    parameters and submodules, shared, not copied) and the real inputs, node by node, under
+    parameters and submodules, shared, not copied) and copies of the real inputs, node by node, under
     ``torch.profiler.profile(record_shapes=True)`` with one ``record_function(node.name)`` range per node and a
     ``ProfilerStep#N`` range per step: `warmup` unmeasured steps, then `steps` measured ones, under
     ``torch.no_grad()`` (the analysis is of the forward pass). A node's measured time is the median over the
@@ -108,8 +110,12 @@ def profile(model: nn.Module, *args: Any, logdir: str | os.PathLike | None = Non
     graph signature. A ``dispatch`` capture has no graph that can be run on real weights: the model runs eagerly,
     only the total is measured, and ``result.node_level`` is False.
 
-    The model is left as it was: no hooks, no device or mode change, and buffers a forward updates (a
-    BatchNorm's running statistics in train mode) are restored afterwards, so its state_dict is unchanged.
+    Nothing passed in is left changed: the model keeps its hooks, device and mode, and every parameter and buffer
+    a forward writes (a BatchNorm's running statistics in train mode, ``self.w.data.mul_(2)``) gets its values
+    back; each step runs on its own copies of the inputs, so a forward that writes its input (``x.add_(1)``)
+    sees the same values every step and the caller's tensors stay as they were; the RNG state (CPU, and the
+    CUDA device's) is put back. To know what a forward writes, it is run once more, unmeasured, before the
+    warmup steps (see `shapeprof.snapshot`).
 
         >>> import torch
         >>> from shapeprof.profiling import profile
@@ -139,8 +145,9 @@ def profile(model: nn.Module, *args: Any, logdir: str | os.PathLike | None = Non
 
     Raises:
         ValueError: steps < 1, warmup < 0, a model or inputs on the meta device, or `InputShape` inputs.
-        ProfileError: the model failed during the measured run (naming the node, its op and source line), or
-            the logdir cannot be written.
+        ProfileError: the model failed during the measured run (naming the node, its op and source line), the
+            logdir cannot be written, or a measured step wrote a parameter or buffer the first run did not
+            (so its values before profiling could not be kept).
     """
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
@@ -153,29 +160,31 @@ def profile(model: nn.Module, *args: Any, logdir: str | os.PathLike | None = Non
     if logdir is not None:
         _check_writable(Path(logdir))
     cuda = device.type == "cuda"
-    if device_spec is None:
-        device_spec = calibrate(device, dtypes=_dtypes_of(model, args, kwargs))
-    else:
-        device_spec = get_spec(device_spec)
-    tf32 = cuda and torch.get_float32_matmul_precision() != "highest"
-    # "auto" here prefers a graph that runs on the model's weights (export before dispatch): node-level times
-    measured = analyze(model, *args, spec=device_spec, method="runnable" if method == "auto" else method, tf32=tf32,
-                       **kwargs)
-    cap = measured.captured
-    target = analyze(model, *args, spec=spec, dtype=dtype, method=cap.method, **kwargs)
+    with rng_kept([device]):   # dropout, torch.rand in forward, calibration: the caller's next draw is unchanged
+        if device_spec is None:
+            device_spec = calibrate(device, dtypes=_dtypes_of(model, args, kwargs))
+        else:
+            device_spec = get_spec(device_spec)
+        tf32 = cuda and torch.get_float32_matmul_precision() != "highest"
+        # "auto" here prefers a graph that runs on the model's weights (export before dispatch): node-level times
+        measured = analyze(model, *args, spec=device_spec, method="runnable" if method == "auto" else method,
+                           tf32=tf32, **kwargs)
+        cap = measured.captured
+        target = analyze(model, *args, spec=spec, dtype=dtype, method=cap.method, **kwargs)
 
-    if cap.method == "dispatch":
-        run, names = _eager_runner(model, args, kwargs), {}
-    elif cap.method == "export":
-        run, names = _export_runner(model, cap, args, kwargs, device)
-    else:
-        run, names = _symbolic_runner(model, cap, args, kwargs, device)
+        eager = cap.method.startswith("dispatch")   # dispatch and dispatch_real: no graph runs on the weights
+        if eager:
+            runner, names = _eager_runner(model), {}
+        elif cap.method == "export":
+            runner, names = _export_runner(model, cap, args, kwargs, device)
+        else:
+            runner, names = _symbolic_runner(model, cap, device)
 
-    events, trace, output = _run_profiled(run, model, device, steps, warmup)
+        events, trace, output = _run_profiled(runner, model, args, kwargs, device, steps, warmup)
     step_seconds, node_seconds = _measurements(events, set(names.values()), steps, cuda)
     total = statistics.median(step_seconds)
     report = measured.with_measurements({k: statistics.median(v) for k, v in node_seconds.items()}, total)
-    if cap.method == "dispatch":
+    if eager:
         note = ("dispatch-level capture: its graph of ATen ops cannot be run on the model's weights, so the model "
                 "ran eagerly and only its total time was measured; node times are not measured.")
     else:
@@ -183,7 +192,7 @@ def profile(model: nn.Module, *args: Any, logdir: str | os.PathLike | None = Non
         note = (f"{cap.method} graph run node by node, one profiler range per node; median over {steps} steps of "
                 f"the {how}.")
     result = ProfileResult(report=report, target=target, device_spec=device_spec, trace=trace, steps=steps,
-                           output=output, step_seconds=tuple(step_seconds), node_level=cap.method != "dispatch",
+                           output=output, step_seconds=tuple(step_seconds), node_level=not eager,
                            note=note)
     if logdir is not None:
         _export(result, Path(logdir))
@@ -278,22 +287,36 @@ def _copy_graph(graph: fx.Graph, device: torch.device) -> tuple[fx.Graph, dict[f
     return g, names
 
 
-def _symbolic_runner(model: nn.Module, cap, args: tuple, kwargs: dict,
-                     device: torch.device) -> tuple[Callable[[], Any], dict[fx.Node, str]]:
+@dataclass
+class _Runner:
+    """How to run the captured graph: `prepare` turns (args, kwargs) into what `execute` takes, ahead of the
+    timed steps, so a step spends no time binding arguments."""
+
+    prepare: Callable[[tuple, dict], Any]
+    execute: Callable[[Any], Any]
+
+
+def _symbolic_runner(model: nn.Module, cap, device: torch.device) -> tuple[_Runner, dict[fx.Node, str]]:
     """The symbolic_trace graph as a GraphModule over the real model: it shares the model's submodules,
-    parameters and buffers (GraphModule copies references, never the model's data, and never changes it)."""
+    parameters and buffers (references, never the model's data), and holds the tensor constants the tracer
+    made itself; nothing is set on the model."""
     graph, names = _copy_graph(cap.graph, device)
-    gm = fx.GraphModule(model, graph)
+    try:
+        gm = graph_module_over(model, graph, cap.root, class_name=f"{type(model).__name__}Graph")
+    except DropInError as e:
+        raise ProfileError(str(e)) from e
     signature = inspect.signature(model.forward)
-    bound = signature.bind(*args, **kwargs)
-    bound.apply_defaults()
-    values = [bound.arguments[name] for name in signature.parameters]
     interp = _RangedInterpreter(gm, names)
-    return (lambda: interp.run(*values)), names
+
+    def prepare(args: tuple, kwargs: dict) -> list[Any]:
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        return [bound.arguments[name] for name in signature.parameters]
+    return _Runner(prepare, lambda values: interp.run(*values)), names
 
 
 def _export_runner(model: nn.Module, cap, args: tuple, kwargs: dict,
-                   device: torch.device) -> tuple[Callable[[], Any], dict[fx.Node, str]]:
+                   device: torch.device) -> tuple[_Runner, dict[fx.Node, str]]:
     """The export graph fed the lifted inputs from the real model, as its graph signature maps them.
 
     Parameters and buffers come from the model by name. A tensor constant the forward made (an index list,
@@ -313,38 +336,42 @@ def _export_runner(model: nn.Module, cap, args: tuple, kwargs: dict,
                 _set(gm, node.target, fx.GraphModule(sub, sub_graph))
     tensors = dict(model.named_parameters(remove_duplicate=False))
     tensors.update(model.named_buffers(remove_duplicate=False))
-    flat = _flat_user_inputs(program, args, kwargs)
     n_user = sum(1 for s in signature.input_specs if s.kind == InputKind.USER_INPUT)
-    if n_user != len(flat):
-        raise ProfileError(f"the exported graph takes {n_user} user inputs, the call gives {len(flat)}")
-    user = iter(flat)
     real_constants: dict[str, torch.Tensor] | None = None
-    values = []
+    lifted: list[Any] = []      # what the graph takes besides the user inputs (None where a user input goes)
     for s in signature.input_specs:
         if s.kind == InputKind.USER_INPUT:
-            values.append(next(user))
+            lifted.append(None)
         elif s.kind in (InputKind.PARAMETER, InputKind.BUFFER):
             if s.target not in tensors:
                 raise ProfileError(f"the exported graph reads {s.target!r}, which the model does not have")
-            values.append(tensors[s.target])
+            lifted.append(tensors[s.target])
         elif s.kind == InputKind.CONSTANT_TENSOR:
             value = program.constants[s.target]
             if isinstance(value, torch.Tensor) and value.device.type == "meta":
                 if real_constants is None:
                     real_constants = _real_constants(model, args, kwargs, program)
                 value = real_constants[s.target]
-            values.append(value.to(device) if isinstance(value, torch.Tensor) else value)
+            lifted.append(value.to(device) if isinstance(value, torch.Tensor) else value)
         else:
             raise ProfileError(f"cannot feed an exported graph input of kind {s.kind.name} ({s.arg.name})")
+    users = [s.kind == InputKind.USER_INPUT for s in signature.input_specs]
     user_outputs = [i for i, s in enumerate(signature.output_specs) if s.kind == OutputKind.USER_OUTPUT]
     out_spec = program.call_spec.out_spec
     interp = _RangedInterpreter(gm, names)
 
-    def run() -> Any:
+    def prepare(args: tuple, kwargs: dict) -> list[Any]:
+        flat = _flat_user_inputs(program, args, kwargs)
+        if n_user != len(flat):
+            raise ProfileError(f"the exported graph takes {n_user} user inputs, the call gives {len(flat)}")
+        user = iter(flat)
+        return [next(user) if is_user else value for is_user, value in zip(users, lifted)]
+
+    def execute(values: list[Any]) -> Any:
         out = interp.run(*values)
         flat_out = [out[i] for i in user_outputs]   # buffer mutations are not written back: model untouched
         return pytree.tree_unflatten(flat_out, out_spec)
-    return run, names
+    return _Runner(prepare, execute), names
 
 
 def _flat_user_inputs(program, args: tuple, kwargs: dict) -> list[Any]:
@@ -382,14 +409,15 @@ def _real_constants(model: nn.Module, args: tuple, kwargs: dict, program) -> dic
     return dict(real.constants)
 
 
-def _eager_runner(model: nn.Module, args: tuple, kwargs: dict) -> Callable[[], Any]:
-    def run() -> Any:
+def _eager_runner(model: nn.Module) -> _Runner:
+    def execute(call: tuple[tuple, dict]) -> Any:
+        args, kwargs = call
         try:
             return model(*args, **kwargs)
         except Exception as e:
             raise ProfileError(f"{type(model).__name__} failed while profiling (run eagerly: the dispatch-level "
                                f"capture has no per-node graph): {_one_line(e)}") from e
-    return run
+    return _Runner(lambda args, kwargs: (args, kwargs), execute)
 
 
 def _get(root: nn.Module, target: str) -> Any:
@@ -407,26 +435,23 @@ def _set(root: nn.Module, target: str, value: Any) -> None:
 # ---------------------------------------------------------------------------------------------- the measured run
 
 @contextlib.contextmanager
-def _buffers_kept(model: nn.Module):
-    """Restore every buffer (object and values) after the run: a forward may update buffers (BatchNorm
-    running statistics in train mode, a cache), and profiling must not change the user's state_dict."""
-    saved = [(m, name, b, b.detach().clone()) for m in model.modules() for name, b in m._buffers.items()
-             if b is not None]
+def _attributes_kept(model: nn.Module):
+    """Put back what each module's attributes refer to: a forward run eagerly may rebind them (``self.buf =
+    new``, ``self.last = x``), which changes the user's own dicts. References only: no tensor is copied (their
+    values are `WriteSnapshot`'s)."""
+    saved = [(m, d, dict(d)) for m in model.modules()
+             for d in (vars(m), m._parameters, m._buffers, m._modules)]
     try:
         yield
     finally:
-        with torch.no_grad():
-            for m, name, b, values in saved:
-                if m._buffers.get(name) is not b:
-                    m._buffers[name] = b
-                if b.shape == values.shape:
-                    b.copy_(values)
-                else:
-                    b.set_(values)
+        for m, d, before in saved:
+            if len(d) != len(before) or any(d.get(k, d) is not v for k, v in before.items()):
+                d.clear()
+                d.update(before)
 
 
-def _run_profiled(run: Callable[[], Any], model: nn.Module, device: torch.device, steps: int,
-                  warmup: int) -> tuple[list, dict, Any]:
+def _run_profiled(runner: _Runner, model: nn.Module, args: tuple, kwargs: dict, device: torch.device,
+                  steps: int, warmup: int) -> tuple[list, dict, Any]:
     cuda = device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     got: dict[str, Any] = {}
@@ -440,25 +465,76 @@ def _run_profiled(run: Callable[[], Any], model: nn.Module, device: torch.device
                 got["trace"] = json.load(f)
 
     output = None
+    snapshot = WriteSnapshot()
     with contextlib.ExitStack() as stack:
         stack.enter_context(warnings.catch_warnings())
         warnings.filterwarnings("ignore", message=".*won't be using warmup.*")          # warmup=0 is allowed
         warnings.filterwarnings("ignore", message=".*clears events at the end of each cycle.*")  # one cycle
         stack.enter_context(torch.no_grad())
-        stack.enter_context(_buffers_kept(model))
+        stack.enter_context(_attributes_kept(model))
+        stack.callback(snapshot.restore)         # on the way out, after the profiler has stopped
         if cuda:
             stack.enter_context(torch.cuda.device(device))
+        step_inputs = _step_inputs(runner, snapshot, args, kwargs, warmup + steps)
+        unwatched = _unwatched(model, snapshot)
         prof = stack.enter_context(torch.profiler.profile(
             activities=activities, record_shapes=True, on_trace_ready=ready,
             schedule=schedule(wait=0, warmup=warmup, active=steps, repeat=1)))
-        for _ in range(warmup + steps):
-            output = run()
+        for values in step_inputs:
+            output = runner.execute(values)
             if cuda:
                 torch.cuda.synchronize(device)   # inside the step's range: the step time covers the GPU's work
             prof.step()
+        changed = [name for name, t, version in unwatched if t._version != version]
+        if changed:
+            raise ProfileError(f"a measured step wrote {', '.join(changed)}, which the first run of the forward "
+                               f"did not write, so the values from before profiling cannot be put back (the "
+                               f"forward writes state depending on what it wrote before?)")
     if "events" not in got:
         raise ProfileError("torch.profiler produced no trace for the measured steps")
     return got["events"], got["trace"], output
+
+
+def _step_inputs(runner: _Runner, snapshot: WriteSnapshot, args: tuple, kwargs: dict, n: int) -> list[Any]:
+    """Each of the `n` steps' inputs, prepared, after one watched, unmeasured run that finds what the forward
+    writes (and saves those parameters and buffers in `snapshot`, which puts them back at once).
+
+    An input the forward writes gets its own copy in every step, so every step sees the values the caller
+    passed; the copies are all made here, before the timed steps (copying inside a step would add to its time),
+    so they cost `n` times those inputs' memory. An input it only reads is copied once and shared by the steps.
+    """
+    first = copy_inputs((args, kwargs))
+    try:
+        with snapshot.watch(ours=first):
+            runner.execute(runner.prepare(*first))
+    finally:
+        snapshot.restore()
+    leaves, spec = pytree.tree_flatten((args, kwargs))
+    firsts = pytree.tree_leaves(first)
+    written = [isinstance(c, torch.Tensor) and snapshot.wrote(c) for c in firsts]
+    if not any(written):
+        return [runner.prepare(*first)] * n
+    prepared = []
+    for _ in range(n):
+        fresh = copy_inputs([x if w else None for x, w in zip(leaves, written)])
+        args_, kwargs_ = pytree.tree_unflatten([c if w else f for c, f, w in zip(fresh, firsts, written)], spec)
+        prepared.append(runner.prepare(args_, kwargs_))
+    return prepared
+
+
+def _unwatched(model: nn.Module, snapshot: WriteSnapshot) -> list[tuple[str, torch.Tensor, int]]:
+    """(name, tensor, version) of each parameter and buffer the watched run did not write. A measured step is
+    not watched (that would add a Python call per op to its time); should one write such a tensor anyway, its
+    version counter says so, and profile fails rather than leave it changed unsaid."""
+    found = []
+    for name, t in (*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)):
+        if snapshot.wrote(t):
+            continue
+        try:
+            found.append((name, t, t._version))
+        except RuntimeError:   # an inference tensor has no version counter (and cannot be written outside one)
+            pass
+    return found
 
 
 def _measurements(events, names: set[str], steps: int, cuda: bool) -> tuple[list[float], dict[str, list[float]]]:

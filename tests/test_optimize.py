@@ -219,6 +219,67 @@ def test_model_with_a_tensor_constant_is_captured_whole():
         torch.testing.assert_close(fast(x), model(x))
 
 
+class WritesItsState(nn.Module):
+    """Linear + ReLU (a fusion matches) in a forward that writes its parameters and buffers in place."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 8)
+        self.scale = nn.Parameter(torch.arange(1.0, 9.0))
+        self.register_buffer("count", torch.zeros((), dtype=torch.long))
+        self.register_buffer("last", torch.zeros(4))
+
+    def forward(self, x):
+        self.scale.data.mul_(2)                 # through .data: the parameter's _version does not move
+        self.count.add_(1)
+        self.last.copy_(x[0])
+        return F.relu(self.fc(x)) * self.scale
+
+
+def test_parameters_and_buffers_a_forward_writes_hold_their_values_afterwards():
+    torch.manual_seed(0)
+    model = WritesItsState().eval()
+    x = torch.randn(3, 4)
+    before = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    fast = optimize(model, x, rewrites=FUSION, measure=True)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    # each verification run started from the same weights, so the fused graph matched the original's output
+    assert [o.status for o in fast.shapeprof_report.outcomes] == ["applied"] and fused_count(fast) == 1
+
+
+def test_batch_norm_statistics_in_train_mode_hold_their_values_afterwards():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU()).train()
+    before = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    optimize(model, torch.randn(16, 4), measure=True)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert model[1].num_batches_tracked.item() == 0
+
+
+class Draws(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x):
+        return F.relu(self.fc(x)) + torch.rand_like(x)
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"measure": True}, {"measure": True, "verify": False}])
+def test_the_callers_rng_is_as_it_was(kwargs):
+    model = Draws().eval()
+    x = torch.ones(2, 8)
+    torch.manual_seed(0)
+    state = torch.get_rng_state()
+    expected_next = torch.rand(8)               # what the caller draws next without optimize in between
+    torch.set_rng_state(state)
+    optimize(model, x, rewrites=FUSION, **kwargs)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert torch.equal(torch.rand(8), expected_next)
+
+
 # ---------------------------------------------------------------------------------------------- skips, refusals
 
 def test_training_mode_is_skipped_with_the_reason():

@@ -250,3 +250,119 @@ def test_an_unwritable_logdir_fails_before_running(tmp_path):
     model, args = _mlp()
     with pytest.raises(ProfileError, match="it is a file"):
         profile(model, *args, logdir=blocker)
+
+
+# ------------------------------------------------------------------------------- nothing passed in changes
+
+class _AddsAConstant(nn.Module):
+    def forward(self, x):
+        return x + torch.tensor([1.0, 2.0, 3.0, 4.0])     # traced as get_attr _tensor_constant0
+
+
+def test_a_tensor_constant_made_in_forward_is_found_without_touching_the_model(cpu_spec):
+    model, x = _AddsAConstant(), torch.randn(2, 4)
+    before = _snapshot(model)
+    result = profile(model, x, steps=2, warmup=0)
+    assert result.report.capture.method == "symbolic_trace"
+    assert all(n.measured_seconds > 0 for n in result.report.nodes)
+    torch.testing.assert_close(result.output, x + torch.tensor([1.0, 2.0, 3.0, 4.0]))
+    _assert_untouched(model, before)           # no _tensor_constant0 set on it
+    assert not hasattr(model, "_tensor_constant0")
+
+
+class _WritesItsInput(nn.Module):
+    def forward(self, x):
+        x.add_(1)
+        return x * 2
+
+
+@pytest.mark.parametrize("method", ["symbolic_trace", "export", "dispatch"])
+def test_every_step_runs_on_fresh_copies_of_the_inputs(cpu_spec, method):
+    x = torch.ones(3, 4)
+    version = x._version
+    result = profile(_WritesItsInput(), x, steps=3, warmup=2, method=method)
+    assert result.report.capture.method == method
+    assert torch.equal(x, torch.ones(3, 4)) and x._version == version      # the caller's tensor as it was
+    # the last of 1 watched + 2 warmup + 3 measured steps saw x == 1 too: (1 + 1) * 2, not (1 + 6) * 2
+    torch.testing.assert_close(result.output, torch.full((3, 4), 4.0))
+
+
+class _Draws(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.drop = nn.Dropout(0.5)
+
+    def forward(self, x):
+        return self.drop(x) + torch.rand_like(x)
+
+
+@pytest.mark.parametrize("method", ["symbolic_trace", "export", "dispatch"])
+def test_the_callers_rng_is_as_it_was(cpu_spec, method):
+    model = _Draws().train()
+    torch.manual_seed(0)
+    state = torch.get_rng_state()
+    expected_next = torch.rand(8)               # what the caller draws next without profiling in between
+    torch.set_rng_state(state)
+    result = profile(model, torch.ones(16), steps=2, warmup=1, method=method)
+    assert result.report.total.measured_seconds > 0
+    assert torch.equal(torch.get_rng_state(), state)
+    assert torch.equal(torch.rand(8), expected_next)
+
+
+class _WritesItsState(nn.Module):
+    """A forward that writes its parameters and buffers in place, every way a user's forward does."""
+
+    def __init__(self, augmented: bool = False):
+        super().__init__()
+        self.augmented = augmented
+        self.w = nn.Parameter(torch.arange(1.0, 5.0))
+        self.register_buffer("count", torch.zeros((), dtype=torch.long))
+        self.register_buffer("running", torch.zeros(4))
+        self.norm = nn.BatchNorm1d(4)           # train mode: running statistics updated
+
+    def forward(self, x):
+        self.w.data.mul_(2)                     # through .data: the parameter's _version does not move
+        if self.augmented:
+            self.count += 1                     # Tensor.__iadd__, in place (eager only: see the test)
+        else:
+            self.count.add_(1)
+        self.running.copy_(x.mean(0))
+        return self.norm(x * self.w)
+
+
+@pytest.mark.parametrize("method, augmented", [("symbolic_trace", False), ("dispatch", False), ("dispatch", True)])
+def test_parameters_and_buffers_a_forward_writes_hold_their_values_afterwards(cpu_spec, method, augmented):
+    # `self.count += 1` is run eagerly only: symbolic tracing turns it into an add whose result is rebound on
+    # the capture's shadow (a capture matter, not profile's)
+    model = _WritesItsState(augmented).train()
+    x = torch.randn(8, 4)
+    before = _snapshot(model)
+    result = profile(model, x, steps=2, warmup=1, method=method)
+    assert result.report.total.measured_seconds > 0
+    if method != "dispatch":
+        assert all(n.measured_seconds > 0 for n in result.report.nodes)
+    _assert_untouched(model, before)
+    assert torch.equal(model.w.detach(), torch.arange(1.0, 5.0)) and model.count.item() == 0
+
+
+class _WritesLater(nn.Module):
+    """Writes `late` only once it has been called before: the watched first run cannot see that write."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+        self.register_buffer("late", torch.zeros(4))
+
+    def forward(self, x):
+        if self.calls > 0:
+            self.late.add_(1)
+        self.calls += 1
+        return x + 1
+
+
+def test_a_write_the_watched_run_could_not_see_is_an_error_not_a_silent_change(cpu_spec):
+    model = _WritesLater()
+    with pytest.raises(ProfileError, match=r"a measured step wrote late, which the first run of the forward did "
+                                           r"not write"):
+        profile(model, torch.ones(4), steps=2, warmup=0, method="dispatch")
+    assert model.calls == 0                    # the attribute the forward rebound is put back
