@@ -155,7 +155,10 @@ def capture(model: nn.Module, *args: Any, method: str = "auto", dtype: torch.dty
     start = time.perf_counter()
     attempts: list[tuple[str, str]] = []
     branch_site = ""   # the user's line that branches on a tensor value, when the meta run stopped there
-    with _user_global_hooks_silenced():
+    # a forward that draws random numbers on a real device (torch.rand(x.shape) makes a CPU tensor even on meta
+    # inputs) must not move the caller's RNG: what they draw next is what they would have drawn
+    devices = sorted({t.device.index or 0 for t in _tensors_of(model) if t.device.type == "cuda"})
+    with _user_global_hooks_silenced(), torch.random.fork_rng(devices=devices):
         shadow = meta_shadow(model, dtype)
         meta_args, meta_kwargs = meta_inputs((args, kwargs), dtype)
         for name in ORDERS.get(method, (method,)):
@@ -295,10 +298,10 @@ def _tensors_of(model: nn.Module) -> Iterator[torch.Tensor]:
         yield from (b for b in m._buffers.values() if b is not None)
         for name, value in vars(m).items():
             if name not in ("_parameters", "_buffers", "_modules"):
-                yield from _tensors_inside(value)
+                yield from tensors_inside(value)
 
 
-def _tensors_inside(value: Any, depth: int = 0) -> Iterator[torch.Tensor]:
+def tensors_inside(value: Any, depth: int = 0) -> Iterator[torch.Tensor]:
     """Tensors held by a value: itself, inside lists, tuples, dicts and plain objects' attributes (bounded)."""
     if isinstance(value, torch.Tensor):
         yield value
@@ -306,13 +309,13 @@ def _tensors_inside(value: Any, depth: int = 0) -> Iterator[torch.Tensor]:
         return
     elif isinstance(value, (list, tuple, set, frozenset)):
         for v in value:
-            yield from _tensors_inside(v, depth + 1)
+            yield from tensors_inside(v, depth + 1)
     elif isinstance(value, dict):
         for v in value.values():
-            yield from _tensors_inside(v, depth + 1)
+            yield from tensors_inside(v, depth + 1)
     elif hasattr(value, "__dict__") and not callable(value):
         for v in vars(value).values():
-            yield from _tensors_inside(v, depth + 1)
+            yield from tensors_inside(v, depth + 1)
 
 
 def _hook_dicts(m: nn.Module) -> Iterator[dict]:
@@ -354,7 +357,7 @@ def _input_leaves(value: Any, depth: int = 0) -> Iterator[Any]:
         for v in (value.values() if isinstance(value, dict) else value):
             yield from _input_leaves(v, depth + 1)
     else:
-        yield from _tensors_inside(value, depth)
+        yield from tensors_inside(value, depth)
 
 
 def _unwrap(model: Any) -> Any:
@@ -600,8 +603,9 @@ def _capture_symbolic(shadow: nn.Module, args: tuple, kwargs: dict):
         if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
             raise TypeError(f"forward takes *{name}; symbolic tracing needs named parameters")
         value = bound.arguments[name]
-        if not _has_tensor(value):
-            concrete[name] = value   # a constant: trace the branch the user's call takes
+        if not _has_tensor(value) and next(tensors_inside(value), None) is None:
+            concrete[name] = value   # a constant: trace the branch the user's call takes (an object holding
+                                     # tensors, a cache, is an input: baked in, the graph would replay its contents)
         values.append(value)
     tracer = _TwinTracer()
     tracer.record_stack_traces = True

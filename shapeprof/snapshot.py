@@ -28,12 +28,15 @@ counter (``self.count += 1``), ``self.w.data.mul_(2)``, ``x.add_(1)`` on its inp
 from __future__ import annotations
 
 import contextlib
+import copy
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator
 
 import torch
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
+
+from .capture import tensors_inside
 
 __all__ = ["WriteSnapshot", "copy_inputs", "rng_kept"]
 
@@ -163,17 +166,17 @@ def _written(func, args: tuple, kwargs: dict) -> Iterator[torch.Tensor]:
 
 def copy_inputs(tree: Any) -> Any:
     """`tree` with every tensor copied: same sizes, strides, dtype, device and requires_grad; a tensor given
-    twice is copied once. Other values are passed as they are (an object pytree cannot see into is not copied,
-    but a watched run still restores the tensors of it that it writes)."""
-    memo: dict[int, torch.Tensor] = {}
-
-    def one(x: Any) -> Any:
-        if not isinstance(x, torch.Tensor):
-            return x
-        if id(x) not in memo:
-            memo[id(x)] = _copy_tensor(x)
-        return memo[id(x)]
-    return pytree.tree_map(one, tree)
+    twice is copied once. Objects that hold tensors (a HuggingFace cache a forward appends to) are deep-copied
+    around the copied tensors, so each run fills its own; an object that cannot be copied is passed as it is (a
+    watched run still restores the tensors of it that it writes)."""
+    memo: dict[int, Any] = {}
+    for t in tensors_inside(tree):
+        if id(t) not in memo:
+            memo[id(t)] = _copy_tensor(t)
+    try:
+        return copy.deepcopy(tree, memo)
+    except Exception:
+        return pytree.tree_map(lambda x: memo.get(id(x), x) if isinstance(x, torch.Tensor) else x, tree)
 
 
 def _copy_tensor(x: torch.Tensor) -> torch.Tensor:

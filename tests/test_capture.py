@@ -486,3 +486,19 @@ def test_loop_steps_fold_into_the_step_they_repeat_with_the_same_counts():
     assert folded > 250 * 4                                # ~298 steps of ~5 ops folded
     assert len(cap.nodes) < len(unrolled) / 20
     assert _work(cap) == _work(unrolled_cap)
+
+
+def test_a_forward_drawing_random_numbers_leaves_the_callers_rng_alone():
+    class Noisy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.proj(x) + torch.rand(x.shape)      # a real CPU tensor, even when x is meta
+
+    model, x = Noisy(), torch.randn(2, 4)
+    state = torch.get_rng_state()
+    for method in ("symbolic_trace", "dispatch"):    # (export cannot add a CPU tensor to a meta one)
+        capture(model, x, method=method)
+        assert torch.equal(torch.get_rng_state(), state), method

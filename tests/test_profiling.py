@@ -366,3 +366,22 @@ def test_a_write_the_watched_run_could_not_see_is_an_error_not_a_silent_change(c
                                            r"not write"):
         profile(model, torch.ones(4), steps=2, warmup=0, method="dispatch")
     assert model.calls == 0                    # the attribute the forward rebound is put back
+
+
+def test_an_input_object_the_forward_fills_is_a_fresh_copy_every_step(cpu_spec):
+    class Cache:                       # like a HF DynamicCache: an object pytree does not see into
+        def __init__(self):
+            self.keys = [torch.zeros(1, 4)]
+
+    class Appends(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(4, 4)
+
+        def forward(self, x, cache):
+            cache.keys.append(self.proj(x))
+            return torch.cat(cache.keys).sum(0)
+
+    cache = Cache()
+    profile(Appends(), torch.randn(1, 4), cache, steps=2, warmup=1, device_spec=cpu_spec)
+    assert len(cache.keys) == 1
