@@ -385,3 +385,19 @@ def test_an_input_object_the_forward_fills_is_a_fresh_copy_every_step(cpu_spec):
     cache = Cache()
     profile(Appends(), torch.randn(1, 4), cache, steps=2, warmup=1, device_spec=cpu_spec)
     assert len(cache.keys) == 1
+
+
+def test_a_float64_intermediate_on_a_spec_without_fp64_profiles_with_a_note(cpu_spec):
+    class Doubles(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(8, 8)
+
+        def forward(self, x):
+            return self.proj(x).double().exp().sum()
+
+    spec = cpu_spec if "fp64" not in cpu_spec.peak_flops else \
+        type(cpu_spec)(**{**cpu_spec.to_dict(), "peak_flops": {k: v for k, v in cpu_spec.peak_flops.items()
+                                                                 if not k.startswith("fp64")}})
+    result = profile(Doubles(), torch.randn(4, 8), steps=2, warmup=1, device_spec=spec)
+    assert any("no float64 peak" in note for note in result.report.notes)
