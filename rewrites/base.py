@@ -104,6 +104,9 @@ class RewriteContext:
         device: the device the module's parameters are on: a lowering follows it.
         training: the module was in training mode when captured.
         inputs_require_grad: some example input requires grad (the user wants a backward pass).
+        pack_weights: when CPU kernels may keep a weight in oneDNN's packed layout, a copy that must not go stale:
+            "frozen" (a weight that does not require grad, checked per call), "always" (the user promises the
+            weights do not change behind PyTorch's back), "never".
     """
 
     spec: DeviceSpec | None = None
@@ -112,6 +115,7 @@ class RewriteContext:
     device: torch.device | None = None
     training: bool = False
     inputs_require_grad: bool = False
+    pack_weights: str = "frozen"
 
     @property
     def device_spec(self) -> DeviceSpec:

@@ -77,7 +77,7 @@ _ACT_LABEL = {"relu": "ReLU", "gelu": "GELU", "gelu_tanh": "GELU(tanh)", "silu":
 # ---------------------------------------------------------------------------------------------- the fused call
 
 def fused_linear_activation(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                            activation: str, kernel: str) -> torch.Tensor:
+                            activation: str, kernel: str, pack: str = "frozen") -> torch.Tensor:
     """``activation(F.linear(input, weight, bias))`` in one kernel: the call a fused graph node makes.
 
         >>> import torch
@@ -85,8 +85,12 @@ def fused_linear_activation(input: torch.Tensor, weight: torch.Tensor, bias: tor
         >>> y = fused_linear_activation(x, w, b, "relu", "mkldnn")
         >>> torch.testing.assert_close(y, torch.relu(torch.nn.functional.linear(x, w, b)))
 
-    On the CPU the weight is oneDNN-packed once and reused (`packed_weight`), and a single row runs unfused:
-    MKL's matrix-vector path beats oneDNN's there (0.18 vs 0.23 ms for 768x3072 on a 2-core x86 VM).
+    On the CPU a weight that cannot change behind PyTorch's back is oneDNN-packed once and reused (`packed_weight`):
+    with ``pack="frozen"`` (the default) one that does not require grad, with "always" every one (the user's
+    promise), with "never" none. Any other weight is passed as it is (oneDNN reorders it per call): a fused
+    optimizer step, a write through ``.data`` or a numpy view changes a weight without a trace PyTorch keeps, and a
+    packed copy would go stale. A single row runs unfused: MKL's matrix-vector path beats oneDNN's there (0.18 vs
+    0.23 ms for 768x3072 on a 2-core x86 VM), and so does a no-activation call whose weight is not packed.
 
     Args:
         activation: one of ACTIVATIONS ("gelu" is the exact erf GELU, "gelu_tanh" its tanh approximation), or
@@ -98,7 +102,8 @@ def fused_linear_activation(input: torch.Tensor, weight: torch.Tensor, bias: tor
     """
     operands = (input, weight) if bias is None else (input, weight, bias)
     if has_torch_function(operands):   # fx Proxies (tracing the optimized model), tensor subclasses
-        return handle_torch_function(fused_linear_activation, operands, input, weight, bias, activation, kernel)
+        return handle_torch_function(fused_linear_activation, operands, input, weight, bias, activation, kernel,
+                                     pack)
     device = input.device.type
     if device != "meta" and device != KERNELS[kernel]:
         raise RuntimeError(
@@ -117,8 +122,12 @@ def fused_linear_activation(input: torch.Tensor, weight: torch.Tensor, bias: tor
     if kernel == "mkldnn":
         if not _analysing(input) and input.numel() == input.shape[-1]:   # one row
             return reference(input, weight, bias, activation)
+        packs = pack == "always" or (pack == "frozen" and not weight.requires_grad)
+        if activation == "none" and not packs and not _analysing(input):
+            return reference(input, weight, bias, activation)   # MKL's GEMM: the packing was the point
         attr, algorithm = _MKLDNN_POST_OP[activation]
-        return torch.ops.mkldnn._linear_pointwise(input, packed_weight(weight), bias, attr, [], algorithm)
+        return torch.ops.mkldnn._linear_pointwise(input, packed_weight(weight) if packs else weight, bias, attr, [],
+                                                  algorithm)
     k = input.shape[-1]
     x2d = input.reshape(-1, k)                                         # (M, K), M = all leading dims
     out = torch._addmm_activation(bias, x2d, weight.t(), use_gelu=activation == "gelu_tanh")   # (M, N)
@@ -299,7 +308,7 @@ class FuseLinearActivation(Rewrite):
                 f"{ctx.device_spec.display_name} (under {self.min_saving:.0%}): the Linear is bound by "
                 f"{_bound_by(ctx, before_records)}, not by its output")))
             return
-        self._replace(gm, lin, act, kernel, after_users, fused_record)
+        self._replace(gm, lin, act, kernel, after_users, fused_record, ctx.pack_weights)
         result.applied.append(Match(
             where, f"{lin.label} + {act.label} -> {_kernel_name(kernel, act.kind)}", saved, seconds))
 
@@ -342,8 +351,9 @@ class FuseLinearActivation(Rewrite):
         return kernel, others, fused, before
 
     # ------------------------------------------------------------------ the replacement
-    def _replace(self, gm, lin: _Linear, act: _Activation, kernel: str, after_users, record: OpRecord):
-        fused = replace_linear(gm, lin, act.node, act.kind, kernel, record)
+    def _replace(self, gm, lin: _Linear, act: _Activation, kernel: str, after_users, record: OpRecord,
+                 pack: str = "frozen"):
+        fused = replace_linear(gm, lin, act.node, act.kind, kernel, record, pack)
         for user in after_users:   # an in-place activation: later readers of the Linear's output saw it activated
             user.replace_input_with(lin.node, fused)
         act.node.replace_all_uses_with(fused)
@@ -352,7 +362,7 @@ class FuseLinearActivation(Rewrite):
 
 
 def replace_linear(gm: fx.GraphModule, lin: _Linear, last: fx.Node, activation: str, kernel: str,
-                   record: OpRecord) -> fx.Node:
+                   record: OpRecord, pack: str = "frozen") -> fx.Node:
     """A `fused_linear_activation` node placed before `last` (the node it replaces the output of), with the
     Linear's module path and source line and a capture record of the one op it runs. The caller rewires users."""
     graph = gm.graph
@@ -363,7 +373,7 @@ def replace_linear(gm: fx.GraphModule, lin: _Linear, last: fx.Node, activation: 
         else:
             weight, bias = lin.weight, lin.bias
         call = graph.call_function(fused_linear_activation, (lin.input, weight, bias),
-                                   {"activation": activation, "kernel": kernel})
+                                   {"activation": activation, "kernel": kernel, "pack": pack})
     for key in ("nn_module_stack", "stack_trace", "source_fn_stack"):
         if key in lin.node.meta:
             call.meta[key] = lin.node.meta[key]

@@ -1,5 +1,8 @@
 """A CPU Linear with no activation after it -> oneDNN's linear on a weight packed once, not on every call.
 
+Only a weight that cannot change behind PyTorch's back is packed (optimize's ``pack_weights``: by default one that
+does not require grad, checked at every call); any other runs the plain Linear, as if unrewritten.
+
 `fuse_linear_activation` already runs its CPU matches through oneDNN on packed weights; this pass does the same
 for the Linears it leaves (a projection before a residual add, an MLP's second Linear, an LM head). It removes no
 memory traffic the roofline can see, so it reports 0 bytes and 0 s saved: its gain is the per-call reorder of the
@@ -41,7 +44,7 @@ class PrepackLinear(Rewrite):
             if isinstance(plan, str):
                 result.skipped.append(Skip(where, plan))
                 continue
-            call = replace_linear(gm, lin, lin.node, "none", "mkldnn", plan)
+            call = replace_linear(gm, lin, lin.node, "none", "mkldnn", plan, ctx.pack_weights)
             lin.node.replace_all_uses_with(call)
             gm.graph.erase_node(lin.node)
             result.applied.append(Match(where, f"{lin.label} -> mkldnn._linear_pointwise(none) on a packed weight"))
@@ -55,6 +58,8 @@ class PrepackLinear(Rewrite):
             return "global module hooks are registered (torch.nn.modules.module.register_module_forward_*)"
         if (lin.module.training if lin.module is not None else ctx.training) or ctx.inputs_require_grad:
             return "training: the oneDNN linear has no backward (call model.eval() before optimizing)"
+        if ctx.pack_weights == "never":
+            return "pack_weights='never'"
         metas = linear_metas(gm, ctx, lin, lin.node)
         if isinstance(metas, str):
             return metas

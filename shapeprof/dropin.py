@@ -25,6 +25,7 @@ import copy
 import inspect
 import operator
 import types
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Iterator
@@ -34,8 +35,10 @@ import torch.fx as fx
 import torch.nn as nn
 from torch.utils import _pytree as pytree
 
+from .guards import Follow, SubtreeState
+
 __all__ = ["DropInError", "Installation", "MISSING", "graph_module_over", "install", "lookup", "quiet", "shared_copy",
-           "uninstall", "values_equal"]
+           "uninstall", "values_equal", "watch"]
 
 
 class DropInError(RuntimeError):
@@ -157,11 +160,13 @@ class Installation:
     adopted: list[tuple[nn.Module, str]]
 
 
-def install(module: nn.Module, gm: fx.GraphModule, example: tuple, current: Installation | None = None
-            ) -> Installation:
+def install(module: nn.Module, gm: fx.GraphModule, example: tuple, current: Installation | None = None,
+            original: nn.Module | None = None) -> Installation:
     """Make `module` run `gm`'s graph as its forward (replacing `current`, what is installed now).
 
-    `example` is the (args, kwargs) the graph was traced with: the guard lets the graph run only on calls like it.
+    `example` is the (args, kwargs) the graph was traced with: the guard lets the graph run only on calls like it,
+    and only while the module's subtree is as it is now (`shapeprof.guards`). `original` is the user's module this
+    one shares its tensors with: the drop-in follows it when it gets new tensor objects.
     """
     uninstall(module, current)
     adopted: list[tuple[nn.Module, str]] = []
@@ -170,7 +175,9 @@ def install(module: nn.Module, gm: fx.GraphModule, example: tuple, current: Inst
         for node in gm.graph.nodes:
             if node.op in ("get_attr", "call_module") and lookup(module, node.target) is MISSING:
                 adopted.append(_adopt(module, node.target, lookup(gm, node.target)))
-        module.__class__ = _dropin_class(cls, gm, _Guard(cls, example, module.training))
+        follow = Follow(original, module) if original is not None else None
+        module.__class__ = _dropin_class(cls, gm, _Guard(cls, example, module.training), SubtreeState(module),
+                                         follow)
     except Exception:
         for parent, name in adopted:
             _drop(parent, name)
@@ -272,24 +279,72 @@ class _Guard:
 _TENSORLIKE = (torch.Tensor, fx.Proxy)   # a Proxy: the optimized model being traced (analysed) itself
 
 
-def _dropin_class(cls: type, gm: fx.GraphModule, guard: _Guard) -> type:
-    """A subclass of `cls` whose forward runs gm's graph on the instance itself when the guard allows."""
+def watch(module: nn.Module) -> None:
+    """Give the drop-in's root a class of its own (no graph) so that casting it (``.half()``, ``.to()``) is safe
+    for the user's model too (see `_apply_unshared`); a root that runs a graph has one already."""
+    if not hasattr(type(module), "_shapeprof_base"):
+        module.__class__ = _dropin_class(type(module))
+
+
+def _dropin_class(cls: type, gm: fx.GraphModule | None = None, guard: _Guard | None = None,
+                  state: SubtreeState | None = None, follow: Follow | None = None) -> type:
+    """A subclass of `cls` whose forward runs gm's graph on the instance itself when the guards allow (with no
+    `gm`: the class's own forward, and only the safe casting)."""
     base = getattr(cls, "_shapeprof_base", cls)
-    graph_forward = type(gm).forward       # generated code; every attribute is looked up through `self`
     own_forward = base.forward
-
-    def forward(self, *args, **kwargs):
-        call = guard(self, args, kwargs)
-        if call is None:
-            return own_forward(self, *args, **kwargs)
-        return graph_forward(self, *call)
-
-    forward.__wrapped__ = own_forward      # inspect.signature and fx see the user's parameters
-    forward.__qualname__ = f"{base.__qualname__}.forward"
-    namespace = {"forward": forward, "_shapeprof_base": base, "_shapeprof_graph_module": gm,
+    namespace = {"_shapeprof_base": base, "_apply": _apply_unshared,
                  "__reduce_ex__": _reduce_as_base, "__deepcopy__": _deepcopy_keeping_class,
                  "__module__": base.__module__, "__qualname__": base.__qualname__, "__doc__": base.__doc__}
+    if gm is not None:
+        graph_forward = type(gm).forward       # generated code; every attribute is looked up through `self`
+
+        def forward(self, *args, **kwargs):
+            if torch.compiler.is_compiling():
+                # torch.compile traces the user's forward and fuses it its own way (Inductor cannot lower the
+                # oneDNN calls of the rewritten graph)
+                return own_forward(self, *args, **kwargs)
+            if follow is not None:
+                follow.sync()
+            why = state.violation(self)
+            if why is not None:
+                _warn_fallback(base, why)
+                return own_forward(self, *args, **kwargs)
+            call = guard(self, args, kwargs)
+            if call is None:
+                return own_forward(self, *args, **kwargs)
+            return graph_forward(self, *call)
+
+        forward.__wrapped__ = own_forward      # inspect.signature and fx see the user's parameters
+        forward.__qualname__ = f"{base.__qualname__}.forward"
+        namespace.update(forward=forward, _shapeprof_graph_module=gm, _shapeprof_guard=guard)
     return types.new_class(base.__name__, (base,), {}, lambda ns: ns.update(namespace))
+
+
+def _apply_unshared(self, fn, recurse=True):
+    """nn.Module._apply (``.half()``, ``.double()``, ``.to()``, ``.cuda()``) on a drop-in whose parameters are the
+    user's own objects: torch casts a parameter by assigning ``param.data``, which would cast the user's model too.
+    Each parameter of the subtree is first re-wrapped in a new Parameter over the same memory, so the cast gives
+    the drop-in new tensors and leaves the user's alone (their in-place updates are still seen until then). The
+    rewritten graphs then stop running (their guards see the new dtype): optimize the cast model again."""
+    for m in self.modules():
+        params = m._parameters
+        for name, p in params.items():
+            if p is not None:
+                fresh = nn.Parameter(p.data, requires_grad=p.requires_grad)
+                if p.grad is not None:
+                    fresh.grad = p.grad
+                params[name] = fresh
+    return type(self)._shapeprof_base._apply(self, fn, recurse)
+
+
+_warned: set[tuple[type, str]] = set()
+
+
+def _warn_fallback(cls: type, why: str) -> None:
+    if (cls, why) not in _warned:
+        _warned.add((cls, why))
+        warnings.warn(f"shapeprof: {cls.__name__} runs its own forward, not the optimized graph: {why}. Call "
+                      f"shapeprof.optimize() again on the changed model to rewrite it.", RuntimeWarning, stacklevel=3)
 
 
 def _reduce_as_base(self, protocol):
@@ -305,8 +360,14 @@ def _unpickle_as(cls: type, state: dict) -> nn.Module:
 
 
 def _deepcopy_keeping_class(self, memo):
-    """copy.deepcopy keeps the rewritten class (shapeprof.analyze copies a model into its meta shadow)."""
-    new = object.__new__(type(self))
+    """copy.deepcopy keeps the rewritten forward (shapeprof.analyze copies a model into its meta shadow), guarded
+    by the copy's own state as it is once copied: a copy changed afterwards (quantize_dynamic swaps its Linears)
+    runs its own forward."""
+    cls = type(self)
+    new = object.__new__(cls)
     memo[id(self)] = new
     new.__dict__.update(copy.deepcopy(self.__dict__, memo))
+    gm = cls.__dict__.get("_shapeprof_graph_module")
+    if gm is not None:
+        new.__class__ = _dropin_class(cls._shapeprof_base, gm, cls._shapeprof_guard, SubtreeState(new))
     return new

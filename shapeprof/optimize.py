@@ -60,7 +60,7 @@ import torch.nn as nn
 from torch.utils import _pytree as pytree
 
 from .capture import CaptureError, InputShape, NodeError, _unwrap, capture
-from .dropin import DropInError, graph_module_over, install, quiet, shared_copy, uninstall, values_equal
+from .dropin import DropInError, graph_module_over, install, quiet, shared_copy, uninstall, values_equal, watch
 from .hardware import DeviceSpec, SpecError, get_spec
 from .snapshot import WriteSnapshot, copy_inputs, rng_kept
 
@@ -156,26 +156,6 @@ class Verification:
         return f"outputs match (max abs diff {self.max_abs_diff:.3g})"
 
 
-@dataclass
-class RewriteOutcome:
-    """What became of one rewrite.
-
-    status: 'applied' (verified and kept), 'unverified' (kept with verify=False), 'no match' (nothing to change),
-    'rejected' (its outputs differed from the original's: undone), 'failed' (it raised: undone),
-    'not run' (it needs a capture optimize does not make).
-    """
-
-    name: str
-    status: str
-    result: Any = None                    # the RewriteResult over all captured graphs (None when not run)
-    verification: Verification | None = None
-    error: str = ""
-
-    @property
-    def kept(self) -> bool:
-        return self.status in ("applied", "unverified")
-
-
 @dataclass(frozen=True)
 class Measurement:
     """Original vs optimized, timed in the same run: per-call medians over interleaved repeats."""
@@ -185,10 +165,43 @@ class Measurement:
     repeats: int
     calls_per_repeat: int
     device: str
+    ratios: tuple[float, ...] = ()        # optimized / original per interleaved pair of samples
 
     @property
     def speedup(self) -> float:
         return self.original_seconds / self.optimized_seconds if self.optimized_seconds else float("inf")
+
+    @property
+    def slower(self) -> bool:
+        """The optimized model is slower beyond the noise: the median of the paired ratios is above 1 by more
+        than 2% and by more than 1.5 median absolute deviations of the ratios (the spread of this run)."""
+        if not self.ratios:
+            return False
+        mid = statistics.median(self.ratios)
+        spread = statistics.median(abs(r - mid) for r in self.ratios)
+        return mid > 1 + max(0.02, 1.5 * spread)
+
+
+@dataclass
+class RewriteOutcome:
+    """What became of one rewrite.
+
+    status: 'applied' (verified and kept), 'unverified' (kept with verify=False), 'no match' (nothing to change),
+    'rejected' (its outputs differed from the original's: undone), 'slower' (measure=True timed it slower than
+    without it, beyond the noise: undone), 'failed' (it raised: undone), 'not run' (it needs a capture optimize
+    does not make).
+    """
+
+    name: str
+    status: str
+    result: Any = None                    # the RewriteResult over all captured graphs (None when not run)
+    verification: Verification | None = None
+    error: str = ""
+    measurement: Measurement | None = None   # measure=True: the model without it against the model with it
+
+    @property
+    def kept(self) -> bool:
+        return self.status in ("applied", "unverified")
 
 
 @dataclass(frozen=True)
@@ -221,6 +234,7 @@ class OptimizeReport:
     measurement: Measurement | None = None
     refused: str = ""                                # why nothing could be rewritten at all
     code: dict[str, str] = field(default_factory=dict)   # module path -> the Python of its rewritten forward
+    pack_weights: str = "frozen"                     # which weights CPU kernels may keep packed (see optimize)
 
     @property
     def applied(self) -> list:
@@ -265,7 +279,8 @@ class OptimizeReport:
                 "outcomes": [outcome(o) for o in self.outcomes], "refused": self.refused,
                 "predicted_seconds": self.predicted_seconds, "bytes_saved": self.bytes_saved,
                 "seconds_saved": self.seconds_saved,
-                "measurement": None if m is None else {**asdict(m), "speedup": m.speedup}}
+                "measurement": None if m is None else {**asdict(m), "speedup": m.speedup},
+                "pack_weights": self.pack_weights}
 
     def __rich_console__(self, console, options):
         yield render(self)
@@ -280,7 +295,7 @@ class OptimizeReport:
 
 def optimize(model: nn.Module, *args: Any, rewrites: Sequence[str | Any] | None = None,
              verify: bool | Tolerance = True, measure: bool = False, spec: str | DeviceSpec | None = None,
-             dtype: torch.dtype | None = None, **kwargs: Any) -> nn.Module:
+             dtype: torch.dtype | None = None, pack_weights: str = "frozen", **kwargs: Any) -> nn.Module:
     """A drop-in for `model` with graph rewrites applied, each verified on the example inputs.
 
         >>> import torch
@@ -300,10 +315,23 @@ def optimize(model: nn.Module, *args: Any, rewrites: Sequence[str | Any] | None 
         verify: True compares each rewrite's outputs with the original's at `Tolerance.for_output` (the dtype's
             rtol; atol scaled to the output); a `Tolerance` sets both; False keeps rewrites unverified (the
             report says so loudly).
-        measure: also time original and optimized, interleaved in one run (medians), into the report.
+        measure: also time each rewrite: the model with it against the model without it, interleaved in one run;
+            a rewrite that is slower beyond the run's noise is undone ('slower' in the report). The original
+            against the final model goes into the report too.
         spec: the device whose roofline prices each match (a name, a spec file or a DeviceSpec); default: the
             CUDA device the model is on if it is a known one, else A100-SXM4-80GB.
         dtype: price matches as if floating tensors were in this dtype (predictions only; nothing is cast).
+        pack_weights: which Linear weights CPU kernels may keep a copy of in oneDNN's packed layout (the larger
+            part of the CPU gain): "frozen" (default) those that do not require grad, checked at every call, since
+            a trained weight can change with no trace PyTorch keeps (a fused optimizer step, a write through
+            ``.data`` or numpy) and a stale copy would give wrong outputs; "always" every one, on the user's
+            promise that the weights change only through in-place PyTorch ops or not at all (the report says so);
+            "never".
+
+    The drop-in runs a rewritten forward only while the model is as it was optimized (`shapeprof.guards`: the
+    same submodules, no new hooks, the same attribute values, parameter dtypes and devices, not under
+    torch.compile); otherwise the class's own forward runs, and warns once why: optimize again after the change.
+    Casting the drop-in (``.half()``, ``.to()``) gives it its own tensors and leaves the user's model alone.
 
     Returns:
         The drop-in module; `fast.shapeprof_report` is an `OptimizeReport`.
@@ -317,6 +345,8 @@ def optimize(model: nn.Module, *args: Any, rewrites: Sequence[str | Any] | None 
     if not isinstance(model, nn.Module):
         raise TypeError(f"optimize takes an nn.Module, got {type(model).__name__}")
     selected = _select(rewrites, registry)
+    if pack_weights not in _PACK_POLICIES:
+        raise OptimizeError(f"pack_weights={pack_weights!r}: choose one of {', '.join(_PACK_POLICIES)}")
     no_data = _why_no_data(model, args, kwargs)
     if no_data and verify is not False:
         raise OptimizeError(f"cannot verify rewrites of {type(model).__name__}: {no_data}. Verification runs the "
@@ -325,7 +355,7 @@ def optimize(model: nn.Module, *args: Any, rewrites: Sequence[str | Any] | None 
     device_spec = _spec_for(spec, device)
     tolerance = verify if isinstance(verify, Tolerance) else None
     report = OptimizeReport(type(model).__name__, device_spec, str(dtype).removeprefix("torch.") if dtype else None,
-                            str(device), verify is not False, tolerance)
+                            str(device), verify is not False, tolerance, pack_weights=pack_weights)
     try:
         fast = shared_copy(model)
     except DropInError as e:
@@ -362,7 +392,8 @@ def _optimize(model, fast, args, kwargs, selected, registry, verify, tolerance, 
         return _finish(fast, report)
     for t in targets:
         t.ctx_args = dict(spec=device_spec, dtype=dtype, path=t.path, device=device, training=t.module.training,
-                          inputs_require_grad=inputs_require_grad)
+                          inputs_require_grad=inputs_require_grad, pack_weights=report.pack_weights)
+        t.original = model.get_submodule(t.path) if t.path else model
         report.graphs.append(CapturedGraph(t.path, type(t.module).__name__, t.capture.method,
                                            len(t.capture.nodes)))
         report.predicted_seconds += _predicted_seconds(t, registry)
@@ -376,7 +407,7 @@ def _optimize(model, fast, args, kwargs, selected, registry, verify, tolerance, 
 
     for rewrite in selected:
         report.outcomes.append(_apply(rewrite, targets, fast, args, kwargs, reference, verify, tolerance, registry,
-                                      snapshot))
+                                      snapshot, device if measure else None))
     for t in targets:
         if t.installed is not None:
             report.code[t.path] = t.gm.code
@@ -385,7 +416,11 @@ def _optimize(model, fast, args, kwargs, selected, registry, verify, tolerance, 
     return _finish(fast, report)
 
 
+_PACK_POLICIES = ("frozen", "always", "never")
+
+
 def _finish(fast: nn.Module, report: OptimizeReport) -> nn.Module:
+    watch(fast)                      # casting the drop-in must not cast the user's model
     fast.shapeprof_report = report   # a plain attribute: not a parameter, buffer or submodule
     return fast
 
@@ -560,6 +595,7 @@ class _Target:
     example: tuple = ((), {})        # the (args, kwargs) the module was called with: what its guard checks
     installed: Any = None            # the dropin.Installation now in place (None: the class's own forward runs)
     ctx_args: dict = field(default_factory=dict)
+    original: nn.Module | None = None   # the user's module at `path`: the drop-in follows its tensors
 
     def __post_init__(self):
         self.gm = _graph_module(self.module, self.capture)
@@ -644,7 +680,7 @@ def _graph_module(module: nn.Module, cap) -> fx.GraphModule:
 
 
 def _install(t: _Target, gm: fx.GraphModule) -> None:
-    t.installed = install(t.module, gm, t.example, t.installed)
+    t.installed = install(t.module, gm, t.example, t.installed, original=t.original)
 
 
 def _uninstall(t: _Target) -> None:
@@ -682,8 +718,8 @@ def _faithful_targets(fast, targets, args, kwargs, reference, tolerance, report,
 
 # ---------------------------------------------------------------------------------------------- rewriting
 
-def _apply(rewrite, targets: list[_Target], fast, args, kwargs, reference, verify, tolerance, registry, snapshot
-           ) -> RewriteOutcome:
+def _apply(rewrite, targets: list[_Target], fast, args, kwargs, reference, verify, tolerance, registry, snapshot,
+           measure_on: torch.device | None = None) -> RewriteOutcome:
     if rewrite.capture != "symbolic_trace":
         return RewriteOutcome(rewrite.name, "not run",
                               error=f"it needs a {rewrite.capture} capture, which optimize does not make yet")
@@ -702,6 +738,7 @@ def _apply(rewrite, targets: list[_Target], fast, args, kwargs, reference, verif
     if not work:
         return RewriteOutcome(rewrite.name, "no match", merged)
     previous = {t: (t.installed.gm if t.installed is not None else None) for t in work}
+    without = shared_copy(fast) if measure_on is not None else None   # the model as it is before this rewrite
 
     def undo():
         for t in work:
@@ -712,17 +749,20 @@ def _apply(rewrite, targets: list[_Target], fast, args, kwargs, reference, verif
     except Exception as e:
         undo()
         return RewriteOutcome(rewrite.name, "failed", merged, error=f"{type(e).__name__}: {_first_line(e)}")
-    if verify is False:
-        for t, gm in work.items():
-            t.gm = gm
-        return RewriteOutcome(rewrite.name, "unverified", merged)
-    check = _verify(fast, args, kwargs, reference, tolerance, snapshot)
-    if not check.ok:
+    check = None
+    if verify is not False:
+        check = _verify(fast, args, kwargs, reference, tolerance, snapshot)
+        if not check.ok:
+            undo()
+            return RewriteOutcome(rewrite.name, "rejected", merged, check)
+    timed = _measure(without, fast, args, kwargs, measure_on, snapshot) if without is not None else None
+    if timed is not None and timed.slower:
         undo()
-        return RewriteOutcome(rewrite.name, "rejected", merged, check)
+        return RewriteOutcome(rewrite.name, "slower", merged, check, measurement=timed)
     for t, gm in work.items():
         t.gm = gm
-    return RewriteOutcome(rewrite.name, "applied", merged, check)
+    return RewriteOutcome(rewrite.name, "applied" if check is not None else "unverified", merged, check,
+                          measurement=timed)
 
 
 # ---------------------------------------------------------------------------------------------- measuring
@@ -750,7 +790,7 @@ def _measure(baseline: nn.Module, fast: nn.Module, args, kwargs, device: torch.d
         one = time.perf_counter() - start
         calls = max(1, min(1000, int(0.02 / max(one, 1e-7))))   # about 20 ms per timed sample
         times: dict[int, list[float]] = {0: [], 1: []}
-        for r in range(_REPEATS):
+        for r in range(_REPEATS):   # ABBA: each pair of samples sees the same drift
             order = ((0, baseline), (1, fast)) if r % 2 == 0 else ((1, fast), (0, baseline))
             for which, m in order:
                 sync()
@@ -759,7 +799,9 @@ def _measure(baseline: nn.Module, fast: nn.Module, args, kwargs, device: torch.d
                     m(*a, **k)
                 sync()
                 times[which].append((time.perf_counter() - start) / calls)
-    return Measurement(statistics.median(times[0]), statistics.median(times[1]), _REPEATS, calls, str(device))
+    ratios = tuple(b / a for a, b in zip(times[0], times[1]) if a > 0)
+    return Measurement(statistics.median(times[0]), statistics.median(times[1]), _REPEATS, calls, str(device),
+                       ratios)
 
 
 # ---------------------------------------------------------------------------------------------- rendering
@@ -798,14 +840,22 @@ def render(report: OptimizeReport):
     for o in report.outcomes:
         line = Text()
         line.append(f"{o.name}: ", style="bold")
-        style = {"applied": "bold green", "unverified": "bold red", "rejected": "bold red", "failed": "bold red"}
+        style = {"applied": "bold green", "unverified": "bold red", "rejected": "bold red", "failed": "bold red",
+                 "slower": "bold yellow"}
         line.append(o.status, style=style.get(o.status, "dim"))
         if o.result is not None:
             line.append(f"  ({len(o.result.applied)} matched, {len(o.result.skipped)} skipped)")
         if o.status == "rejected":
             line.append(f"  undone: its outputs differ from the original's: {o.verification.summary()}")
+        elif o.status == "slower":
+            t = o.measurement
+            line.append(f"  undone: measured slower, {fmt_seconds(t.original_seconds)} without it, "
+                        f"{fmt_seconds(t.optimized_seconds)} with it per call (medians of {t.repeats} interleaved "
+                        f"repeats on {t.device})")
         elif o.verification is not None:
             line.append(f"  verified: {o.verification.summary()}")
+        if o.kept and o.measurement is not None:
+            line.append(f"  measured {o.measurement.speedup:.2f}x")
         if o.error:
             line.append(f"  {o.error}", style="red")
         parts.append(line)
@@ -855,7 +905,21 @@ def render(report: OptimizeReport):
         totals.append(f"{m.speedup:.2f}x", style="bold")
     if totals:
         parts.append(totals)
+    if report.applied:
+        parts.append(Text(_GUARD_NOTE + " " + _PACK_NOTES[report.pack_weights], style="dim"))
     return Group(*parts)
+
+
+_GUARD_NOTE = ("The rewritten forward runs only while the model is as it was optimized (the same submodules, no new "
+               "hooks, the same attribute values, parameter dtypes and devices); after a change the original "
+               "forward runs, correct and unoptimized, with a warning: call shapeprof.optimize() again.")
+_PACK_NOTES = {
+    "frozen": "CPU weights are kept packed for oneDNN only while they do not require grad "
+              "(model.requires_grad_(False)); a trainable weight is used as it is, so any write to it is seen.",
+    "always": "pack_weights='always': CPU weights are kept packed for oneDNN on the promise that they change only "
+              "through in-place PyTorch ops (which are seen) or not at all; a write through .data, numpy or a fused "
+              "optimizer step is NOT seen: optimize again after one.",
+    "never": "pack_weights='never': no weight is kept packed."}
 
 
 def _text_console():

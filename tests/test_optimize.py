@@ -89,7 +89,8 @@ def test_drop_in_is_the_users_class_with_the_same_parameters_and_state_dict():
     # load_state_dict into the drop-in works with the original's keys
     fast.load_state_dict(model.state_dict())
     # deepcopy keeps the rewritten forward; pickling saves the user's class (which cannot hold the rewrites)
-    assert type(copy.deepcopy(fast)) is type(fast)
+    clone = copy.deepcopy(fast)
+    assert isinstance(clone, MLP) and type(clone)._shapeprof_graph_module is type(fast)._shapeprof_graph_module
     buffer = io.BytesIO()
     torch.save(fast, buffer)
     buffer.seek(0)
@@ -117,7 +118,10 @@ def test_original_model_is_untouched_no_hooks_fire():
     assert report.not_captured == [
         ("", "the traced graph runs blocks.1 inline, so the hooks registered on it would not run"),
         ("blocks", "the traced graph runs blocks.1 inline, so the hooks registered on it would not run")]
-    assert [g.path for g in report.graphs] == ["blocks.0", "blocks.1"] and len(report.applied) == 2
+    assert [g.path for g in report.graphs] == ["blocks.0", "blocks.1"]
+    # measure=True keeps a fusion only where it measured no slower on this machine
+    fusion = next(o for o in report.outcomes if o.name == "fuse_linear_activation")
+    assert fusion.status in ("applied", "slower") and len(fusion.result.applied) == 2
 
 
 def test_whole_mlp_both_styles_every_activation():
@@ -245,7 +249,9 @@ def test_parameters_and_buffers_a_forward_writes_hold_their_values_afterwards():
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
     # each verification run started from the same weights, so the fused graph matched the original's output
-    assert [o.status for o in fast.shapeprof_report.outcomes] == ["applied"] and fused_count(fast) == 1
+    # (and measure=True then kept it only if it timed no slower)
+    [outcome] = fast.shapeprof_report.outcomes
+    assert outcome.verification.ok and fused_count(fast) == (1 if outcome.status == "applied" else 0)
 
 
 def test_batch_norm_statistics_in_train_mode_hold_their_values_afterwards():
@@ -424,20 +430,18 @@ def test_report_renders_in_a_fixed_width_console_and_prices_on_the_spec():
     torch.manual_seed(0)
     model = MLP(d_in=32, d_hidden=128, d_out=8).eval()
     x = torch.randn(16, 32)
-    fast = optimize(model, x, spec="h100-sxm", dtype=torch.bfloat16, measure=True)
+    fast = optimize(model, x, spec="h100-sxm", dtype=torch.bfloat16)
     report = fast.shapeprof_report
     assert isinstance(report, OptimizeReport) and report.spec.name == "h100-sxm" and report.dtype == "bfloat16"
     assert report.bytes_saved == 2 * (2 * 16 * 128 * 2)   # two blocks' (16, 128) intermediates, priced in bf16
     assert 0 < report.seconds_saved < report.predicted_seconds
-    m = report.measurement
-    assert m is not None and m.repeats >= 5 and m.original_seconds > 0 and m.optimized_seconds > 0
     console = Console(file=io.StringIO(), width=100, color_system=None)
     console.print(report)
     text = console.file.getvalue()
     for expected in ("shapeprof optimize MLP", "fuse_linear_activation: applied", "blocks.0.0 -> blocks.0.1",
                      "mkldnn._linear_pointwise(relu)", "Verification", "on NVIDIA H100 80GB HBM3",
-                     "measured on cpu", "interleaved"):
-        assert expected in text, expected
+                     "runs only while the model is as it was optimized", "do not require grad"):
+        assert expected in " ".join(text.split()), expected
     assert "blocks_0_0_weight" in report.code[""]
     data = json.loads(json.dumps(report.to_dict()))
     assert data["spec"] == "h100-sxm" and data["verified"] and data["bytes_saved"] == report.bytes_saved

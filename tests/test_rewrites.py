@@ -183,7 +183,7 @@ def test_each_form_is_matched_and_outputs_match(form):
     assert result.skipped == []
     assert len(fused_nodes(gm)) == count
     if kind is not None:
-        assert fused_nodes(gm)[0].kwargs == {"activation": kind, "kernel": "mkldnn"}
+        assert fused_nodes(gm)[0].kwargs == {"activation": kind, "kernel": "mkldnn", "pack": "frozen"}
         assert result.applied[0].what.startswith(what + " -> mkldnn._linear_pointwise")
     check_outputs(gm, model, x)
 
