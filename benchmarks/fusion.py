@@ -5,6 +5,12 @@ optimize fuses the first Linear with the activation. For d = 768 and 1024, at ba
 the per-call medians of the original and the optimized block and their ratio (original / optimized: above 1 is
 faster). fp32 on the CPU with every core; bf16 on CUDA as well when a GPU is present.
 
+Two paths, with optimize's safe default (pack_weights="frozen") in both: with frozen weights
+(``model.requires_grad_(False)``, as inference deployments load them) the CPU kernels use oneDNN-packed copies
+of the weights; with trainable weights (requires_grad=True, the default of a freshly built model) nothing is
+packed, since an optimizer step could change a weight behind PyTorch's back, and only the activation epilogue
+is fused. Each table says which.
+
 Timing: each (original, optimized) pair is measured in interleaved repeats, the order alternating (ABBA) so that
 drift and noise from other processes hit both alike; each repeat runs enough calls for ~50 ms; the medians over
 repeats are reported. Run on an otherwise idle machine: the ratio is only as good as the quiet.
@@ -57,7 +63,7 @@ def time_pair(original, fast, x, repeats: int, sync) -> tuple[float, float]:
     return statistics.median(samples[0]), statistics.median(samples[1])
 
 
-def run(device: str, dtype: torch.dtype, activations, repeats: int) -> list[tuple]:
+def run(device: str, dtype: torch.dtype, activations, repeats: int, frozen: bool) -> list[tuple]:
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     rows = []
     for activation in activations:
@@ -67,7 +73,7 @@ def run(device: str, dtype: torch.dtype, activations, repeats: int) -> list[tupl
                         activation="gelu" if activation == "gelu_tanh" else activation).eval()
             if activation == "gelu_tanh":
                 model.blocks[0][1] = torch.nn.GELU(approximate="tanh")
-            model = model.to(device=device, dtype=dtype)
+            model = model.to(device=device, dtype=dtype).requires_grad_(not frozen)
             for batch in BATCHES:
                 x = torch.randn(batch, d, device=device, dtype=dtype)
                 fast = optimize(model, x)
@@ -106,6 +112,8 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="CPU threads (default: all cores)")
     parser.add_argument("--no-cuda", action="store_true", help="skip the CUDA bf16 table even if a GPU is present")
     parser.add_argument("--no-cpu", action="store_true", help="skip the CPU fp32 table (GPU runs)")
+    parser.add_argument("--weights", choices=["frozen", "trainable", "both"], default="both",
+                        help="frozen (requires_grad=False: packed on the CPU), trainable (not packed), or both")
     args = parser.parse_args(argv)
     activations = args.activation or ["relu", "gelu"]
     torch.set_num_threads(args.threads)
@@ -113,13 +121,17 @@ def main(argv=None) -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, "
           f"{'CUDA: ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'no CUDA'}")
     print("ratio = original / optimized, per-call medians of interleaved repeats (>1: the fused model is faster)")
-    if not args.no_cpu:
-        print_table("CPU, fp32", run("cpu", torch.float32, activations, args.repeats))
-    if torch.cuda.is_available() and not args.no_cuda:
-        # cuBLASLt's GELU epilogue is the tanh approximation: an exact GELU stays unfused there
-        cuda_acts = args.activation or ["relu", "gelu_tanh", "gelu"]
-        print_table(f"CUDA ({torch.cuda.get_device_name()}), bf16",
-                    run("cuda", torch.bfloat16, cuda_acts, args.repeats))
+    states = {"frozen": [True], "trainable": [False], "both": [True, False]}[args.weights]
+    for frozen in states:
+        path = ("frozen weights: oneDNN-packed (the safe default packs these)" if frozen else
+                "trainable weights: not packed, activation epilogue only (the safe default)")
+        if not args.no_cpu:
+            print_table(f"CPU, fp32, {path}", run("cpu", torch.float32, activations, args.repeats, frozen))
+        if torch.cuda.is_available() and not args.no_cuda:
+            # cuBLASLt's GELU epilogue is the tanh approximation: an exact GELU stays unfused there
+            cuda_acts = args.activation or ["relu", "gelu_tanh", "gelu"]
+            print_table(f"CUDA ({torch.cuda.get_device_name()}), bf16, {path}",
+                        run("cuda", torch.bfloat16, cuda_acts, args.repeats, frozen))
 
 
 if __name__ == "__main__":

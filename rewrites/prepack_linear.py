@@ -47,7 +47,9 @@ class PrepackLinear(Rewrite):
             call = replace_linear(gm, lin, lin.node, "none", "mkldnn", plan, ctx.pack_weights)
             lin.node.replace_all_uses_with(call)
             gm.graph.erase_node(lin.node)
-            result.applied.append(Match(where, f"{lin.label} -> mkldnn._linear_pointwise(none) on a packed weight"))
+            when = {"frozen": " while it does not require grad", "always": ""}[ctx.pack_weights]
+            result.applied.append(Match(where, f"{lin.label} -> mkldnn._linear_pointwise(none) on a packed weight"
+                                               f"{when}"))
         return result
 
     def _plan(self, gm, ctx: RewriteContext, lin):
