@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 
+import torch
 import torch.fx as fx
 
 from . import register
@@ -62,6 +63,10 @@ class PrepackLinear(Rewrite):
             return "training: the oneDNN linear has no backward (call model.eval() before optimizing)"
         if ctx.pack_weights == "never":
             return "pack_weights='never'"
+        weight = lin.module.weight if lin.module is not None else None
+        if ctx.pack_weights == "frozen" and isinstance(weight, torch.Tensor) and weight.requires_grad:
+            return ("the weight requires grad, and only frozen weights are packed (a trained one could change "
+                    "unseen): model.requires_grad_(False) for inference, or pack_weights='always'")
         metas = linear_metas(gm, ctx, lin, lin.node)
         if isinstance(metas, str):
             return metas

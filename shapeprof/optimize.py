@@ -2,7 +2,8 @@
 
     >>> import torch, shapeprof
     >>> from shapeprof.optimize import optimize
-    >>> model = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.ReLU(), torch.nn.Linear(256, 64)).eval()
+    >>> model = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.ReLU(), torch.nn.Linear(256, 64))
+    >>> model = model.eval().requires_grad_(False)          # inference: frozen weights may be kept packed
     >>> fast = optimize(model, torch.randn(8, 64))
     >>> [m.what for m in fast.shapeprof_report.applied]  # doctest: +NORMALIZE_WHITESPACE
     ['Linear + ReLU -> mkldnn._linear_pointwise(relu)',
@@ -60,7 +61,7 @@ import torch.fx as fx
 import torch.nn as nn
 from torch.utils import _pytree as pytree
 
-from .capture import CaptureError, InputShape, NodeError, _unwrap, capture
+from .capture import CaptureError, InputShape, NodeError, _unwrap, capture, tensors_inside
 from .dropin import DropInError, graph_module_over, install, quiet, shared_copy, uninstall, values_equal, watch
 from .hardware import DeviceSpec, SpecError, get_spec
 from .snapshot import WriteSnapshot, copy_inputs, rng_kept
@@ -301,7 +302,7 @@ def optimize(model: nn.Module, *args: Any, rewrites: Sequence[str | Any] | None 
 
         >>> import torch
         >>> from examples.mlp import MLP
-        >>> model = MLP(d_in=32, d_hidden=64, d_out=8).eval()
+        >>> model = MLP(d_in=32, d_hidden=64, d_out=8).eval().requires_grad_(False)
         >>> fast = optimize(model, torch.randn(4, 32))
         >>> print(len(fast.shapeprof_report.applied), fast.shapeprof_report.verified)   # 2 fused, 1 packed
         3 True
@@ -527,7 +528,12 @@ def _recorder(recorded):
 
 
 def _detached(tree):
-    return pytree.tree_map(lambda x: x.detach().clone() if isinstance(x, torch.Tensor) else x, tree)
+    """The output with its tensors copied, objects holding tensors (a returned cache) included."""
+    memo = {id(t): t.detach().clone() for t in tensors_inside(tree)}
+    try:
+        return copy.deepcopy(tree, memo)
+    except Exception:
+        return pytree.tree_map(lambda x: memo.get(id(x), x) if isinstance(x, torch.Tensor) else x, tree)
 
 
 def _verify(module: nn.Module, args, kwargs, reference, tolerance: Tolerance | None,
@@ -539,14 +545,35 @@ def _verify(module: nn.Module, args, kwargs, reference, tolerance: Tolerance | N
     return _compare(reference, out, tolerance)
 
 
+def _output_leaves(out: Any) -> list[tuple[str, Any]]:
+    """(path, leaf) of an output, in order: pytree containers (a HuggingFace ModelOutput too), and inside an object
+    pytree does not know (a DynamicCache, an EncoderDecoderCache) its attributes, layer by layer, down to the
+    tensors: two cache objects are equal when their tensors are."""
+    found: list[tuple[str, Any]] = []
+
+    def visit(x: Any, path: str, depth: int) -> None:
+        leaves, _ = pytree.tree_flatten_with_path(x)
+        if not (len(leaves) == 1 and leaves[0][1] is x):
+            for p, leaf in leaves:
+                visit(leaf, path + pytree.keystr(p), depth + 1)
+        elif not isinstance(x, torch.Tensor) and depth < 8 and next(tensors_inside(x), None) is not None \
+                and hasattr(x, "__dict__"):
+            for name, v in vars(x).items():
+                visit(v, f"{path}.{name}", depth + 1)
+        else:
+            found.append((path, x))
+    visit(out, "", 0)
+    return found
+
+
 def _compare(expected, actual, tolerance: Tolerance | None) -> Verification:
-    exp, exp_spec = pytree.tree_flatten_with_path(expected)
-    act, act_spec = pytree.tree_flatten_with_path(actual)
-    if exp_spec != act_spec:
-        return Verification(error=f"the output's structure changed: {act_spec} instead of {exp_spec}")
+    exp, act = _output_leaves(expected), _output_leaves(actual)
+    if [p for p, _ in exp] != [p for p, _ in act]:
+        return Verification(error=f"the output's structure changed: {[p for p, _ in act]} instead of "
+                                  f"{[p for p, _ in exp]}")
     checks = []
     for (path, e), (_, a) in zip(exp, act):
-        name = pytree.keystr(path) or "out"
+        name = path or "out"
         if not isinstance(e, torch.Tensor):
             ok = values_equal(a, e)
             checks.append(OutputCheck(name, type(e).__name__, float("nan"), 0.0, 0.0, ok,
@@ -831,11 +858,18 @@ def render(report: OptimizeReport):
     captured = Text()
     for path, why in report.not_captured:
         captured.append(f"not traced: {path or report.model}: {why}\n", style="yellow")
-    if report.graphs:
-        names = ", ".join(g.path or f"{g.module_type} (the whole model)" for g in report.graphs)
+    rewritten = [g for g in report.graphs if g.path in report.code]
+    if rewritten:
+        names = ", ".join(g.path or f"{g.module_type} (the whole model)" for g in rewritten)
         captured.append(f"rewrote the traced forward of: {names}")
-        if report.graphs[0].path:
+        if rewritten[0].path:
             captured.append(f"; {report.model}'s own forward runs as written around them")
+    unchanged = [g for g in report.graphs if g.path not in report.code]
+    if unchanged and not report.refused:
+        if rewritten:
+            captured.append("\n")
+        captured.append("traced, no rewrite kept: " + ", ".join(g.path or g.module_type for g in unchanged),
+                        style="dim")
     parts.append(captured)
 
     for o in report.outcomes:

@@ -63,7 +63,7 @@ def assert_same(before: dict, after: dict):
 
 def test_drop_in_is_the_users_class_with_the_same_parameters_and_state_dict():
     torch.manual_seed(0)
-    model = MLP(d_in=32, d_hidden=64, d_out=8).eval()
+    model = MLP(d_in=32, d_hidden=64, d_out=8).eval().requires_grad_(False)   # frozen: prepacking applies
     x = torch.randn(6, 32)
     fast = optimize(model, x)
     assert isinstance(fast, MLP) and type(fast).__name__ == "MLP" and fast is not model
@@ -549,7 +549,7 @@ def test_a_moved_drop_in_fails_clearly():
 
 def test_prepacked_linears_follow_their_parameters():
     torch.manual_seed(0)
-    model = MLP(d_in=32, d_hidden=64, d_out=8, n_blocks=1).eval()
+    model = MLP(d_in=32, d_hidden=64, d_out=8, n_blocks=1).eval().requires_grad_(False)
     x = torch.randn(16, 32)
     fast = optimize(model, x)
     report = fast.shapeprof_report
@@ -569,7 +569,7 @@ def test_prepacked_linears_follow_their_parameters():
 
 
 def test_one_row_examples_are_not_prepacked():
-    model = MLP(d_in=32, d_hidden=64, d_out=8, n_blocks=1).eval()
+    model = MLP(d_in=32, d_hidden=64, d_out=8, n_blocks=1).eval().requires_grad_(False)
     report = optimize(model, torch.randn(1, 32), rewrites=["prepack_linear"]).shapeprof_report
     assert report.applied == []
     assert {s.reason for s in report.skipped} == {"one row: MKL's matrix-vector path beats oneDNN's linear there"}
@@ -577,8 +577,15 @@ def test_one_row_examples_are_not_prepacked():
 
 def test_gpt_generate_is_unchanged_with_every_rewrite():
     torch.manual_seed(0)
-    model = GPT(GPTConfig.tiny()).eval()
+    model = GPT(GPTConfig.tiny()).eval().requires_grad_(False)
     idx = torch.randint(0, 256, (2, 12))
     fast = optimize(model, idx)
     assert fused_count(fast) == 2 and fused_count(fast, activation=False) >= 4
     torch.testing.assert_close(fast.generate(idx, 10, greedy=True), model.generate(idx, 10, greedy=True))
+
+
+def test_trainable_linears_are_not_prepacked_and_the_report_says_how():
+    model = MLP(d_in=32, d_hidden=64, d_out=8, n_blocks=1).eval()
+    report = optimize(model, torch.randn(16, 32), rewrites=["prepack_linear"]).shapeprof_report
+    assert report.applied == []
+    assert all("requires_grad_(False)" in s.reason for s in report.skipped) and report.skipped
