@@ -130,7 +130,7 @@ class Capture:
 
 
 def capture(model: nn.Module, *args: Any, method: str = "auto", dtype: torch.dtype | None = None,
-            **kwargs: Any) -> Capture:
+            leaf_untraceable: bool = False, **kwargs: Any) -> Capture:
     """Capture `model` called as ``model(*args, **kwargs)`` into a graph with per-node ATen op records.
 
     Args:
@@ -142,6 +142,8 @@ def capture(model: nn.Module, *args: Any, method: str = "auto", dtype: torch.dty
             values and real inputs are given, dispatch_real); "runnable" tries export before dispatch, for callers
             that run the graph on the model's weights; or name one of `METHODS`.
         dtype: analyse as if parameters, buffers and floating inputs were in this dtype.
+        leaf_untraceable: symbolic_trace calls a submodule whose forward it cannot trace as one node, instead of
+            failing (the rewrites of `shapeprof.optimize` want the traceable rest); the notes name them.
 
     Returns:
         A `Capture`; `capture.method` says which way worked, `capture.attempts` why the earlier ones did not.
@@ -165,8 +167,12 @@ def capture(model: nn.Module, *args: Any, method: str = "auto", dtype: torch.dty
             if name == "dispatch_real" and method in ORDERS and not branch_site:
                 continue   # only worth a real run (a copy of the model) when the forward needs values
             try:
+                kept_whole: list[str] = []
                 if name == "dispatch_real":
                     graph, nodes, exported = _capture_dispatch_real(model, args, kwargs, dtype)
+                elif name == "symbolic_trace":
+                    graph, nodes, exported = _capture_symbolic(shadow, meta_args, meta_kwargs, leaf_untraceable,
+                                                               kept_whole)
                 else:
                     graph, nodes, exported = _CAPTURERS[name](shadow, meta_args, meta_kwargs)
             except Exception as e:  # each way fails in its own way; keep why and try the next
@@ -178,6 +184,8 @@ def capture(model: nn.Module, *args: Any, method: str = "auto", dtype: torch.dty
                 continue
             root = exported.graph_module if exported is not None else shadow
             notes = masks.annotate(nodes, _leaf_values(name, graph, model, shadow, exported, args, kwargs))
+            if kept_whole:
+                notes.append(f"called whole, their forward not traceable: {', '.join(kept_whole)}")
             if name == "dispatch_real":
                 notes.insert(0, f"the forward branches on tensor values at {branch_site}: it was run once on a "
                                 f"copy with the example inputs' real values; the report is the path they take")
@@ -410,14 +418,18 @@ _PRIMITIVES = (int, float, bool, str, bytes, type(None), torch.dtype, torch.devi
 class _TwinTracer(fx.Tracer):
     """fx.Tracer that traces each distinct module call once and copies the subgraph for its twins."""
 
-    def __init__(self) -> None:
+    def __init__(self, leaves: frozenset[str] = frozenset()) -> None:
         super().__init__()
         self.proxy_buffer_attributes = True   # `self.bias[:, :, :T, :T]` on a registered buffer
         self.regions: dict[Any, _Region | None] = {}
         self.replays: list[_Replay] = []
         self._module_keys: dict[int, Any] = {}
+        self.leaves = leaves                  # module paths called whole, as one node (see capture's leaf_untraceable)
+        self.failed_in: str | None = None     # the innermost submodule whose forward raised while traced
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if module_qualified_name in self.leaves:
+            return True
         # fx keeps every torch.nn module whole. For one op (Linear, LayerNorm) that is right; torch's composite
         # modules (TransformerEncoder, TransformerEncoderLayer, MultiheadAttention) would hide 24 layers or an
         # attention's projections in one node. Look inside any module that has children.
@@ -429,6 +441,14 @@ class _TwinTracer(fx.Tracer):
         path = self.path_of_module(m)
         if self.is_leaf_module(m, path):
             return super().call_module(m, forward, args, kwargs)
+        try:
+            return self._call_inside(m, path, forward, args, kwargs)
+        except Exception:
+            if self.failed_in is None:
+                self.failed_in = path
+            raise
+
+    def _call_inside(self, m, path, forward, args, kwargs):
         try:
             key = (self._module_key(m), _arg_key(args), _arg_key(kwargs))
         except _Unkeyable:
@@ -594,28 +614,84 @@ def _reprefix(s: str, old: str, new: str) -> str:
     return s
 
 
-def _capture_symbolic(shadow: nn.Module, args: tuple, kwargs: dict):
+def _capture_symbolic(shadow: nn.Module, args: tuple, kwargs: dict, leaf_untraceable: bool = False,
+                      kept_whole: list | None = None):
+    """symbolic_trace; with `leaf_untraceable`, a submodule whose forward cannot be traced (an HF attention's control
+    flow on shapes) is called whole, as one node, and tracing tries again (bounded: each retry makes one more).
+    The paths so kept go into `kept_whole`."""
+    leaves: frozenset[str] = frozenset()
+    for _ in range(_MAX_LEAF_RETRIES if leaf_untraceable else 1):
+        tracer = _TwinTracer(leaves)
+        try:
+            result = _trace_symbolic(shadow, args, kwargs, tracer)
+            if kept_whole is not None:
+                kept_whole.extend(sorted(leaves))
+            return result
+        except Exception:
+            if not leaf_untraceable or not tracer.failed_in or tracer.failed_in in leaves:
+                raise
+            leaves = leaves | {tracer.failed_in}
+    raise CaptureError(f"more than {_MAX_LEAF_RETRIES} submodules cannot be traced")
+
+
+_MAX_LEAF_RETRIES = 64
+
+
+def _trace_symbolic(shadow: nn.Module, args: tuple, kwargs: dict, tracer: "_TwinTracer"):
     forward = inspect.signature(shadow.forward)
     bound = forward.bind(*args, **kwargs)
     bound.apply_defaults()
     concrete, values = {}, []
     for name, param in forward.parameters.items():
-        if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
+        if param.kind == param.VAR_POSITIONAL:
             raise TypeError(f"forward takes *{name}; symbolic tracing needs named parameters")
+        if param.kind == param.VAR_KEYWORD:
+            if bound.arguments[name]:
+                raise TypeError(f"the call passes {sorted(bound.arguments[name])} through **{name}; symbolic "
+                                f"tracing needs named parameters")
+            continue   # traced through a forward without it (_named_forward): this call puts nothing there
         value = bound.arguments[name]
         if not _has_tensor(value) and next(tensors_inside(value), None) is None:
             concrete[name] = value   # a constant: trace the branch the user's call takes (an object holding
                                      # tensors, a cache, is an input: baked in, the graph would replay its contents)
         values.append(value)
-    tracer = _TwinTracer()
     tracer.record_stack_traces = True
-    with _no_module_mutation(shadow):
+    with _no_module_mutation(shadow), _named_forward(shadow, forward):
         graph = tracer.trace(shadow, concrete_args=concrete or None)
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     if len(placeholders) != len(values):
         raise TypeError(f"traced graph has {len(placeholders)} inputs, forward takes {len(values)}")
     nodes = _propagate(graph, shadow, dict(zip(placeholders, values)), tracer.replays)
     return graph, nodes, None
+
+
+@contextmanager
+def _named_forward(shadow: nn.Module, signature: inspect.Signature) -> Iterator[None]:
+    """While tracing, the shadow's class's forward without its ``**kwargs`` (HuggingFace layers take them and pass
+    them on, which fx cannot trace: its **kwargs is a Proxy). The shadow is ours; its class comes back after."""
+    if not any(p.kind == p.VAR_KEYWORD for p in signature.parameters.values()):
+        yield
+        return
+    named = [p for p in signature.parameters.values() if p.kind != p.VAR_KEYWORD]
+    defaults = {p.name: p.default for p in named if p.default is not p.empty}
+    params = ", ".join(f"{p.name}=_defaults[{p.name!r}]" if p.name in defaults else
+                       (f"*, {p.name}" if p.kind == p.KEYWORD_ONLY and i == _first_kwonly(named) else p.name)
+                       for i, p in enumerate(named))
+    call = ", ".join(p.name if p.kind != p.KEYWORD_ONLY else f"{p.name}={p.name}" for p in named)
+    cls = type(shadow)
+    namespace: dict[str, Any] = {}
+    # generated, as fx generates its own code: fx reads a forward's parameters from its code object
+    exec(f"def forward(self, {params}):\n    return _forward(self, {call})",
+         {"_forward": cls.forward, "_defaults": defaults}, namespace)
+    shadow.__class__ = type(cls.__name__, (cls,), {"forward": namespace["forward"], "__module__": cls.__module__})
+    try:
+        yield
+    finally:
+        shadow.__class__ = cls
+
+
+def _first_kwonly(params: list[inspect.Parameter]) -> int:
+    return next((i for i, p in enumerate(params) if p.kind == p.KEYWORD_ONLY), -1)
 
 
 def _has_tensor(x: Any) -> bool:

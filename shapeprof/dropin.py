@@ -240,7 +240,10 @@ class _Guard:
         bound = self.signature.bind(*args, **kwargs)
         bound.apply_defaults()
         self.params: list[tuple[str, str, Any]] = []
+        self.varkw = next((p.name for p in params if p.kind == p.VAR_KEYWORD), None)
         for p in params:
+            if p.kind == p.VAR_KEYWORD:
+                continue   # the graph was traced with nothing in **kwargs: a call must pass nothing there either
             value = bound.arguments[p.name]
             if isinstance(value, torch.Tensor):
                 self.params.append((p.name, "tensor", None))
@@ -249,7 +252,8 @@ class _Guard:
             else:
                 self.params.append((p.name, "constant", value))
         self.all_tensors = all(kind == "tensor" for _, kind, _ in self.params)
-        self.positional = all(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in params)
+        self.positional = all(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in params
+                              if p.kind != p.VAR_KEYWORD)
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple | None:
         if module.training != self.training:
@@ -261,6 +265,8 @@ class _Guard:
         except TypeError:
             return None
         bound.apply_defaults()
+        if self.varkw is not None and bound.arguments.get(self.varkw):
+            return None
         values = []
         for name, kind, expected in self.params:
             value = bound.arguments[name]

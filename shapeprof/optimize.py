@@ -379,33 +379,35 @@ def _optimize(model, fast, args, kwargs, selected, registry, verify, tolerance, 
     inputs_require_grad = any(isinstance(t, torch.Tensor) and t.requires_grad
                               for t in pytree.tree_leaves((args, kwargs)))
 
-    # capture: the whole model if it traces, else its largest submodules that do
+    # capture: the whole model if it traces (and its graph reproduces it), else its largest submodules that do
     whole, why = _try_capture(fast, args, kwargs)
     reference, recorded = None, {}
-    if whole is None or verify is not False:
-        reference, recorded = _run(fast, args, kwargs, snapshot, record_inputs=whole is None)
-    if whole is not None:
-        targets = [_Target("", fast, whole, example=(args, kwargs))]
-    else:
+    if whole is None or verify is not False:   # (with verify=False on a meta model, only when it must)
+        reference, recorded = _run(fast, args, kwargs, snapshot, record_inputs=True)   # + each submodule's call
+    if whole is None:
         report.not_captured.append(("", why))
-        targets = _submodule_targets(fast, recorded, report.not_captured)
+    candidates = [_Target("", fast, whole, example=(args, kwargs))] if whole is not None else \
+        _submodule_targets(fast, recorded, report.not_captured)
+    targets: list[_Target] = []
+    for _ in range(_MAX_DEPTH):   # a graph that does not reproduce its module is replaced by its submodules' graphs
+        for t in candidates:
+            t.original = model.get_submodule(t.path) if t.path else model
+        kept = candidates if verify is False else \
+            _faithful_targets(fast, candidates, args, kwargs, reference, tolerance, report, snapshot)
+        targets += kept
+        dropped = [t for t in candidates if t not in kept]
+        if not dropped:
+            break
+        # the graph of a module that builds Python objects while traced (an HF model making its cache) may not
+        # reproduce it: its submodules' may
+        candidates = [c for t in dropped for c in _submodule_targets(t.module, recorded, report.not_captured,
+                                                                       prefix=t.path)]
+    _describe(targets, report, registry, device_spec, dtype, device, inputs_require_grad)
     if not targets:
-        report.refused = f"nothing could be captured: {why}"
+        report.refused = ("no captured graph reproduces its module's forward on the example inputs"
+                          if any("does not reproduce" in w for _, w in report.not_captured)
+                          else f"nothing could be captured: {why}")
         return _finish(fast, report)
-    for t in targets:
-        t.ctx_args = dict(spec=device_spec, dtype=dtype, path=t.path, device=device, training=t.module.training,
-                          inputs_require_grad=inputs_require_grad, pack_weights=report.pack_weights)
-        t.original = model.get_submodule(t.path) if t.path else model
-        report.graphs.append(CapturedGraph(t.path, type(t.module).__name__, t.capture.method,
-                                           len(t.capture.nodes)))
-        report.predicted_seconds += _predicted_seconds(t, registry)
-
-    # the captured graphs, unrewritten, must reproduce the model before a rewrite's outputs can be blamed on it
-    if verify is not False:
-        targets = _faithful_targets(fast, targets, args, kwargs, reference, tolerance, report, snapshot)
-        if not targets:
-            report.refused = "no captured graph reproduces its module's forward on the example inputs"
-            return _finish(fast, report)
 
     for rewrite in selected:
         report.outcomes.append(_apply(rewrite, targets, fast, args, kwargs, reference, verify, tolerance, registry,
@@ -419,6 +421,18 @@ def _optimize(model, fast, args, kwargs, selected, registry, verify, tolerance, 
 
 
 _PACK_POLICIES = ("frozen", "always", "never")
+
+
+_MAX_DEPTH = 8
+
+
+def _describe(targets, report, registry, device_spec, dtype, device, inputs_require_grad) -> None:
+    for t in targets:
+        t.ctx_args = dict(spec=device_spec, dtype=dtype, path=t.path, device=device, training=t.module.training,
+                          inputs_require_grad=inputs_require_grad, pack_weights=report.pack_weights)
+        report.graphs.append(CapturedGraph(t.path, type(t.module).__name__, t.capture.method,
+                                           len(t.capture.nodes)))
+        report.predicted_seconds += _predicted_seconds(t, registry)
 
 
 def _finish(fast: nn.Module, report: OptimizeReport) -> nn.Module:
@@ -632,7 +646,7 @@ class _Target:
 def _try_capture(module: nn.Module, args, kwargs, path: str = ""):
     """(Capture, '') or (None, why): the module's forward traced, if the graph can stand in for it."""
     try:
-        cap = capture(module, *args, method="symbolic_trace", **kwargs)
+        cap = capture(module, *args, method="symbolic_trace", leaf_untraceable=True, **kwargs)
     except (CaptureError, NodeError) as e:
         return None, _first_line(e)
     lost = _hooks_lost(module, cap, path)
@@ -655,8 +669,9 @@ def _hooks_lost(module: nn.Module, cap, prefix: str = "") -> str:
     return ""
 
 
-def _submodule_targets(root: nn.Module, recorded: dict, not_captured: list) -> list[_Target]:
-    """The largest submodules that were called and trace, top down; a module that does not is looked into."""
+def _submodule_targets(root: nn.Module, recorded: dict, not_captured: list, prefix: str = "") -> list[_Target]:
+    """The largest submodules of `root` (at `prefix` in the model) that were called and trace, top down; a module
+    that does not is looked into."""
     targets: list[_Target] = []
     seen: set[int] = set()
 
@@ -681,7 +696,7 @@ def _submodule_targets(root: nn.Module, recorded: dict, not_captured: list) -> l
                 targets.append(_Target(sub, child, cap, example=call))
             except OptimizeError as e:
                 not_captured.append((sub, str(e)))
-    visit("", root)
+    visit(prefix, root)
     return targets
 
 

@@ -333,7 +333,8 @@ def test_optimize_shows_the_verified_rewrites_before_and_after(tmp_path):
     assert "Sequential --optimize: before and after" in text.stdout and "fuse_linear_activation" in text.stdout
     (model,) = json.loads(as_json.stdout)["models"]
     opt = model["optimize"]
-    assert opt["verified"] and [a["what"].split(" ->")[0] for a in opt["applied"]] == ["Linear + ReLU", "Linear"]
+    # the second Linear's weight requires grad (the script does not freeze it): it is not prepacked
+    assert opt["verified"] and [a["what"].split(" ->")[0] for a in opt["applied"]] == ["Linear + ReLU"]
     assert opt["predicted_seconds_after"] < opt["predicted_seconds_before"]
     assert opt["measured"] is None                      # measured before/after only with --profile
     assert json.loads((tmp_path / "b" / "Sequential" / "optimize.json").read_text()) == opt
