@@ -25,19 +25,22 @@ import torch
 from torch._subclasses.fake_tensor import is_fake
 
 _lock = threading.Lock()
-_cache: dict[int, tuple[weakref.ref, int, int, torch.Tensor]] = {}   # id(weight) -> (ref, version, ptr, packed)
+_cache: dict[tuple[int, bool], tuple[weakref.ref, int, int, torch.Tensor]] = {}
+# (id(weight), transposed) -> (ref, version, ptr, packed)
 
 
-def packed_weight(weight: torch.Tensor) -> torch.Tensor:
+def packed_weight(weight: torch.Tensor, transposed: bool = False) -> torch.Tensor:
     """`weight` in oneDNN's linear layout, packed on first use and again whenever the weight changed.
+
+    With `transposed`, `weight` is stored (in, out), as HuggingFace's Conv1D keeps it, and its transpose is packed.
 
     Meta and fake tensors (shapeprof analysing or torch.export tracing the optimized model) and weights oneDNN
     cannot pack (a dtype this CPU lacks) come back as they are: `_linear_pointwise` takes plain weights too.
     """
     if weight.device.type != "cpu" or weight.layout != torch.strided or (
             type(weight) not in (torch.Tensor, torch.nn.Parameter) and is_fake(weight)):
-        return weight
-    key = id(weight)
+        return weight.t() if transposed else weight
+    key = (id(weight), transposed)
     hit = _cache.get(key)
     if hit is not None:
         ref, version, ptr, packed = hit
@@ -45,9 +48,10 @@ def packed_weight(weight: torch.Tensor) -> torch.Tensor:
             return packed
     try:
         # the second argument is a batch-size hint for the blocking; any number of rows works with the result
-        packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 64)
+        plain = weight.detach().t().contiguous() if transposed else weight.detach()
+        packed = torch.ops.mkldnn._reorder_linear_weight(plain, 64)
     except RuntimeError:
-        return weight
+        return weight.t() if transposed else weight
     with _lock:
         _cache[key] = (weakref.ref(weight, lambda _, key=key: _cache.pop(key, None)), weight._version,
                        weight.data_ptr(), packed)

@@ -22,7 +22,7 @@ import torch.fx as fx
 from . import register
 from .base import Match, Rewrite, RewriteContext, RewriteResult, Skip
 from .fuse_linear_activation import (_as_linear, _choose_kernel, _fused_record, _global_hooks, _has_hooks,
-                                     linear_metas, replace_linear)
+                                     linear_metas, lookup_attr, replace_linear)
 
 
 @register
@@ -63,7 +63,9 @@ class PrepackLinear(Rewrite):
             return "training: the oneDNN linear has no backward (call model.eval() before optimizing)"
         if ctx.pack_weights == "never":
             return "pack_weights='never'"
-        weight = lin.module.weight if lin.module is not None else None
+        weight = lin.module.weight if lin.module is not None else \
+            lookup_attr(gm, lin.weight.target) if isinstance(lin.weight, fx.Node) and lin.weight.op == "get_attr" \
+            else None
         if ctx.pack_weights == "frozen" and isinstance(weight, torch.Tensor) and weight.requires_grad:
             return ("the weight requires grad, and only frozen weights are packed (a trained one could change "
                     "unseen): model.requires_grad_(False) for inference, or pack_weights='always'")

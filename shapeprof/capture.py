@@ -142,8 +142,10 @@ def capture(model: nn.Module, *args: Any, method: str = "auto", dtype: torch.dty
             values and real inputs are given, dispatch_real); "runnable" tries export before dispatch, for callers
             that run the graph on the model's weights; or name one of `METHODS`.
         dtype: analyse as if parameters, buffers and floating inputs were in this dtype.
-        leaf_untraceable: symbolic_trace calls a submodule whose forward it cannot trace as one node, instead of
-            failing (the rewrites of `shapeprof.optimize` want the traceable rest); the notes name them.
+        leaf_untraceable: for `shapeprof.optimize`, which wants the traceable rest: symbolic_trace calls a submodule
+            whose forward it cannot trace as one node instead of failing (the notes name them), and gives tensors
+            their concrete dtypes, so that a branch on a dtype traces the branch the inputs take (the drop-in's guard
+            then checks the inputs' dtypes).
 
     Returns:
         A `Capture`; `capture.method` says which way worked, `capture.attempts` why the earlier ones did not.
@@ -415,11 +417,37 @@ _PRIMITIVES = (int, float, bool, str, bytes, type(None), torch.dtype, torch.devi
                torch.memory_format)
 
 
+_TRACE_META = "shapeprof.trace_meta"   # node.meta key: the node's meta value while it is traced (dtypes mode)
+
+
+def _fx_patches_lifted():
+    from torch.fx import _symbolic_trace
+    lift = getattr(_symbolic_trace, "_maybe_revert_all_patches", None)
+    if lift is None:
+        raise RuntimeError("this torch cannot lift fx's patches")
+    return lift()
+
+
+class _DtypeProxy(fx.Proxy):
+    """A Proxy whose ``.dtype`` is the concrete dtype its meta value has, so that a forward branching on a dtype
+    (Whisper: ``if hidden_states.dtype == torch.float16: clamp``) traces the branch the inputs take. The graph is
+    then specialised to its inputs' dtypes, which the drop-in's guard checks; shapes stay symbolic."""
+
+    @property
+    def dtype(self):
+        value = self.node.meta.get(_TRACE_META)
+        if isinstance(value, torch.Tensor):
+            return value.dtype
+        return self.tracer.create_proxy("call_function", getattr, (self, "dtype"), {})
+
+
 class _TwinTracer(fx.Tracer):
     """fx.Tracer that traces each distinct module call once and copies the subgraph for its twins."""
 
-    def __init__(self, leaves: frozenset[str] = frozenset()) -> None:
+    def __init__(self, leaves: frozenset[str] = frozenset(), dtypes: bool = False) -> None:
         super().__init__()
+        self.dtypes = dtypes                  # give Proxies their concrete dtype (see _DtypeProxy)
+        self.examples: dict[str, Any] = {}    # placeholder name -> the meta value the call gives it
         self.proxy_buffer_attributes = True   # `self.bias[:, :, :T, :T]` on a registered buffer
         self.regions: dict[Any, _Region | None] = {}
         self.replays: list[_Replay] = []
@@ -447,6 +475,51 @@ class _TwinTracer(fx.Tracer):
             if self.failed_in is None:
                 self.failed_in = path
             raise
+
+    # ------------------------------------------------------------------ concrete dtypes
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        return _DtypeProxy(node, self) if self.dtypes else super().proxy(node)
+
+    def create_proxy(self, kind, target, args, kwargs, name=None, type_expr=None, proxy_factory_fn=None):
+        proxy = super().create_proxy(kind, target, args, kwargs, name, type_expr, proxy_factory_fn)
+        if self.dtypes and isinstance(proxy, fx.Proxy):
+            proxy.node.meta[_TRACE_META] = self._meta_value(proxy.node)
+        return proxy
+
+    def _meta_value(self, node: fx.Node) -> Any:
+        """The node's value on meta tensors, as it is traced (None if unknown)."""
+        if node.op == "placeholder":
+            return self.examples.get(node.target)
+        if node.op == "get_attr":
+            try:
+                with _fx_patches_lifted():   # fx's patched Module.__getattr__ would make a proxy of it again
+                    return _fetch_attr(self.root, node.target)
+            except (AttributeError, RuntimeError):
+                return None
+        missing = []
+
+        def value(n: fx.Node):
+            v = n.meta.get(_TRACE_META)
+            if v is None:
+                missing.append(n)
+            return v
+        args, kwargs = map_arg(node.args, value), map_arg(node.kwargs, value)
+        if missing:
+            return None
+        try:
+            # fx patches nn.Module.__call__ (and some functions) while it traces: a leaf module run on meta here
+            # would be traced again. The patches are lifted around the run (fx's own helper; without it, a leaf's
+            # value stays unknown).
+            with torch.no_grad(), _fx_patches_lifted():
+                if node.op == "call_function":
+                    return node.target(*args, **kwargs)
+                if node.op == "call_method":
+                    return getattr(args[0], node.target)(*args[1:], **kwargs)
+                if node.op == "call_module":
+                    return self.root.get_submodule(node.target)(*args, **kwargs)
+        except Exception:
+            return None
+        return None
 
     def _call_inside(self, m, path, forward, args, kwargs):
         try:
@@ -491,6 +564,8 @@ class _TwinTracer(fx.Tracer):
                              for k, (p, t) in inner])
             if "stack_trace" in n.meta:
                 copy_.meta["stack_trace"] = n.meta["stack_trace"]
+            if _TRACE_META in n.meta:   # a twin computes what its original did (its dtypes, for _DtypeProxy)
+                copy_.meta[_TRACE_META] = n.meta[_TRACE_META]
             env[n] = copy_
             pairs.append((n, copy_))
         self.replays.append(_Replay(region, inputs, pairs))
@@ -621,7 +696,7 @@ def _capture_symbolic(shadow: nn.Module, args: tuple, kwargs: dict, leaf_untrace
     The paths so kept go into `kept_whole`."""
     leaves: frozenset[str] = frozenset()
     for _ in range(_MAX_LEAF_RETRIES if leaf_untraceable else 1):
-        tracer = _TwinTracer(leaves)
+        tracer = _TwinTracer(leaves, dtypes=leaf_untraceable)
         try:
             result = _trace_symbolic(shadow, args, kwargs, tracer)
             if kept_whole is not None:
@@ -646,17 +721,20 @@ def _trace_symbolic(shadow: nn.Module, args: tuple, kwargs: dict, tracer: "_Twin
         if param.kind == param.VAR_POSITIONAL:
             raise TypeError(f"forward takes *{name}; symbolic tracing needs named parameters")
         if param.kind == param.VAR_KEYWORD:
-            if bound.arguments[name]:
-                raise TypeError(f"the call passes {sorted(bound.arguments[name])} through **{name}; symbolic "
-                                f"tracing needs named parameters")
-            continue   # traced through a forward without it (_named_forward): this call puts nothing there
+            extra = bound.arguments[name]
+            if any(_has_tensor(v) or next(tensors_inside(v), None) is not None for v in extra.values()):
+                raise TypeError(f"the call passes tensors {sorted(extra)} through **{name}; symbolic tracing needs "
+                                f"named parameters")
+            continue   # traced through a forward without it (_named_forward), with its constants baked in
         value = bound.arguments[name]
         if not _has_tensor(value) and next(tensors_inside(value), None) is None:
             concrete[name] = value   # a constant: trace the branch the user's call takes (an object holding
                                      # tensors, a cache, is an input: baked in, the graph would replay its contents)
         values.append(value)
     tracer.record_stack_traces = True
-    with _no_module_mutation(shadow), _named_forward(shadow, forward):
+    varkw = next((bound.arguments[p.name] for p in forward.parameters.values() if p.kind == p.VAR_KEYWORD), {})
+    tracer.examples = {name: value for name, value in bound.arguments.items() if name not in concrete}
+    with _no_module_mutation(shadow), _named_forward(shadow, forward, varkw):
         graph = tracer.trace(shadow, concrete_args=concrete or None)
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     if len(placeholders) != len(values):
@@ -666,9 +744,10 @@ def _trace_symbolic(shadow: nn.Module, args: tuple, kwargs: dict, tracer: "_Twin
 
 
 @contextmanager
-def _named_forward(shadow: nn.Module, signature: inspect.Signature) -> Iterator[None]:
+def _named_forward(shadow: nn.Module, signature: inspect.Signature, extra: dict) -> Iterator[None]:
     """While tracing, the shadow's class's forward without its ``**kwargs`` (HuggingFace layers take them and pass
-    them on, which fx cannot trace: its **kwargs is a Proxy). The shadow is ours; its class comes back after."""
+    them on, which fx cannot trace: its **kwargs is a Proxy), called with the constants the example call put there
+    (`extra`: use_cache=True), which the graph is then specialised to. The shadow is ours; its class comes back."""
     if not any(p.kind == p.VAR_KEYWORD for p in signature.parameters.values()):
         yield
         return
@@ -681,8 +760,8 @@ def _named_forward(shadow: nn.Module, signature: inspect.Signature) -> Iterator[
     cls = type(shadow)
     namespace: dict[str, Any] = {}
     # generated, as fx generates its own code: fx reads a forward's parameters from its code object
-    exec(f"def forward(self, {params}):\n    return _forward(self, {call})",
-         {"_forward": cls.forward, "_defaults": defaults}, namespace)
+    exec(f"def forward(self, {params}):\n    return _forward(self, {call}{', ' if call else ''}**_extra)",
+         {"_forward": cls.forward, "_defaults": defaults, "_extra": dict(extra)}, namespace)
     shadow.__class__ = type(cls.__name__, (cls,), {"forward": namespace["forward"], "__module__": cls.__module__})
     try:
         yield

@@ -241,12 +241,14 @@ class _Guard:
         bound.apply_defaults()
         self.params: list[tuple[str, str, Any]] = []
         self.varkw = next((p.name for p in params if p.kind == p.VAR_KEYWORD), None)
+        # the graph was traced with these constants in **kwargs (use_cache=True): a call must pass the same
+        self.varkw_values = bound.arguments.get(self.varkw, {}) if self.varkw else {}
         for p in params:
             if p.kind == p.VAR_KEYWORD:
-                continue   # the graph was traced with nothing in **kwargs: a call must pass nothing there either
+                continue
             value = bound.arguments[p.name]
             if isinstance(value, torch.Tensor):
-                self.params.append((p.name, "tensor", None))
+                self.params.append((p.name, "tensor", value.dtype))   # a graph may branch on its dtype
             elif any(isinstance(v, torch.Tensor) for v in pytree.tree_leaves(value)):
                 self.params.append((p.name, "tree", pytree.tree_structure(value)))
             else:
@@ -258,20 +260,23 @@ class _Guard:
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple | None:
         if module.training != self.training:
             return None
-        if self.all_tensors and self.positional and not kwargs and len(args) == len(self.params):
-            return args if all(isinstance(a, _TENSORLIKE) for a in args) else None
+        if self.all_tensors and self.positional and not kwargs and not self.varkw_values \
+                and len(args) == len(self.params):
+            ok = all(isinstance(a, fx.Proxy) or (isinstance(a, torch.Tensor) and a.dtype == d)
+                     for a, (_, _, d) in zip(args, self.params))
+            return args if ok else None
         try:
             bound = self.signature.bind(*args, **kwargs)
         except TypeError:
             return None
         bound.apply_defaults()
-        if self.varkw is not None and bound.arguments.get(self.varkw):
+        if self.varkw is not None and not _same_constants(bound.arguments.get(self.varkw, {}), self.varkw_values):
             return None
         values = []
         for name, kind, expected in self.params:
             value = bound.arguments[name]
             if kind == "tensor":
-                if not isinstance(value, _TENSORLIKE):
+                if not isinstance(value, _TENSORLIKE) or (isinstance(value, torch.Tensor) and value.dtype != expected):
                     return None
             elif kind == "tree":
                 if pytree.tree_structure(value) != expected:
@@ -280,6 +285,11 @@ class _Guard:
                 return None
             values.append(value)
         return tuple(values)
+
+
+def _same_constants(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(v is b[k] or (type(v) is type(b[k]) and values_equal(v, b[k]))
+                                        for k, v in a.items())
 
 
 _TENSORLIKE = (torch.Tensor, fx.Proxy)   # a Proxy: the optimized model being traced (analysed) itself

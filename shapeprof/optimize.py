@@ -384,10 +384,17 @@ def _optimize(model, fast, args, kwargs, selected, registry, verify, tolerance, 
     reference, recorded = None, {}
     if whole is None or verify is not False:   # (with verify=False on a meta model, only when it must)
         reference, recorded = _run(fast, args, kwargs, snapshot, record_inputs=True)   # + each submodule's call
+    candidates = []
+    if whole is not None:
+        try:
+            candidates = [_Target("", fast, whole, example=(args, kwargs))]
+        except OptimizeError as e:   # a graph that cannot run on the model (a constant made on meta)
+            whole, why = None, str(e)
     if whole is None:
         report.not_captured.append(("", why))
-    candidates = [_Target("", fast, whole, example=(args, kwargs))] if whole is not None else \
-        _submodule_targets(fast, recorded, report.not_captured)
+        if not recorded and verify is False:
+            reference, recorded = _run(fast, args, kwargs, snapshot, record_inputs=True)
+        candidates = _submodule_targets(fast, recorded, report.not_captured)
     targets: list[_Target] = []
     for _ in range(_MAX_DEPTH):   # a graph that does not reproduce its module is replaced by its submodules' graphs
         for t in candidates:
