@@ -2,6 +2,7 @@
 subprocess, on scripts written to tmp_path. Independent commands run side by side to keep the file quick."""
 import json
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -54,6 +55,12 @@ def write(path, text):
 
 def no_shapeprof_traceback(stderr):
     assert "Traceback" not in stderr, stderr
+
+
+def run_dir(logdir):
+    """The one run directory (<script>-<time>) that a trace made in `logdir`."""
+    (path,) = [p for p in Path(logdir).iterdir() if p.is_dir()]
+    return path
 
 
 # ---------------------------------------------------------------------------------------------- one full trace
@@ -134,7 +141,7 @@ def traced(tmp_path_factory):
     logdir = root / "logs"
     result = run(["trace", "--no-tensorboard", "--logdir", str(logdir), "--spec", str(spec_file), "--top", "4",
                   "main.py", "--", "--epochs", "1", "--lr", "3e-4"], cwd=proj)
-    return result, logdir, root
+    return result, run_dir(logdir), root
 
 
 def test_trace_runs_the_script_as_python_would(traced):
@@ -234,7 +241,8 @@ def test_json_output_and_module_mode(tmp_path):
     assert model["name"] == "Sequential" and model["calls"] == 2 and model["distinct_inputs"] == 2
     report = shapeprof.Report.from_dict(model["report"])
     assert report.dtype == "bfloat16" and report.inputs == ("bf16[1, 8]",)
-    assert Path(model["report_path"]) == tmp_path / "out" / "Sequential" / "report.json"
+    assert Path(doc["run_dir"]).parent == tmp_path / "out" and Path(doc["run_dir"]).name.startswith("mypkg.serve-")
+    assert Path(model["report_path"]) == Path(doc["run_dir"]) / "Sequential" / "report.json"
 
 
 def test_a_script_without_a_model(tmp_path):
@@ -299,6 +307,137 @@ def test_more_bad_input_in_process(tmp_path, monkeypatch, capsys):
         assert exit_.value.code == 2 and expected in capsys.readouterr().err
 
 
+def test_an_unwritable_logdir_stops_before_the_script_runs(tmp_path):
+    marker = tmp_path / "ran"
+    write(tmp_path / "ok.py", f"open({str(marker)!r}, 'w').close()\n")
+    (tmp_path / "afile").write_text("")
+    under_a_file, a_file = run_many([(["trace", "--logdir", "afile/sub", "ok.py"], tmp_path),
+                                     (["trace", "--logdir", "afile", "ok.py"], tmp_path)])
+    for r in (under_a_file, a_file):
+        assert r.returncode == 2 and r.stdout == "", r.stderr
+        assert r.stderr.startswith("shapeprof: error: ") and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "'afile/sub'" in under_a_file.stderr and "is a file, not a directory" in under_a_file.stderr
+    assert "'afile' exists and is not a directory" in a_file.stderr
+    assert not marker.exists()                       # the script never ran
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "ok.py"]
+
+
+# Two scripts whose reports tell them apart: a.py's Linear has as many outputs as its argument says
+TRACE_A = """
+    import sys
+    import torch
+    import torch.nn as nn
+    nn.Linear(8, int(sys.argv[1]))(torch.randn(2, 8))
+"""
+TRACE_B = """
+    import torch
+    import torch.nn as nn
+    nn.Sequential(nn.Linear(4, 4), nn.ReLU())(torch.randn(3, 4))
+"""
+
+
+def _check_runs_kept_apart(logdir, results, jobs):
+    """Each trace has a run directory of its own, which it printed; its trace.json names its script and argv, and
+    every report it lists is inside it and is that script's model."""
+    dirs = sorted(p for p in logdir.iterdir() if p.is_dir())
+    assert len(dirs) == len(jobs), [p.name for p in dirs]
+    seen = set()
+    for result, (script, argv) in zip(results, jobs):
+        assert result.returncode == 0, result.stderr
+        line = next(line for line in result.stdout.splitlines() if line.startswith("reports saved in "))
+        where = logdir.parent / line.removeprefix("reports saved in ").split(";")[0]
+        assert where.parent == logdir and where.name.startswith(script[:-3] + "-") and where not in seen
+        seen.add(where)
+        trace = json.loads((where / "trace.json").read_text())
+        assert trace["target"] == script and trace["argv"] == [script, *argv] and trace["status"] == "complete"
+        (model,) = trace["models"]
+        assert Path(model["report_path"]).parent.parent == where
+        report = shapeprof.Report.from_json(model["report_path"])
+        if script == "a.py":
+            assert report.model == "Linear" and report.nodes[0].output == f"f32[2, {argv[0]}]"
+        else:
+            assert report.model == "Sequential" and report.inputs == ("f32[3, 4]",)
+    assert seen == set(dirs)
+
+
+def test_traces_one_after_another_into_one_logdir_each_keep_their_own(tmp_path):
+    write(tmp_path / "a.py", TRACE_A)
+    write(tmp_path / "b.py", TRACE_B)
+    jobs = [("a.py", ["3"]), ("b.py", []), ("a.py", ["5"])]
+    results = [run(["trace", "--no-tensorboard", "--logdir", "logs", script, *argv], cwd=tmp_path)
+               for script, argv in jobs]
+    _check_runs_kept_apart(tmp_path / "logs", results, jobs)
+
+
+def test_traces_started_together_into_one_logdir_never_mix(tmp_path):
+    write(tmp_path / "a.py", TRACE_A)
+    write(tmp_path / "b.py", TRACE_B)
+    # the same script twice (most likely in the same second: the same run name, so one of them gets '-2')
+    jobs = [("a.py", ["3"]), ("a.py", ["5"]), ("b.py", [])]
+    results = run_many([(["trace", "--no-tensorboard", "--logdir", "logs", script, *argv], tmp_path)
+                        for script, argv in jobs])
+    _check_runs_kept_apart(tmp_path / "logs", results, jobs)
+
+
+# Analysed after a plain Linear: its forward, when shapeprof's analysis runs it after the script has ended, says
+# so in a file and waits to be interrupted, which makes "during the analysis" a moment the test can wait for
+INTERRUPTED = """
+    import sys
+    import time
+    import torch
+    import torch.nn as nn
+
+
+    class Slow(nn.Module):
+        marker = None   # set when the script ends (the analysis runs with shapeprof's own sys.argv)
+
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+
+        def forward(self, x):
+            if type(self).marker:
+                open(type(self).marker, "w").close()
+                while True:
+                    time.sleep(0.05)
+            return self.lin(x)
+
+
+    nn.Linear(4, 4)(torch.randn(2, 4))
+    Slow()(torch.randn(2, 4))
+    Slow.marker = sys.argv[1]
+"""
+
+
+def test_ctrl_c_during_the_analysis_leaves_a_trace_json_of_what_was_finished(tmp_path):
+    write(tmp_path / "slow.py", INTERRUPTED)
+    marker = tmp_path / "analysing-slow"
+    proc = subprocess.Popen(_cmd(["trace", "--no-tensorboard", "--logdir", "logs", "slow.py", str(marker)]),
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+    try:
+        deadline = time.monotonic() + 120
+        while not marker.exists():
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "the analysis of Slow never started"
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 130, err
+    no_shapeprof_traceback(err)
+    assert "interrupted while analysing Slow" in err and "lists the 1 of 2 models finished" in err
+    where = run_dir(tmp_path / "logs")
+    trace = json.loads((where / "trace.json").read_text())
+    assert trace["status"] == "interrupted" and trace["not_analysed"] == ["Slow"]
+    (linear,) = trace["models"]
+    assert linear["name"] == "Linear" and linear["error"] is None
+    assert shapeprof.Report.from_json(linear["report_path"]).model == "Linear"
+    assert sorted(p.name for p in where.iterdir()) == ["Linear", "trace.json"]   # no temp file left
+
+
 SMALL = """
     import torch
     import torch.nn as nn
@@ -318,7 +457,7 @@ def test_profile_measures_each_model_beside_its_prediction(tmp_path):
     (model,) = json.loads(result.stdout)["models"]
     assert model["error"] is None and model["warnings"] == [], model
     assert model["measured_seconds"] > 0 and model["measured_on"].startswith("cpu")
-    measured = shapeprof.Report.from_json(tmp_path / "logs" / "Sequential" / "measured.json")
+    measured = shapeprof.Report.from_json(run_dir(tmp_path / "logs") / "Sequential" / "measured.json")
     assert all(n.measured_seconds is not None for n in measured.nodes)
     predicted = shapeprof.Report.from_dict(model["report"])
     assert predicted.spec.name == "a100-80gb-sxm" and predicted.total.measured_seconds is None
@@ -336,7 +475,7 @@ def test_optimize_shows_the_verified_rewrites_before_and_after(tmp_path):
     assert opt["verified"] and [a["what"].split(" ->")[0] for a in opt["applied"]] == ["Linear + ReLU", "Linear"]
     assert opt["predicted_seconds_after"] < opt["predicted_seconds_before"]
     assert opt["measured"] is None                      # measured before/after only with --profile
-    assert json.loads((tmp_path / "b" / "Sequential" / "optimize.json").read_text()) == opt
+    assert json.loads((run_dir(tmp_path / "b") / "Sequential" / "optimize.json").read_text()) == opt
 
 
 # ---------------------------------------------------------------------------------------------- width
@@ -378,7 +517,7 @@ def test_trace_lays_its_reports_out_for_columns(tmp_path):
         assert proc.returncode == 0, err
         lines = out.splitlines()
         assert max(len(line) for line in lines) <= columns
-        report = shapeprof.Report.from_json(tmp_path / f"w{columns}" / "Sequential" / "report.json")
+        report = shapeprof.Report.from_json(run_dir(tmp_path / f"w{columns}") / "Sequential" / "report.json")
         header, rows = _table_rows(lines, "Top ")
         # one line per node (9: the Flatten is a view, it does no work), no row wrapped into a second line
         assert len(rows) == len(report.nodes) == 9
@@ -398,7 +537,7 @@ def test_profile_shows_measured_and_efficiency_whole_at_120_columns(tmp_path):
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert max(len(line) for line in lines) <= 120
-    measured = shapeprof.Report.from_json(tmp_path / "logs" / "Sequential" / "measured.json")
+    measured = shapeprof.Report.from_json(run_dir(tmp_path / "logs") / "Sequential" / "measured.json")
     header, rows = _measured_rows(lines)
     assert "measured" in header.split() and "eff." in header.split()
     assert len(rows) == len(measured.nodes)
@@ -460,7 +599,7 @@ def test_a_training_script_is_told_its_report_is_forward_only(tmp_path):
     for name, result, trained in zip(("train", "one_step", "infer"), results, (True, True, False)):
         assert result.returncode == 0, result.stderr
         assert (f"note: {note}" in result.stdout) == trained, (name, result.stdout)
-        (model,) = json.loads((tmp_path / name / "trace.json").read_text())["models"]
+        (model,) = json.loads((run_dir(tmp_path / name) / "trace.json").read_text())["models"]
         assert model["notes"] == ([note] if trained else []), name
         report = shapeprof.Report.from_json(model["report_path"])
         assert report.notes == ((note,) if trained else ()), name
@@ -476,7 +615,7 @@ def test_the_examples_run_under_trace(tmp_path):
     for (name, model), r in zip(names.items(), results):
         assert r.returncode == 0, (name, r.stderr)
         assert f"model 1 of 1: {model}" in r.stdout, (name, r.stdout)
-        assert (tmp_path / name / model / "report.json").is_file()
+        assert (run_dir(tmp_path / name) / model / "report.json").is_file()
         no_shapeprof_traceback(r.stderr)
     assert "GPT: called 16x at top level" in results[1].stdout        # one call per generated token
     assert "CrossEntropyLoss (5x)" in results[0].stdout                 # the loss: no parameters, listed
