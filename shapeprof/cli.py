@@ -491,8 +491,8 @@ def _print_results(run: ScriptRun, results: list[_ModelResult], skipped: list[Tr
     if run_dir is not None and any(r.report_path for r in results):
         where = _display_path(run_dir.path)
         line = f"reports saved in {where}"
-        if any(r.tensorboard for r in results):
-            line += f"; see them in TensorBoard: shapeprof view {where}"
+        if any(r.tensorboard for r in results):   # quoted: a command to paste into a shell, spaces and all
+            line += f"; see them in TensorBoard: {shlex.join(['shapeprof', 'view', where])}"
         console.print(_text(line))
 
 

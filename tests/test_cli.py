@@ -438,6 +438,16 @@ def test_ctrl_c_during_the_analysis_leaves_a_trace_json_of_what_was_finished(tmp
     assert sorted(p.name for p in where.iterdir()) == ["Linear", "trace.json"]   # no temp file left
 
 
+def test_the_view_hint_can_be_pasted_into_a_shell(tmp_path):
+    write(tmp_path / "s.py", "import torch\ntorch.nn.Linear(4, 4)(torch.randn(2, 4))\n")
+    result = run(["trace", "--logdir", "my logs", "s.py"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    line = next(line for line in result.stdout.splitlines() if "see them in TensorBoard: " in line)
+    command = shlex.split(line.split("see them in TensorBoard: ")[1])
+    assert command[:2] == ["shapeprof", "view"] and len(command) == 3, command
+    assert (tmp_path / command[2]) == run_dir(tmp_path / "my logs")
+
+
 SMALL = """
     import torch
     import torch.nn as nn
