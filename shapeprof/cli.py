@@ -36,15 +36,12 @@ from rich.text import Text
 from .capture import METHODS
 from .hardware import DeviceSpec, SpecError, get_spec, list_specs
 from .report import Report, ReportFormatError
-from .rundir import RunDir, RunDirError
+from .rundir import (TRACE_SCHEMA, TRACE_SCHEMA_VERSION, RunDir, RunDirError, optimize_document, read_saved,
+                     saved_files, write_json)
 from .terminal import (fmt_bytes, fmt_flops, fmt_intensity, fmt_seconds, printable, render, terminal_width,
                        without_control)
 from .tracing import (ScriptNotFound, ScriptRun, TraceConfig, TracedModel, analyse_model, check_target,
                       resolve_dtype, run_script, script_name, with_trace_notes)
-
-TRACE_SCHEMA = "shapeprof.trace"
-TRACE_SCHEMA_VERSION = 2   # 2: trace.json is in a run directory of its own, written as each model is saved,
-                           # with a status; the models list holds the models finished so far
 
 
 @dataclass
@@ -186,9 +183,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="about how long the measurement may take (default: shapeprof.calibrate's)")
     cal.set_defaults(func=_cmd_calibrate)
 
-    rep = sub.add_parser("report", formatter_class=fmt, help="print a saved report again",
-                         description="Print a saved report.json again, or every report.json under a logdir.")
-    rep.add_argument("path", help="a report.json, or a directory to search for them")
+    rep = sub.add_parser("report", formatter_class=fmt, help="print saved reports again",
+                         description="Print a saved report again (report.json, measured.json or optimize.json), "
+                                     "or every one of them under a folder (a run directory, a logdir).")
+    rep.add_argument("path", help="a report file, or a folder to search for them")
     rep.add_argument("--top", type=_positive_int, default=trace_defaults.top, metavar="N",
                      help="rows in the top-nodes table")
     rep.add_argument("--json", action="store_true", help="print the report(s) as JSON")
@@ -383,14 +381,14 @@ def _analyse_one(result: _ModelResult, config: TraceConfig, spec: DeviceSpec, ru
             _debug_traceback(e)
     step("saving")
     try:
+        # each path is set once its file is written: trace.json never lists a report that is not there
+        result.report.to_json(model_dir / "report.json")
         result.report_path = model_dir / "report.json"
-        result.report.to_json(result.report_path)
         if result.measured is not None:
+            result.measured.to_json(model_dir / "measured.json")
             result.measured_path = model_dir / "measured.json"
-            result.measured.to_json(result.measured_path)
         if result.optimized is not None:
-            result.optimized_path = model_dir / "optimize.json"
-            result.optimized_path.write_text(json.dumps(_optimize_summary(result.optimized), indent=1) + "\n")
+            result.optimized_path = write_json(model_dir / "optimize.json", optimize_document(result.optimized))
     except OSError as e:
         result.warnings.append(f"could not save the report: {_one_line(e)}")
     if config.tensorboard:
@@ -660,9 +658,9 @@ def _slug(name: str) -> str:
 def _cmd_report(ns: argparse.Namespace) -> int:
     path = Path(ns.path)
     if path.is_dir():
-        paths = sorted(path.rglob("report.json"))
+        paths = saved_files(path)
         if not paths:
-            raise CliError(f"no report.json under {path}")
+            raise CliError(f"no report.json, measured.json or optimize.json under {path}")
     elif path.exists():
         paths = [path]
     else:
@@ -670,20 +668,22 @@ def _cmd_report(ns: argparse.Namespace) -> int:
     reports = []
     for p in paths:
         try:
-            reports.append((p, Report.from_json(p)))
+            reports.append((p, read_saved(p)))
         except ReportFormatError as e:
             raise CliError(f"{p}: {e}") from None
     if ns.json:
+        docs = [r.to_dict() if isinstance(r, Report) else optimize_document(r) for _, r in reports]
         if len(reports) == 1 and not path.is_dir():
-            print(json.dumps(reports[0][1].to_dict(), indent=1))
+            print(json.dumps(docs[0], indent=1))
         else:
-            print(json.dumps([{"path": str(p), "report": r.to_dict()} for p, r in reports], indent=1))
+            print(json.dumps([{"path": str(p), "report": doc} for (p, _), doc in zip(reports, docs)], indent=1))
         return 0
     console = _stdout_console()
     for p, r in reports:
         if len(reports) > 1:
-            console.rule(Text(str(p), style="bold"), align="left")
-        console.print(render(r, top=ns.top))
+            console.rule(_text(str(p), style="bold"), align="left")
+        # an OptimizeReport renders itself (shapeprof.optimize.render); its strings come from a file too
+        console.print(render(r, top=ns.top) if isinstance(r, Report) else without_control(r))
     return 0
 
 

@@ -456,7 +456,8 @@ def from_plain(cls: type, data: Any, where: str = "") -> Any:
     """An instance of the dataclass `cls` built from JSON data, every field checked against its annotation.
 
     Reads what `dataclasses.asdict` wrote: an object per dataclass (a missing key takes the field's default, an
-    unknown key is an error), a list per tuple or list, numbers for int and float (a bool is neither, and an
+    unknown key is an error, a key naming a property of the class is skipped), a list per tuple or list, an
+    object per dict (JSON keys are strings), numbers for int and float (a bool is neither, and an
     integer must fit in 64 bits, as every count here does), strings, null only where the type allows None.
     Fields with ``compare=False`` are not data and are not read. Any other mismatch is a `ReportFormatError`
     naming the field by its path, so what renders a report later never meets a wrong type.
@@ -471,10 +472,11 @@ def from_plain(cls: type, data: Any, where: str = "") -> Any:
     hints = _type_hints(cls)
     known = {f.name: f for f in fields(cls) if f.init and f.compare}
     for key in data:
-        if key not in known:
+        # a key naming a property is derived data a to_dict() adds for readers (a speedup): recomputed, not read
+        if key not in known and not isinstance(getattr(cls, str(key), None), property):
             raise ReportFormatError(_at(where, f"unknown key {str(key)!r}"))
     values = {}
-    for name, f in known.items():
+    for name, f in known.items():   # in the order of the fields: the first wrong one is the one named
         path = f"{where}.{name}" if where else name
         if name in data:
             values[name] = _typed(hints[name], data[name], path)
@@ -528,6 +530,11 @@ def _typed(tp: Any, value: Any, where: str) -> Any:
         item = args[0] if args else Any
         items = [_typed(item, v, f"{where}[{i}]") for i, v in enumerate(value)]
         return tuple(items) if origin is tuple else items
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ReportFormatError(f"{where}: expected an object, got {_json_kind(value)}")
+        key, item = args if args else (Any, Any)
+        return {_typed(key, k, where): _typed(item, v, f"{where}[{k!r}]") for k, v in value.items()}
     if tp is bool:
         if not isinstance(value, bool):
             raise ReportFormatError(f"{where}: expected true or false, got {_json_kind(value)}")

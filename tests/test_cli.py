@@ -485,7 +485,36 @@ def test_optimize_shows_the_verified_rewrites_before_and_after(tmp_path):
     assert opt["verified"] and [a["what"].split(" ->")[0] for a in opt["applied"]] == ["Linear + ReLU", "Linear"]
     assert opt["predicted_seconds_after"] < opt["predicted_seconds_before"]
     assert opt["measured"] is None                      # measured before/after only with --profile
-    assert json.loads((run_dir(tmp_path / "b") / "Sequential" / "optimize.json").read_text()) == opt
+    saved = json.loads((run_dir(tmp_path / "b") / "Sequential" / "optimize.json").read_text())
+    assert (saved["schema"], saved["version"]) == ("shapeprof.optimize", 1)
+    assert saved["verified"] == opt["verified"] and saved["predicted_seconds"] == opt["predicted_seconds_before"]
+    assert [m["what"] for o in saved["outcomes"] for m in o["applied"]] == [a["what"] for a in opt["applied"]]
+
+
+def test_report_shows_every_saved_report_of_a_run_directory(tmp_path):
+    write(tmp_path / "small.py", SMALL)
+    trace = run(["trace", "--optimize", "--profile", "--steps", "2", "--no-tensorboard", "--logdir", "logs",
+                 "small.py"], cwd=tmp_path)
+    assert trace.returncode == 0, trace.stderr
+    where = run_dir(tmp_path / "logs")
+    model = where / "Sequential"
+    whole, optimize_only, as_json = run_many([(["report", str(where)], tmp_path),
+                                              (["report", str(model / "optimize.json")], tmp_path),
+                                              (["report", "--json", str(where)], tmp_path)])
+    for r in (whole, optimize_only, as_json):
+        assert r.returncode == 0, r.stderr
+    # the three, each model's together: predicted, measured, optimize
+    out = whole.stdout
+    positions = [out.index(str(model / name)) for name in ("report.json", "measured.json", "optimize.json")]
+    assert positions == sorted(positions)
+    assert "on NVIDIA A100-SXM4-80GB" in out and "shapeprof optimize Sequential" in out
+    assert "fuse_linear_activation: applied" in optimize_only.stdout
+    # read back, optimize.json renders as the trace printed it
+    printed = trace.stdout.split("Sequential --optimize: before and after")[1].split("reports saved in")[0]
+    assert optimize_only.stdout.strip() in printed and optimize_only.stdout.strip().startswith("shapeprof optimize")
+    docs = json.loads(as_json.stdout)
+    assert [Path(d["path"]).name for d in docs] == ["report.json", "measured.json", "optimize.json"]
+    assert docs[2]["report"] == json.loads((model / "optimize.json").read_text())
 
 
 # ---------------------------------------------------------------------------------------------- width
