@@ -13,6 +13,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import torch
 
 import shapeprof
 from shapeprof import cli
@@ -283,6 +284,34 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path):
     specs = results["specs"]
     assert specs.returncode == 0
     assert "a100-80gb-sxm (default)" in specs.stdout and "153 FLOP/B" in specs.stdout and "h100-sxm" in specs.stdout
+
+
+def test_report_on_a_damaged_file_is_one_line_naming_it(tmp_path):
+    good = json.loads(shapeprof.analyze(torch.nn.Linear(4, 4), torch.randn(2, 4)).to_json())
+
+    def damaged(change):
+        data = json.loads(json.dumps(good))
+        change(data)
+        return data
+
+    files = {
+        "list.json": ([good], "the JSON is a list, not an object"),
+        "string.json": ("report", "the JSON is a string, not an object"),
+        "spec.json": (damaged(lambda d: d.update(spec="a100")), "spec: expected an object, got a string"),
+        "peaks.json": (damaged(lambda d: d["spec"].update(peak_flops={"fp32": "fast"})),
+                       "spec: peak_flops.fp32 must be a number"),
+        "null.json": (damaged(lambda d: d["total"].update(flops=None)), "total.flops: expected an integer, got null"),
+        "text.json": (damaged(lambda d: d["nodes"][0].update(bytes_read="144")),
+                      "nodes[0].bytes_read: expected an integer, got a string"),
+    }
+    for name, (data, _) in files.items():
+        (tmp_path / name).write_text(json.dumps(data))
+    results = run_many([(["report", name], tmp_path) for name in files])
+    for (name, (_, message)), r in zip(files.items(), results):
+        assert r.returncode == 2 and r.stdout == "", (name, r.stderr)
+        no_shapeprof_traceback(r.stderr)
+        assert r.stderr.startswith(f"shapeprof: error: {name}: ") and len(r.stderr.splitlines()) == 1, r.stderr
+        assert message in r.stderr, (name, r.stderr)
 
 
 def test_more_bad_input_in_process(tmp_path, monkeypatch, capsys):
