@@ -22,7 +22,6 @@ import importlib.util
 import json
 import os
 import shlex
-import subprocess
 import sys
 import traceback
 from dataclasses import dataclass, field
@@ -33,6 +32,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from . import viewer
 from .capture import METHODS
 from .hardware import DeviceSpec, SpecError, get_spec, list_specs
 from .report import Report, ReportFormatError
@@ -696,22 +696,8 @@ def _cmd_view(ns: argparse.Namespace) -> int:
     if importlib.util.find_spec("tensorboard") is None:
         raise CliError("view needs the tensorboard package: pip install tensorboard")
     host = ViewConfig().host
-    cmd = [sys.executable, "-m", "tensorboard.main", "--logdir", str(logdir), "--host", host, "--port", str(ns.port)]
-    print(f"TensorBoard on http://{host}:{ns.port}/ over {logdir} (Ctrl-C stops it)", flush=True)
-    child = subprocess.Popen(cmd)
-    try:
-        return child.wait()
-    except KeyboardInterrupt:   # from a terminal, TensorBoard got the SIGINT too; else it is stopped here
-        try:
-            child.wait(timeout=2)
-        except subprocess.TimeoutExpired:
-            child.terminate()
-            try:
-                child.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                child.kill()
-                child.wait()
-        return 0
+    print(printable(f"TensorBoard on http://{host}:{ns.port}/ over {logdir} (Ctrl-C stops it)"), flush=True)
+    return viewer.serve(logdir, host=host, port=ns.port)   # stops TensorBoard on every way out, SIGTERM too
 
 
 def _one_line(e: BaseException) -> str:

@@ -1,5 +1,6 @@
 """The command line, run as a user runs it: `python -m shapeprof ...` and the `shapeprof` console script, in a
 subprocess, on scripts written to tmp_path. Independent commands run side by side to keep the file quick."""
+import contextlib
 import json
 import os
 import shlex
@@ -454,7 +455,7 @@ def test_ctrl_c_during_the_analysis_leaves_a_trace_json_of_what_was_finished(tmp
     finally:
         if proc.poll() is None:
             proc.kill()
-            proc.communicate()
+        proc.communicate()
     assert proc.returncode == 130, err
     no_shapeprof_traceback(err)
     assert "interrupted while analysing Slow" in err and "lists the 1 of 2 models finished" in err
@@ -735,3 +736,44 @@ def test_view_serves_the_logdir_on_localhost_until_ctrl_c(traced):
     assert f"http://127.0.0.1:{port}/" in out
     with pytest.raises(OSError):
         urllib.request.urlopen(f"http://127.0.0.1:{port}/data/logdir", timeout=2)
+
+
+def test_view_stops_its_tensorboard_on_sigterm(traced):
+    import psutil
+    _, logdir, _ = traced
+    port = _free_port()
+    proc = subprocess.Popen(_cmd(["view", str(logdir), "--port", str(port)]), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=_env(), start_new_session=True)
+    started = []
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None, proc.communicate()
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/data/logdir", timeout=2) as response:
+                    assert response.status == 200
+                    break
+            except OSError:
+                assert time.monotonic() < deadline, "TensorBoard never answered"
+                time.sleep(0.3)
+        started = psutil.Process(proc.pid).children(recursive=True)   # TensorBoard (and what it started)
+        assert started
+        proc.send_signal(signal.SIGTERM)                # to view alone, as `kill` or a supervisor sends it
+        proc.wait(timeout=30)   # not communicate(): an orphaned TensorBoard would hold the pipes open
+        _, alive = psutil.wait_procs(started, timeout=30)
+        assert not alive, f"left running: {alive}"
+        deadline = time.monotonic() + 30
+        while True:                                     # nothing listens on the port any more
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port)) != 0:
+                    break
+            assert time.monotonic() < deadline, f"port {port} still open"
+            time.sleep(0.3)
+        assert proc.returncode == 128 + signal.SIGTERM   # as a shell reports a process ended by SIGTERM
+    finally:   # whatever happened, leave nothing running
+        for p in started:
+            with contextlib.suppress(psutil.Error):
+                p.kill()
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate()
