@@ -34,7 +34,7 @@ from rich.text import Text
 
 from . import viewer
 from .capture import METHODS
-from .hardware import DeviceSpec, SpecError, get_spec, list_specs
+from .hardware import DeviceSpec, SpecError, check_spec_path, get_spec, list_specs
 from .report import Report, ReportFormatError
 from .rundir import (TRACE_SCHEMA, TRACE_SCHEMA_VERSION, RunDir, RunDirError, optimize_document, read_saved,
                      saved_files, write_json)
@@ -626,8 +626,11 @@ def _cmd_specs(ns: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------------- calibrate
 
 def _cmd_calibrate(ns: argparse.Namespace) -> int:
-    if ns.output and Path(ns.output).suffix.lower() not in (".toml", ".json"):   # before minutes of measuring
-        raise CliError(f"cannot save a device spec as '{ns.output}': use a .toml or .json suffix")
+    try:   # before the seconds (or minutes) of measuring: a spec that cannot be saved is work lost
+        # without -o the file is '<spec name>.toml' here, its name known only after measuring: check the folder
+        check_spec_path(ns.output if ns.output else Path("calibrated.toml"))
+    except SpecError as e:
+        raise CliError(str(e)) from None
     if ns.budget is not None and not ns.budget > 0:
         raise CliError(f"--budget must be a positive number of seconds, got {ns.budget}")
     try:

@@ -478,6 +478,24 @@ def test_the_view_hint_can_be_pasted_into_a_shell(tmp_path):
     assert (tmp_path / command[2]) == run_dir(tmp_path / "my logs")
 
 
+def test_calibrate_checks_where_it_writes_before_measuring(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "afile").write_text("")
+    (tmp_path / "taken.toml").mkdir()
+
+    def measure(*args, **kwargs):
+        raise AssertionError("calibrate measured before finding that it cannot save the result")
+
+    monkeypatch.setattr(cli, "_calibrate", measure)
+    for output, expected in (("afile/x.toml", "into 'afile': 'afile' is a file, not a directory"),
+                             ("missing/x.toml", "into 'missing': no such directory"),
+                             ("taken.toml", "'taken.toml': it is a directory")):
+        assert cli.main(["calibrate", "-o", output]) == 2, output
+        err = capsys.readouterr().err
+        assert err.startswith("shapeprof: error: ") and expected in err and len(err.splitlines()) == 1, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "taken.toml"]   # no probe file left
+
+
 SMALL = """
     import torch
     import torch.nn as nn
