@@ -12,7 +12,10 @@ Defaults come from the config dataclasses (`TraceConfig`, `ViewConfig`, `Calibra
 
 Exit status: 2 for bad input (one line on stderr, no traceback); for `trace`, the script's own status (0, its
 sys.exit code, 1 for an uncaught exception, 130 for Ctrl-C), whether or not every model could be analysed: the
-output says which could not (set SHAPEPROF_DEBUG=1 for their tracebacks).
+output says which could not (set SHAPEPROF_DEBUG=1 for their tracebacks); 130 for a Ctrl-C during the analysis
+(trace.json then lists the models finished); for `view`, 0 after Ctrl-C, 143 after SIGTERM.
+
+Each trace writes into a run directory of its own, `<logdir>/<script>-<time>` (see `shapeprof.rundir`).
 """
 from __future__ import annotations
 
@@ -193,7 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
     rep.set_defaults(func=_cmd_report)
 
     view = sub.add_parser("view", formatter_class=fmt, help="start TensorBoard over a logdir",
-                          description=f"Start TensorBoard on {view_defaults.host} over a logdir; Ctrl-C stops it.")
+                          description=f"Start TensorBoard on {view_defaults.host} over a logdir; Ctrl-C (or SIGTERM) "
+                                      f"stops it.")
     view.add_argument("logdir", help="e.g. runs/ or runs/shapeprof/train-20250101-120000")
     view.add_argument("--port", type=_port, default=view_defaults.port, help="port to serve on")
     view.set_defaults(func=_cmd_view)
