@@ -12,15 +12,19 @@ Defaults come from the config dataclasses (`TraceConfig`, `ViewConfig`, `Calibra
 
 Exit status: 2 for bad input (one line on stderr, no traceback); for `trace`, the script's own status (0, its
 sys.exit code, 1 for an uncaught exception, 130 for Ctrl-C), whether or not every model could be analysed: the
-output says which could not (set SHAPEPROF_DEBUG=1 for their tracebacks).
+output says which could not (set SHAPEPROF_DEBUG=1 for their tracebacks); 130 for a Ctrl-C during the analysis
+(trace.json then lists the models finished); for `view`, 0 after Ctrl-C, 143 after SIGTERM.
+
+Each trace writes into a run directory of its own, `<logdir>/<script>-<time>` (see `shapeprof.rundir`).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import os
-import subprocess
+import shlex
 import sys
 import traceback
 from dataclasses import dataclass, field
@@ -31,15 +35,16 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from . import viewer
 from .capture import METHODS
-from .hardware import DeviceSpec, SpecError, get_spec, list_specs
+from .hardware import DeviceSpec, SpecError, check_spec_path, get_spec, list_specs
 from .report import Report, ReportFormatError
-from .terminal import fmt_bytes, fmt_flops, fmt_intensity, fmt_seconds, render, terminal_width
+from .rundir import (TRACE_SCHEMA, TRACE_SCHEMA_VERSION, RunDir, RunDirError, optimize_document, read_saved,
+                     saved_files, write_json)
+from .terminal import (fmt_bytes, fmt_flops, fmt_intensity, fmt_seconds, printable, render, terminal_width,
+                       without_control)
 from .tracing import (ScriptNotFound, ScriptRun, TraceConfig, TracedModel, analyse_model, check_target,
-                      default_logdir, resolve_dtype, run_script, script_name, with_trace_notes)
-
-TRACE_SCHEMA = "shapeprof.trace"
-TRACE_SCHEMA_VERSION = 1
+                      resolve_dtype, run_script, script_name, with_trace_notes)
 
 
 @dataclass
@@ -141,8 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
     trace.add_argument("--top", type=_positive_int, default=trace_defaults.top, metavar="N",
                        help="rows in each report's top-nodes table")
     trace.add_argument("--logdir", default=trace_defaults.logdir,
-                       help=f"where report.json files and TensorBoard runs go "
-                            f"(default: {trace_defaults.logdir_template.replace('%', '%%')})")
+                       help=f"each trace writes its reports, trace.json and TensorBoard runs into a new folder of "
+                            f"its own in this one, "
+                            f"{trace_defaults.run_name.format(script='SCRIPT', time='YYYYmmdd-HHMMSS')}[-N]")
     trace.add_argument("--no-tensorboard", dest="tensorboard", action="store_false",
                        default=trace_defaults.tensorboard, help="write no TensorBoard runs (report.json still)")
     trace.add_argument("--json", action="store_true", default=trace_defaults.json,
@@ -180,16 +186,18 @@ def build_parser() -> argparse.ArgumentParser:
                      help="about how long the measurement may take (default: shapeprof.calibrate's)")
     cal.set_defaults(func=_cmd_calibrate)
 
-    rep = sub.add_parser("report", formatter_class=fmt, help="print a saved report again",
-                         description="Print a saved report.json again, or every report.json under a logdir.")
-    rep.add_argument("path", help="a report.json, or a directory to search for them")
+    rep = sub.add_parser("report", formatter_class=fmt, help="print saved reports again",
+                         description="Print a saved report again (report.json, measured.json or optimize.json), "
+                                     "or every one of them under a folder (a run directory, a logdir).")
+    rep.add_argument("path", help="a report file, or a folder to search for them")
     rep.add_argument("--top", type=_positive_int, default=trace_defaults.top, metavar="N",
                      help="rows in the top-nodes table")
     rep.add_argument("--json", action="store_true", help="print the report(s) as JSON")
     rep.set_defaults(func=_cmd_report)
 
     view = sub.add_parser("view", formatter_class=fmt, help="start TensorBoard over a logdir",
-                          description=f"Start TensorBoard on {view_defaults.host} over a logdir; Ctrl-C stops it.")
+                          description=f"Start TensorBoard on {view_defaults.host} over a logdir; Ctrl-C (or SIGTERM) "
+                                      f"stops it.")
     view.add_argument("logdir", help="e.g. runs/ or runs/shapeprof/train-20250101-120000")
     view.add_argument("--port", type=_port, default=view_defaults.port, help="port to serve on")
     view.set_defaults(func=_cmd_view)
@@ -229,8 +237,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except CliError as e:
-        print(f"shapeprof: error: {e}", file=sys.stderr)
+    except CliError as e:   # the message may quote a file's contents: no escape sequence reaches the terminal
+        print(f"shapeprof: error: {printable(str(e))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:   # a Ctrl-C while shapeprof itself works (the script's own is handled in trace)
         print("shapeprof: interrupted", file=sys.stderr)
@@ -268,26 +276,47 @@ def _cmd_trace(ns: argparse.Namespace) -> int:
         check_target(ns.target, ns.is_module)
     except ScriptNotFound as e:
         raise CliError(str(e)) from None
-    logdir = default_logdir(config, script_name(ns.target, ns.is_module))   # absolute now: the script may chdir
-    if logdir.exists() and not logdir.is_dir():
-        raise CliError(f"--logdir {config.logdir} exists and is not a directory")
+    try:   # a folder of its own, made now: an unwritable logdir must not cost a training run either
+        run_dir: RunDir | None = RunDir.create(config.logdir, script_name(ns.target, ns.is_module),
+                                               name=config.run_name)
+    except RunDirError as e:
+        raise CliError(str(e)) from None
 
     run = run_script(ns.target, ns.script_args, is_module=ns.is_module, keep_real=config.keeps_real_inputs,
                      stdout_to_stderr=config.json)
 
     analysed = [m for m in run.models if m.has_state or config.all_modules]
     skipped = [m for m in run.models if m not in analysed]
-    results = _analyse_all(analysed, config, spec, logdir)
-    if analysed:
-        _write_summary(logdir / "trace.json", _summary(run, results, skipped, config, spec, logdir, inline=False))
+    results: list[_ModelResult] = []
+    if not analysed:   # nothing will be saved: leave no empty folder behind
+        run_dir.discard()
+        run_dir = None
+    else:
+        def save_trace(status: str) -> None:
+            _write_summary(run_dir, _summary(run, results, skipped, config, spec, run_dir, inline=False,
+                                             status=status, pending=analysed[len(results):]))
+        # trace.json is rewritten as each model's reports are saved, so that a Ctrl-C (or a kill) during the
+        # analysis leaves one listing what was finished, never reports that nothing points at
+        save_trace("analysing")
+        try:   # closing: a Ctrl-C between two models still ends the progress display before the message
+            with contextlib.closing(_analyse_all(analysed, config, spec, run_dir.path)) as finished:
+                for result in finished:
+                    results.append(result)
+                    save_trace("analysing" if len(results) < len(analysed) else "complete")
+        except KeyboardInterrupt:
+            save_trace("interrupted")
+            print(printable(f"shapeprof: interrupted while analysing {analysed[len(results)].name}: "
+                            f"{_display_path(run_dir.path / 'trace.json')} lists the {len(results)} of "
+                            f"{len(analysed)} models finished"), file=sys.stderr)
+            return 130
     if config.json:
         out = sys.stdout
-        out.write(json.dumps(_summary(run, results, skipped, config, spec, logdir, inline=True), indent=1) + "\n")
+        out.write(json.dumps(_summary(run, results, skipped, config, spec, run_dir, inline=True), indent=1) + "\n")
         out.flush()
         for message in _problems(run, results):
-            print(f"shapeprof: {message}", file=sys.stderr)
+            print(printable(f"shapeprof: {message}"), file=sys.stderr)
     else:
-        _print_results(run, results, skipped, config, logdir)
+        _print_results(run, results, skipped, config, run_dir)
     sys.stdout.flush()
     if run.exception is not None:   # as python would: the traceback of the user's code, on stderr
         sys.excepthook(type(run.exception), run.exception, run.exception.__traceback__)
@@ -303,26 +332,24 @@ def _spec(text: str) -> DeviceSpec:
         raise CliError(str(e)) from None
 
 
-def _analyse_all(models: list[TracedModel], config: TraceConfig, spec: DeviceSpec,
-                 logdir: Path) -> list[_ModelResult]:
-    results = [_ModelResult(m) for m in models]
-    if not models:
-        return results
+def _analyse_all(models: list[TracedModel], config: TraceConfig, spec: DeviceSpec, run_dir: Path):
+    """Analyse (and save) each model in turn, yielding its result as soon as its files are written."""
     steps = 2 + config.profile + config.optimize   # analyse, [profile], [optimize], save
     show = config.progress if config.progress is not None else (
         sys.stdout.isatty() and sys.stderr.isatty() and not config.json)
     with _progress(show) as progress:
         task = progress.add_task("analysing", total=len(models) * steps)
-        for i, result in enumerate(results, 1):
-            label = f"[{i}/{len(models)}] {result.traced.name}"
+        for i, model in enumerate(models, 1):
+            result = _ModelResult(model)
+            label = printable(f"[{i}/{len(models)}] {model.name}")
             progress.update(task, description=f"{label}: analysing")
-            _analyse_one(result, config, spec, logdir, lambda what: progress.update(
+            _analyse_one(result, config, spec, run_dir, lambda what: progress.update(
                 task, advance=1, description=f"{label}: {what}"))
             progress.update(task, completed=i * steps)
-    return results
+            yield result
 
 
-def _analyse_one(result: _ModelResult, config: TraceConfig, spec: DeviceSpec, logdir: Path, step) -> None:
+def _analyse_one(result: _ModelResult, config: TraceConfig, spec: DeviceSpec, run_dir: Path, step) -> None:
     traced = result.traced
     try:
         result.report = analyse_model(traced, config, spec)
@@ -330,7 +357,7 @@ def _analyse_one(result: _ModelResult, config: TraceConfig, spec: DeviceSpec, lo
         result.error = _one_line(e)
         _debug_traceback(e)
         return
-    model_dir = logdir / traced.name
+    model_dir = run_dir / traced.name
     if config.profile:
         step("profiling")
         module, args, kwargs = traced.real
@@ -358,20 +385,20 @@ def _analyse_one(result: _ModelResult, config: TraceConfig, spec: DeviceSpec, lo
             _debug_traceback(e)
     step("saving")
     try:
+        # each path is set once its file is written: trace.json never lists a report that is not there
+        result.report.to_json(model_dir / "report.json")
         result.report_path = model_dir / "report.json"
-        result.report.to_json(result.report_path)
         if result.measured is not None:
+            result.measured.to_json(model_dir / "measured.json")
             result.measured_path = model_dir / "measured.json"
-            result.measured.to_json(result.measured_path)
         if result.optimized is not None:
-            result.optimized_path = model_dir / "optimize.json"
-            result.optimized_path.write_text(json.dumps(_optimize_summary(result.optimized), indent=1) + "\n")
+            result.optimized_path = write_json(model_dir / "optimize.json", optimize_document(result.optimized))
     except OSError as e:
         result.warnings.append(f"could not save the report: {_one_line(e)}")
     if config.tensorboard:
         runs: dict[str, Any] = {}
         try:
-            runs.update(_export_tensorboard(logdir, result.report, measured=result.measured,
+            runs.update(_export_tensorboard(run_dir, result.report, measured=result.measured,
                                             measured_trace=result.measured_trace, name=traced.name))
         except CliError as e:
             result.warnings.append(str(e))
@@ -419,48 +446,56 @@ def _calls(traced: TracedModel) -> str:
     return text
 
 
+def _text(text: str, style: str = "") -> Text:
+    """A line for the terminal: class names, exception messages and paths come from the user's code and files,
+    so they go through `printable` (the reports themselves do so in their renderer)."""
+    return Text(printable(text), style=style)
+
+
 def _print_results(run: ScriptRun, results: list[_ModelResult], skipped: list[TracedModel], config: TraceConfig,
-                   logdir: Path) -> None:
+                   run_dir: RunDir | None) -> None:
     console = _stdout_console()
     err = Console(stderr=True, highlight=False, soft_wrap=True)
     if not results:
-        console.print(f"shapeprof: {_no_model_message(run)}")
+        console.print(_text(f"shapeprof: {_no_model_message(run)}"))
     for i, r in enumerate(results, 1):
         t = r.traced
-        console.rule(Text(f"model {i} of {len(results)}: {t.name}", style="bold"), align="left")
-        console.print(Text(_calls(t), style="bold"))
+        console.rule(_text(f"model {i} of {len(results)}: {t.name}", style="bold"), align="left")
+        console.print(_text(_calls(t), style="bold"))
         if r.error is not None:
-            err.print(Text(f"shapeprof: could not analyse {t.name}: {r.error}", style="red"))
+            err.print(_text(f"shapeprof: could not analyse {t.name}: {r.error}", style="red"))
             continue
         console.print(render(r.report, top=config.top))
         if r.measured is not None:
             m = r.measured
-            console.rule(Text(f"{t.name} measured on this machine", style="bold"), align="left")
-            console.print(Text(f"{m.spec.display_name}: median step {fmt_seconds(m.total.measured_seconds or 0.0)}, "
-                               f"{fmt_seconds(m.total.predicted_seconds)} predicted on its own roofline", style="bold"))
+            console.rule(_text(f"{t.name} measured on this machine", style="bold"), align="left")
+            console.print(_text(f"{m.spec.display_name}: median step {fmt_seconds(m.total.measured_seconds or 0.0)}, "
+                                f"{fmt_seconds(m.total.predicted_seconds)} predicted on its own roofline",
+                                style="bold"))
             if r.profile_note:
-                console.print(Text(r.profile_note, style="dim"))
+                console.print(_text(r.profile_note, style="dim"))
             console.print(render(m, top=config.top))
         if r.optimized is not None:
-            console.rule(Text(f"{t.name} --optimize: before and after", style="bold"), align="left")
-            console.print(r.optimized)
+            console.rule(_text(f"{t.name} --optimize: before and after", style="bold"), align="left")
+            console.print(without_control(r.optimized))
         for w in r.warnings:
-            err.print(Text(f"shapeprof: {t.name}: {w}", style="yellow"))
+            err.print(_text(f"shapeprof: {t.name}: {w}", style="yellow"))
     if skipped:
         names = ", ".join(f"{m.name} ({m.calls}x)" for m in skipped)
-        console.print(Text(f"not analysed, no parameters or buffers: {names} (--all-modules analyses them)",
-                           style="dim"))
+        console.print(_text(f"not analysed, no parameters or buffers: {names} (--all-modules analyses them)",
+                            style="dim"))
     for e in run.recorder_errors:
-        err.print(Text(f"shapeprof: recording: {e}", style="yellow"))
+        err.print(_text(f"shapeprof: recording: {e}", style="yellow"))
     failed = sum(r.error is not None for r in results)
     if failed:
-        err.print(Text(f"shapeprof: {failed} of {len(results)} model{'s' if len(results) > 1 else ''} could not "
-                       f"be analysed", style="bold red"))
-    if any(r.report_path for r in results):
-        line = f"reports saved in {_display_path(logdir)}"
-        if any(r.tensorboard for r in results):
-            line += f"; see them in TensorBoard: shapeprof view {_display_path(logdir)}"
-        console.print(line)
+        err.print(_text(f"shapeprof: {failed} of {len(results)} model{'s' if len(results) > 1 else ''} could not "
+                        f"be analysed", style="bold red"))
+    if run_dir is not None and any(r.report_path for r in results):
+        where = _display_path(run_dir.path)
+        line = f"reports saved in {where}"
+        if any(r.tensorboard for r in results):   # quoted: a command to paste into a shell, spaces and all
+            line += f"; see them in TensorBoard: {shlex.join(['shapeprof', 'view', where])}"
+        console.print(_text(line))
 
 
 def _no_model_message(run: ScriptRun) -> str:
@@ -480,8 +515,10 @@ def _problems(run: ScriptRun, results: list[_ModelResult]) -> list[str]:
 
 
 def _summary(run: ScriptRun, results: list[_ModelResult], skipped: list[TracedModel], config: TraceConfig,
-             spec: DeviceSpec, logdir: Path, *, inline: bool) -> dict[str, Any]:
-    """The trace as one JSON document: what ran, how it ended, each model (`inline`: with its whole report)."""
+             spec: DeviceSpec, run_dir: RunDir | None, *, inline: bool, status: str = "complete",
+             pending: list[TracedModel] = ()) -> dict[str, Any]:
+    """The trace as one JSON document: what ran, how it ended, each model finished (`inline`: with its whole
+    report), and, while `status` is 'analysing' or 'interrupted', the models not (yet) analysed."""
     def model(r: _ModelResult) -> dict[str, Any]:
         t = r.traced
         d: dict[str, Any] = {
@@ -515,8 +552,11 @@ def _summary(run: ScriptRun, results: list[_ModelResult], skipped: list[TracedMo
         "exit_code": run.exit_code,
         "exception": None if exc is None else {"type": type(exc).__name__, "message": str(exc)},
         "script_seconds": run.seconds, "spec": spec.name, "dtype": config.dtype,
-        "logdir": str(logdir) if results else None,
+        "status": status,   # analysing (still, or killed), interrupted (Ctrl-C), complete
+        "logdir": str(run_dir.logdir) if run_dir else None,
+        "run_dir": str(run_dir.path) if run_dir else None,
         "models": [model(r) for r in results],
+        "not_analysed": [m.name for m in pending],
         "failed": sum(r.error is not None for r in results),
         "skipped": [{"name": m.name, "type": m.type_name, "calls": m.calls,
                      "reason": "no parameters or buffers"} for m in skipped],
@@ -540,12 +580,12 @@ def _optimize_summary(report: Any) -> dict[str, Any]:
     }
 
 
-def _write_summary(path: Path, summary: dict[str, Any]) -> None:
+def _write_summary(run_dir: RunDir, summary: dict[str, Any]) -> None:
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(summary, indent=1) + "\n")
+        run_dir.write_json("trace.json", summary)
     except OSError as e:
-        print(f"shapeprof: could not write {path}: {_one_line(e)}", file=sys.stderr)
+        print(printable(f"shapeprof: could not write {run_dir.path / 'trace.json'}: {_one_line(e)}"),
+              file=sys.stderr)
 
 
 def _stdout_console() -> Console:
@@ -590,8 +630,11 @@ def _cmd_specs(ns: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------------- calibrate
 
 def _cmd_calibrate(ns: argparse.Namespace) -> int:
-    if ns.output and Path(ns.output).suffix.lower() not in (".toml", ".json"):   # before minutes of measuring
-        raise CliError(f"cannot save a device spec as '{ns.output}': use a .toml or .json suffix")
+    try:   # before the seconds (or minutes) of measuring: a spec that cannot be saved is work lost
+        # without -o the file is '<spec name>.toml' here, its name known only after measuring: check the folder
+        check_spec_path(ns.output if ns.output else Path("calibrated.toml"))
+    except SpecError as e:
+        raise CliError(str(e)) from None
     if ns.budget is not None and not ns.budget > 0:
         raise CliError(f"--budget must be a positive number of seconds, got {ns.budget}")
     try:
@@ -622,9 +665,9 @@ def _slug(name: str) -> str:
 def _cmd_report(ns: argparse.Namespace) -> int:
     path = Path(ns.path)
     if path.is_dir():
-        paths = sorted(path.rglob("report.json"))
+        paths = saved_files(path)
         if not paths:
-            raise CliError(f"no report.json under {path}")
+            raise CliError(f"no report.json, measured.json or optimize.json under {path}")
     elif path.exists():
         paths = [path]
     else:
@@ -632,20 +675,22 @@ def _cmd_report(ns: argparse.Namespace) -> int:
     reports = []
     for p in paths:
         try:
-            reports.append((p, Report.from_json(p)))
+            reports.append((p, read_saved(p)))
         except ReportFormatError as e:
             raise CliError(f"{p}: {e}") from None
     if ns.json:
+        docs = [r.to_dict() if isinstance(r, Report) else optimize_document(r) for _, r in reports]
         if len(reports) == 1 and not path.is_dir():
-            print(json.dumps(reports[0][1].to_dict(), indent=1))
+            print(json.dumps(docs[0], indent=1))
         else:
-            print(json.dumps([{"path": str(p), "report": r.to_dict()} for p, r in reports], indent=1))
+            print(json.dumps([{"path": str(p), "report": doc} for (p, _), doc in zip(reports, docs)], indent=1))
         return 0
     console = _stdout_console()
     for p, r in reports:
         if len(reports) > 1:
-            console.rule(Text(str(p), style="bold"), align="left")
-        console.print(render(r, top=ns.top))
+            console.rule(_text(str(p), style="bold"), align="left")
+        # an OptimizeReport renders itself (shapeprof.optimize.render); its strings come from a file too
+        console.print(render(r, top=ns.top) if isinstance(r, Report) else without_control(r))
     return 0
 
 
@@ -658,22 +703,8 @@ def _cmd_view(ns: argparse.Namespace) -> int:
     if importlib.util.find_spec("tensorboard") is None:
         raise CliError("view needs the tensorboard package: pip install tensorboard")
     host = ViewConfig().host
-    cmd = [sys.executable, "-m", "tensorboard.main", "--logdir", str(logdir), "--host", host, "--port", str(ns.port)]
-    print(f"TensorBoard on http://{host}:{ns.port}/ over {logdir} (Ctrl-C stops it)", flush=True)
-    child = subprocess.Popen(cmd)
-    try:
-        return child.wait()
-    except KeyboardInterrupt:   # from a terminal, TensorBoard got the SIGINT too; else it is stopped here
-        try:
-            child.wait(timeout=2)
-        except subprocess.TimeoutExpired:
-            child.terminate()
-            try:
-                child.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                child.kill()
-                child.wait()
-        return 0
+    print(printable(f"TensorBoard on http://{host}:{ns.port}/ over {logdir} (Ctrl-C stops it)"), flush=True)
+    return viewer.serve(logdir, host=host, port=ns.port)   # stops TensorBoard on every way out, SIGTERM too
 
 
 def _one_line(e: BaseException) -> str:

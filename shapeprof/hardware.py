@@ -42,6 +42,7 @@ __all__ = [
     "PEAK_KEYS",
     "DeviceSpec",
     "SpecError",
+    "check_spec_path",
     "get_spec",
     "list_specs",
     "load_spec",
@@ -268,7 +269,7 @@ class DeviceSpec:
             text = ("# shapeprof device spec. Units: FLOP/s, bytes/s, bytes. Peaks are dense.\n"
                     + _tomli_w().dumps(self.to_dict()))
         else:
-            raise SpecError(f"cannot save a device spec as '{path.name}': use a .toml or .json suffix")
+            raise SpecError(_BAD_SUFFIX.format(name=path.name))
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as f:
@@ -283,6 +284,39 @@ class DeviceSpec:
                 pass
             raise
         return path
+
+
+_BAD_SUFFIX = "cannot save a device spec as '{name}': use a .toml or .json suffix"
+
+
+def check_spec_path(path: str | os.PathLike) -> Path:
+    """Raise `SpecError` (one line) unless `DeviceSpec.save(path)` can write there: a .toml or .json suffix, not a
+    folder, in a folder that exists and takes a new file. For a caller with minutes of work to do first (calibrate)
+    that must not find out afterwards. Nothing is left behind by the check.
+
+        >>> check_spec_path("no/such/folder/mine.toml")
+        Traceback (most recent call last):
+        ...
+        shapeprof.hardware.SpecError: cannot write a device spec into 'no/such/folder': no such directory
+    """
+    path = Path(path)
+    if path.suffix.lower() not in (".toml", ".json"):
+        raise SpecError(_BAD_SUFFIX.format(name=path.name))
+    folder = path.parent
+    if path.is_dir():
+        raise SpecError(f"cannot save a device spec as '{path}': it is a directory")
+    if not folder.is_dir():
+        above = next((p for p in folder.parents if p.exists()), None) if not folder.exists() else folder
+        why = (f"'{above}' is a file, not a directory" if above is not None and not above.is_dir()
+               else "no such directory")
+        raise SpecError(f"cannot write a device spec into '{folder}': {why}")
+    try:   # the same temp file save() writes first, removed at once
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as e:
+        raise SpecError(f"cannot write a device spec into '{folder}': {e.strerror or e}") from None
+    return path
 
 
 # ---- validation helpers ----------------------------------------------------------------------

@@ -292,6 +292,47 @@ class OptimizeReport:
         console.print(render(self))
         return console.file.getvalue()
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "OptimizeReport":
+        """Read back `to_dict`'s data (optimize.json holds it): every field type-checked, `spec` a built-in's name
+        or a whole spec, each outcome's applied and skipped lists as its result. The rewritten code is not saved.
+
+        Raises:
+            ReportFormatError: one line naming the field that is wrong.
+        """
+        from shapeprof.rewrites.base import Match, RewriteResult, Skip
+        from .report import ReportFormatError, _json_kind, from_plain
+
+        def checked(value, kind, where):
+            if not isinstance(value, kind):
+                raise ReportFormatError(f"{where}: expected {'a list' if kind is list else 'an object'}, "
+                                        f"got {_json_kind(value)}")
+            return value
+
+        data = {k: v for k, v in checked(d, dict, "report").items() if k not in ("schema", "version")}
+        if isinstance(data.get("spec"), str):
+            try:
+                data["spec"] = get_spec(data["spec"]).to_dict()
+            except SpecError as e:
+                raise ReportFormatError(f"spec: {e}") from e
+        outcomes = []
+        for i, o in enumerate(checked(data.pop("outcomes", []), list, "outcomes")):
+            where = f"outcomes[{i}]"
+            o = dict(checked(o, dict, where))
+            applied = [from_plain(Match, m, f"{where}.applied[{j}]")
+                       for j, m in enumerate(checked(o.pop("applied", []), list, f"{where}.applied"))]
+            skipped = [from_plain(Skip, k, f"{where}.skipped[{j}]")
+                       for j, k in enumerate(checked(o.pop("skipped", []), list, f"{where}.skipped"))]
+            outcome = from_plain(RewriteOutcome, o, where)
+            if outcome.status == "rejected" and outcome.verification is None:   # rejected by its verification
+                raise ReportFormatError(f"{where}: a rejected rewrite without its verification")
+            if applied or skipped or outcome.status not in ("not run", "failed"):   # those two never ran
+                outcome.result = RewriteResult(outcome.name, applied, skipped)
+            outcomes.append(outcome)
+        report = from_plain(cls, data)
+        report.outcomes = outcomes
+        return report
+
 
 # ---------------------------------------------------------------------------------------------- optimize
 

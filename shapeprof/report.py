@@ -10,16 +10,20 @@
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import os
 import tempfile
+import types
+import typing
 from collections import defaultdict
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Iterable
 
-from .hardware import DeviceSpec
+from .hardware import DeviceSpec, SpecError
 
 SCHEMA = "shapeprof.report"
 SCHEMA_VERSION = 2
@@ -127,7 +131,7 @@ def module_patterns(nodes: Iterable[NodeStats]) -> dict[str, str]:
         parts = n.module_path.split(".") if n.module_path else []
         work = None
         for i, part in enumerate(parts):
-            if part.isdigit():
+            if part.isdecimal():
                 work = work or _work(n)
                 subtree[(".".join(parts[:i]), part)].append((".".join(parts[i + 1:]), work))
     siblings: dict[str, dict[tuple, list[str]]] = defaultdict(lambda: defaultdict(list))
@@ -144,7 +148,7 @@ def module_patterns(nodes: Iterable[NodeStats]) -> dict[str, str]:
         if n.module_path not in patterns:
             parts = n.module_path.split(".") if n.module_path else []
             patterns[n.module_path] = ".".join(
-                label.get((".".join(parts[:i]), part), part) if part.isdigit() else part
+                label.get((".".join(parts[:i]), part), part) if part.isdecimal() else part
                 for i, part in enumerate(parts))
     return patterns
 
@@ -379,25 +383,30 @@ class Report:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Report":
+        """Read back what `to_dict` wrote. Every field is checked against its type, so a damaged file is one
+        `ReportFormatError` naming the field ('nodes[3].flops: expected an integer, got a string'), never a
+        TypeError from deep inside a renderer.
+
+            >>> Report.from_dict({"schema": SCHEMA, "version": SCHEMA_VERSION, "model": None})
+            Traceback (most recent call last):
+            ...
+            shapeprof.report.ReportFormatError: malformed shapeprof report: model: expected a string, got null
+        """
+        if not isinstance(d, dict):
+            raise ReportFormatError(f"not a shapeprof report: the JSON is {_json_kind(d)}, not an object")
         if d.get("schema") != SCHEMA:
             raise ReportFormatError(f"not a shapeprof report (schema {d.get('schema')!r})")
         if d.get("version") not in _READABLE_VERSIONS:
             raise ReportFormatError(f"report version {d.get('version')!r} is not supported "
                                     f"(this shapeprof reads versions {', '.join(map(str, _READABLE_VERSIONS))})")
         try:
-            return cls(
-                model=d["model"], spec=DeviceSpec.from_dict(d["spec"]), dtype=d["dtype"],
-                inputs=tuple(d["inputs"]),
-                capture=CaptureInfo(**{**d["capture"],
-                                       "attempts": tuple(tuple(a) for a in d["capture"]["attempts"])}),
-                nodes=[_node_from_dict(n) for n in d["nodes"]],
-                total=Totals(**d["total"]),
-                coverage=Coverage(tuple(UncoveredOp(**o) for o in d["coverage"]["ops"])),
-                findings=[Finding(**f) for f in d["findings"]],
-                parameter_bytes=d["parameter_bytes"], notes=tuple(d.get("notes", ())),
-            )
-        except (KeyError, TypeError) as e:
-            raise ReportFormatError(f"malformed shapeprof report: {type(e).__name__}: {e}") from e
+            report = from_plain(cls, {k: v for k, v in d.items() if k not in ("schema", "version")})
+            for i, n in enumerate(report.nodes):
+                if n.repeats < 1:   # costs are totals over `repeats` calls: renderers divide by it
+                    raise ReportFormatError(f"nodes[{i}].repeats: must be at least 1, got {n.repeats}")
+        except ReportFormatError as e:
+            raise ReportFormatError(f"malformed shapeprof report: {e}") from e.__cause__
+        return report
 
     @classmethod
     def from_json(cls, source: str | os.PathLike) -> "Report":
@@ -406,14 +415,12 @@ class Report:
         if not text.lstrip().startswith("{"):
             path = Path(source)
             try:
-                text = path.read_text()
+                text = path.read_text(encoding="utf-8")
             except OSError as e:
                 raise ReportFormatError(f"cannot read report {path}: {e.strerror or e}") from e
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ReportFormatError(f"{source if len(str(source)) < 200 else 'report'} is not JSON: {e}") from e
-        return cls.from_dict(data)
+            except UnicodeDecodeError as e:
+                raise ReportFormatError(f"{path} is not JSON: not UTF-8 text ({e.reason} at byte {e.start})") from e
+        return cls.from_dict(load_json(text, source))
 
     def with_measurements(self, measured: dict[str, float], total_seconds: float | None = None) -> "Report":
         """A copy with `measured_seconds` set on the nodes named in `measured` (and on the total)."""
@@ -423,10 +430,6 @@ class Report:
         return replace(self, nodes=nodes, total=replace(self.total, measured_seconds=total))
 
 
-def _node_from_dict(n: dict[str, Any]) -> NodeStats:
-    return NodeStats(**{**n, "aten": tuple(AtenOp(**a) for a in n["aten"]), "uncovered": tuple(n["uncovered"])})
-
-
 def _rollup_of(key: str, nodes: list[NodeStats], total: float) -> Rollup:
     seconds = sum(n.predicted_seconds for n in nodes)
     memory = sum(n.predicted_seconds for n in nodes if n.bound == "memory")
@@ -434,6 +437,140 @@ def _rollup_of(key: str, nodes: list[NodeStats], total: float) -> Rollup:
     return Rollup(key, len(nodes), sum(n.flops for n in nodes), sum(n.bytes for n in nodes), seconds,
                   seconds / total, "memory" if memory > seconds - memory else "compute",
                   sum(measured) if measured else None, nodes[0].name)
+
+
+def load_json(text: str, source: Any = "report") -> Any:
+    """`json.loads`, every failure a one-line `ReportFormatError` naming `source`."""
+    name = source if len(str(source)) < 200 else "report"
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ReportFormatError(f"{name} is not JSON: {e}") from e
+    except RecursionError as e:   # arrays nested thousands deep: json gives up, the file is still just bad input
+        raise ReportFormatError(f"{name} is not JSON this reader can parse: nested too deeply") from e
+
+
+# ---------------------------------------------------------------------------------------------- typed reading
+
+def from_plain(cls: type, data: Any, where: str = "") -> Any:
+    """An instance of the dataclass `cls` built from JSON data, every field checked against its annotation.
+
+    Reads what `dataclasses.asdict` wrote: an object per dataclass (a missing key takes the field's default, an
+    unknown key is an error, a key naming a property of the class is skipped), a list per tuple or list, an
+    object per dict (JSON keys are strings), numbers for int and float (a bool is neither, and an
+    integer must fit in 64 bits, as every count here does), strings, null only where the type allows None.
+    Fields with ``compare=False`` are not data and are not read. Any other mismatch is a `ReportFormatError`
+    naming the field by its path, so what renders a report later never meets a wrong type.
+
+        >>> from_plain(AtenOp, {"op": "aten.mm", "flops": "12", "bytes": 8, "seconds": 0.1, "covered": True})
+        Traceback (most recent call last):
+        ...
+        shapeprof.report.ReportFormatError: flops: expected an integer, got a string
+    """
+    if not isinstance(data, dict):
+        raise ReportFormatError(_at(where, f"expected an object, got {_json_kind(data)}"))
+    hints = _type_hints(cls)
+    known = {f.name: f for f in fields(cls) if f.init and f.compare}
+    for key in data:
+        # a key naming a property is derived data a to_dict() adds for readers (a speedup): recomputed, not read
+        if key not in known and not isinstance(getattr(cls, str(key), None), property):
+            raise ReportFormatError(_at(where, f"unknown key {str(key)!r}"))
+    values = {}
+    for name, f in known.items():   # in the order of the fields: the first wrong one is the one named
+        path = f"{where}.{name}" if where else name
+        if name in data:
+            values[name] = _typed(hints[name], data[name], path)
+        elif f.default is MISSING and f.default_factory is MISSING:
+            raise ReportFormatError(_at(where, f"missing key {name!r}"))
+    try:
+        return cls(**values)
+    except (SpecError, ValueError, TypeError) as e:   # a class's own checks (__post_init__)
+        raise ReportFormatError(_at(where, str(e))) from e
+
+
+def _at(where: str, message: str) -> str:
+    return f"{where}: {message}" if where else message
+
+
+_INT_RANGE = 2 ** 63
+
+
+def _typed(tp: Any, value: Any, where: str) -> Any:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        arms = [a for a in args if a is not type(None)]
+        if len(arms) == 1:
+            return _typed(arms[0], value, where)
+        for arm in arms:   # no such field today; tried in order, the last one's complaint is the message
+            try:
+                return _typed(arm, value, where)
+            except ReportFormatError:
+                if arm is arms[-1]:
+                    raise
+    if tp is DeviceSpec:
+        if not isinstance(value, dict):
+            raise ReportFormatError(f"{where}: expected an object, got {_json_kind(value)}")
+        try:
+            return DeviceSpec.from_dict(value)
+        except SpecError as e:
+            raise ReportFormatError(f"{where}: {e}") from e
+    if dataclasses.is_dataclass(tp):
+        return from_plain(tp, value, where)
+    if origin in (tuple, list):
+        if not isinstance(value, list):
+            raise ReportFormatError(f"{where}: expected a list, got {_json_kind(value)}")
+        if origin is tuple and not (len(args) == 2 and args[1] is Ellipsis):   # a fixed-length tuple
+            if len(value) != len(args):
+                raise ReportFormatError(f"{where}: expected a list of {len(args)}, got {len(value)} items")
+            return tuple(_typed(a, v, f"{where}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+        item = args[0] if args else Any
+        items = [_typed(item, v, f"{where}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ReportFormatError(f"{where}: expected an object, got {_json_kind(value)}")
+        key, item = args if args else (Any, Any)
+        return {_typed(key, k, where): _typed(item, v, f"{where}[{k!r}]") for k, v in value.items()}
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ReportFormatError(f"{where}: expected true or false, got {_json_kind(value)}")
+        return value
+    if tp is int:
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ReportFormatError(f"{where}: expected an integer, got {_json_kind(value)}")
+        if not -_INT_RANGE <= value < _INT_RANGE:
+            raise ReportFormatError(f"{where}: integer out of range")
+        return value
+    if tp is float:
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            raise ReportFormatError(f"{where}: expected a number, got {_json_kind(value)}")
+        if isinstance(value, int) and not -_INT_RANGE <= value < _INT_RANGE:
+            raise ReportFormatError(f"{where}: number out of range")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ReportFormatError(f"{where}: expected a string, got {_json_kind(value)}")
+        return value
+    raise TypeError(f"from_plain cannot read a field of type {tp!r} ({where})")   # a programming error
+
+
+@functools.cache
+def _type_hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _json_kind(value: Any) -> str:
+    """What a JSON value is, in the words a message uses: 'null', 'a string', 'a list' ..."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return {str: "a string", int: "a number", float: "a number", list: "a list", dict: "an object"}.get(
+        type(value), type(value).__name__)
 
 
 def _write_atomic(path: Path, text: str) -> None:

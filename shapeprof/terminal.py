@@ -10,11 +10,14 @@ spelled short; module paths and op names are shortened last, a path from its lef
 """
 from __future__ import annotations
 
+import dataclasses
 import io
+import math
+import re
 import shutil
 import sys
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 from rich import box
 from rich.cells import cell_len
@@ -24,15 +27,67 @@ from rich.text import Text
 
 from .report import Report, fmt_intensity, is_repeat
 
-__all__ = ["BOUND_STYLE", "fmt_bytes", "fmt_flops", "fmt_intensity", "fmt_seconds", "render", "terminal_width",
-           "to_text"]
+__all__ = ["BOUND_STYLE", "fmt_bytes", "fmt_flops", "fmt_intensity", "fmt_seconds", "printable", "render",
+           "terminal_width", "to_text", "without_control"]
 
 BOUND_STYLE = {"memory": "bold red", "compute": "bold green", "none": "dim"}
 
 
 def render(report: Report, top: int = 15, module_depth: int | None = None):
-    """A rich renderable of the report, laid out for the width of the console it is printed on."""
-    return _Rendering(report, top, module_depth)
+    """A rich renderable of the report, laid out for the width of the console it is printed on.
+
+    Every string of the report is shown through `printable`: a model, module or op name, a note, read from a
+    report file someone else wrote, cannot retitle, clear or reprogram the terminal it is printed on.
+    """
+    return _Rendering(without_control(report), top, module_depth)
+
+
+# ECMA-48 sequences, whole: CSI (ESC [ or C1 0x9b) with its parameter, intermediate and final bytes; the string
+# commands OSC, DCS, SOS, PM, APC (ESC ] P X ^ _, or C1 0x9d 0x90 0x98 0x9e 0x9f) up to BEL or ST (ESC \ or 0x9c),
+# or to the end of the text when unterminated; any other ESC with its intermediates and final byte. Taking the
+# sequence whole matters: stripping only the ESC of '\x1b]0;title\x07' would still print '0;title'.
+_ESCAPE = re.compile(r"(?:\x1b\[|\x9b)[\x30-\x3f]*[\x20-\x2f]*[\x40-\x7e]?"
+                     r"|(?:\x1b[\]PX^_]|[\x90\x98\x9d\x9e\x9f])[^\x07\x1b\x9c]*(?:\x07|\x1b\\|\x9c)?"
+                     r"|\x1b[\x20-\x2f]*[\x30-\x7e]?")
+# what is left of C0 (newline and tab are text), DEL and C1
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def printable(text: str) -> str:
+    r"""`text` without terminal control: escape sequences (whole), C0 controls but newline and tab, DEL and C1.
+
+        >>> printable("Net\x1b]0;owned\x07\x1b[2J.head\r\x9b31m")
+        'Net.head'
+    """
+    if not _CONTROL.search(text):
+        return text
+    return _CONTROL.sub("", _ESCAPE.sub("", text))
+
+
+def without_control(value: Any) -> Any:
+    """`value` with `printable` applied to every string in it: in dataclass fields (those compared, which are
+    the data; `Report.captured` is not), tuples, lists and dicts. What needs no change is returned as it is, so a
+    clean report costs one scan and no copy.
+    """
+    if isinstance(value, str):
+        return printable(value)
+    if isinstance(value, (tuple, list)) and not hasattr(value, "_fields"):   # a namedtuple is left whole
+        items = [without_control(v) for v in value]
+        return value if all(a is b for a, b in zip(items, value)) else type(value)(items)
+    if isinstance(value, dict):
+        items = {without_control(k): without_control(v) for k, v in value.items()}
+        same = len(items) == len(value) and all(a is b and items[a] is v for (a, v), b in zip(value.items(), items))
+        return value if same else items
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        changes = {}
+        for f in dataclasses.fields(value):
+            if f.init and f.compare:
+                old = getattr(value, f.name)
+                new = without_control(old)
+                if new is not old:
+                    changes[f.name] = new
+        return dataclasses.replace(value, **changes) if changes else value
+    return value
 
 
 def terminal_width(default: int = 120) -> int:
@@ -89,7 +144,7 @@ def _header(r: Report, width: int) -> Text:
         third.append(Text(f"measured {fmt_seconds(t.measured_seconds)}", style="bold"))
     text = Text("\n").join([_fill(first, "  ", width), _fill(second, ", ", width), _fill(third, "  ", width)])
     if r.parameter_bytes > r.spec.memory_capacity:
-        need = -(-r.parameter_bytes // int(r.spec.memory_capacity))
+        need = math.ceil(r.parameter_bytes / r.spec.memory_capacity)   # a capacity under 1 byte is a valid spec
         text.append(f"\nweights ({fmt_bytes(r.parameter_bytes)}) exceed one {r.spec.display_name}'s memory "
                     f"({fmt_bytes(r.spec.memory_capacity)}): at least {need} devices", style="bold yellow")
     return text

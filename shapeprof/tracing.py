@@ -49,7 +49,6 @@ import time
 import types
 import weakref
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -63,10 +62,10 @@ from .capture import _unwrap, meta_shadow
 from .hardware import DEFAULT_SPEC_NAME
 from .precision import DTYPES
 from .report import Report
+from .rundir import RUN_NAME
 
 __all__ = ["DTYPES", "FORWARD_ONLY", "ModelRecorder", "ScriptNotFound", "ScriptRun", "TraceConfig", "TracedModel",
-           "analyse_model", "check_target", "default_logdir", "resolve_dtype", "run_script", "script_name",
-           "with_trace_notes"]
+           "analyse_model", "check_target", "resolve_dtype", "run_script", "script_name", "with_trace_notes"]
 
 #: The note a report gets when the script ran backward through its model: the costs are the forward's alone.
 FORWARD_ONLY = "forward pass only: backward and the optimizer step are not analysed"
@@ -81,8 +80,10 @@ class TraceConfig:
         dtype: analyse as if parameters and floating inputs were in this dtype (a name from `DTYPES`);
             None analyses the dtypes the script actually used.
         top: rows in each report's "top nodes" table.
-        logdir: where report.json files and TensorBoard runs go; None: `logdir_template` filled in.
-        logdir_template: ``{script}`` is the script's (or module's) name, ``{time}`` the start time.
+        logdir: the folder each trace makes its own run directory in (see `shapeprof.rundir`): its
+            report.json files, trace.json and TensorBoard runs go there, so traces never overwrite each other.
+        run_name: the run directory's name; ``{script}`` is the script's (or module's) name, ``{time}`` the
+            start time (``-2``, ``-3`` ... are added while the name is taken).
         tensorboard: write TensorBoard runs into the logdir (report.json files are written either way).
         json: print one JSON document on stdout instead of the rich reports (the script's own stdout then goes
             to stderr, so stdout holds nothing but the JSON).
@@ -100,8 +101,8 @@ class TraceConfig:
     spec: str = DEFAULT_SPEC_NAME
     dtype: str | None = None
     top: int = 15
-    logdir: str | None = None
-    logdir_template: str = "runs/shapeprof/{script}-{time}"
+    logdir: str = "runs/shapeprof"
+    run_name: str = RUN_NAME
     tensorboard: bool = True
     json: bool = False
     profile: bool = False
@@ -130,18 +131,6 @@ def resolve_dtype(name: str | None) -> tuple[torch.dtype | None, bool]:
     if key not in DTYPES:
         raise ValueError(f"unknown dtype {name!r}; choose one of: {', '.join(DTYPES)}")
     return DTYPES[key]
-
-
-def default_logdir(config: TraceConfig, script_name: str, now: datetime | None = None) -> Path:
-    """`config.logdir`, or its template filled in; absolute, and new (``-2``, ``-3``... if the name is taken)."""
-    if config.logdir is not None:
-        return Path(config.logdir).resolve()
-    stamp = (now or datetime.now()).strftime("%Y%m%d-%H%M%S")
-    base = Path(config.logdir_template.format(script=script_name, time=stamp)).resolve()
-    path, k = base, 2
-    while path.exists():
-        path, k = base.with_name(f"{base.name}-{k}"), k + 1
-    return path
 
 
 # ---------------------------------------------------------------------------------------------- recording

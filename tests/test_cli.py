@@ -1,7 +1,9 @@
 """The command line, run as a user runs it: `python -m shapeprof ...` and the `shapeprof` console script, in a
 subprocess, on scripts written to tmp_path. Independent commands run side by side to keep the file quick."""
+import contextlib
 import json
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -12,6 +14,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import torch
 
 import shapeprof
 from shapeprof import cli
@@ -54,6 +57,12 @@ def write(path, text):
 
 def no_shapeprof_traceback(stderr):
     assert "Traceback" not in stderr, stderr
+
+
+def run_dir(logdir):
+    """The one run directory (<script>-<time>) that a trace made in `logdir`."""
+    (path,) = [p for p in Path(logdir).iterdir() if p.is_dir()]
+    return path
 
 
 # ---------------------------------------------------------------------------------------------- one full trace
@@ -134,7 +143,7 @@ def traced(tmp_path_factory):
     logdir = root / "logs"
     result = run(["trace", "--no-tensorboard", "--logdir", str(logdir), "--spec", str(spec_file), "--top", "4",
                   "main.py", "--", "--epochs", "1", "--lr", "3e-4"], cwd=proj)
-    return result, logdir, root
+    return result, run_dir(logdir), root
 
 
 def test_trace_runs_the_script_as_python_would(traced):
@@ -234,7 +243,8 @@ def test_json_output_and_module_mode(tmp_path):
     assert model["name"] == "Sequential" and model["calls"] == 2 and model["distinct_inputs"] == 2
     report = shapeprof.Report.from_dict(model["report"])
     assert report.dtype == "bfloat16" and report.inputs == ("bf16[1, 8]",)
-    assert Path(model["report_path"]) == tmp_path / "out" / "Sequential" / "report.json"
+    assert Path(doc["run_dir"]).parent == tmp_path / "out" and Path(doc["run_dir"]).name.startswith("mypkg.serve-")
+    assert Path(model["report_path"]) == Path(doc["run_dir"]) / "Sequential" / "report.json"
 
 
 def test_a_script_without_a_model(tmp_path):
@@ -277,6 +287,34 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path):
     assert "a100-80gb-sxm (default)" in specs.stdout and "153 FLOP/B" in specs.stdout and "h100-sxm" in specs.stdout
 
 
+def test_report_on_a_damaged_file_is_one_line_naming_it(tmp_path):
+    good = json.loads(shapeprof.analyze(torch.nn.Linear(4, 4), torch.randn(2, 4)).to_json())
+
+    def damaged(change):
+        data = json.loads(json.dumps(good))
+        change(data)
+        return data
+
+    files = {
+        "list.json": ([good], "the JSON is a list, not an object"),
+        "string.json": ("report", "the JSON is a string, not an object"),
+        "spec.json": (damaged(lambda d: d.update(spec="a100")), "spec: expected an object, got a string"),
+        "peaks.json": (damaged(lambda d: d["spec"].update(peak_flops={"fp32": "fast"})),
+                       "spec: peak_flops.fp32 must be a number"),
+        "null.json": (damaged(lambda d: d["total"].update(flops=None)), "total.flops: expected an integer, got null"),
+        "text.json": (damaged(lambda d: d["nodes"][0].update(bytes_read="144")),
+                      "nodes[0].bytes_read: expected an integer, got a string"),
+    }
+    for name, (data, _) in files.items():
+        (tmp_path / name).write_text(json.dumps(data))
+    results = run_many([(["report", name], tmp_path) for name in files])
+    for (name, (_, message)), r in zip(files.items(), results):
+        assert r.returncode == 2 and r.stdout == "", (name, r.stderr)
+        no_shapeprof_traceback(r.stderr)
+        assert r.stderr.startswith(f"shapeprof: error: {name}: ") and len(r.stderr.splitlines()) == 1, r.stderr
+        assert message in r.stderr, (name, r.stderr)
+
+
 def test_more_bad_input_in_process(tmp_path, monkeypatch, capsys):
     """The same checks as above, for more cases, without a process each."""
     monkeypatch.chdir(tmp_path)
@@ -299,6 +337,165 @@ def test_more_bad_input_in_process(tmp_path, monkeypatch, capsys):
         assert exit_.value.code == 2 and expected in capsys.readouterr().err
 
 
+def test_an_unwritable_logdir_stops_before_the_script_runs(tmp_path):
+    marker = tmp_path / "ran"
+    write(tmp_path / "ok.py", f"open({str(marker)!r}, 'w').close()\n")
+    (tmp_path / "afile").write_text("")
+    under_a_file, a_file = run_many([(["trace", "--logdir", "afile/sub", "ok.py"], tmp_path),
+                                     (["trace", "--logdir", "afile", "ok.py"], tmp_path)])
+    for r in (under_a_file, a_file):
+        assert r.returncode == 2 and r.stdout == "", r.stderr
+        assert r.stderr.startswith("shapeprof: error: ") and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "'afile/sub'" in under_a_file.stderr and "is a file, not a directory" in under_a_file.stderr
+    assert "'afile' exists and is not a directory" in a_file.stderr
+    assert not marker.exists()                       # the script never ran
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "ok.py"]
+
+
+# Two scripts whose reports tell them apart: a.py's Linear has as many outputs as its argument says
+TRACE_A = """
+    import sys
+    import torch
+    import torch.nn as nn
+    nn.Linear(8, int(sys.argv[1]))(torch.randn(2, 8))
+"""
+TRACE_B = """
+    import torch
+    import torch.nn as nn
+    nn.Sequential(nn.Linear(4, 4), nn.ReLU())(torch.randn(3, 4))
+"""
+
+
+def _check_runs_kept_apart(logdir, results, jobs):
+    """Each trace has a run directory of its own, which it printed; its trace.json names its script and argv, and
+    every report it lists is inside it and is that script's model."""
+    dirs = sorted(p for p in logdir.iterdir() if p.is_dir())
+    assert len(dirs) == len(jobs), [p.name for p in dirs]
+    seen = set()
+    for result, (script, argv) in zip(results, jobs):
+        assert result.returncode == 0, result.stderr
+        line = next(line for line in result.stdout.splitlines() if line.startswith("reports saved in "))
+        where = logdir.parent / line.removeprefix("reports saved in ").split(";")[0]
+        assert where.parent == logdir and where.name.startswith(script[:-3] + "-") and where not in seen
+        seen.add(where)
+        trace = json.loads((where / "trace.json").read_text())
+        assert trace["target"] == script and trace["argv"] == [script, *argv] and trace["status"] == "complete"
+        (model,) = trace["models"]
+        assert Path(model["report_path"]).parent.parent == where
+        report = shapeprof.Report.from_json(model["report_path"])
+        if script == "a.py":
+            assert report.model == "Linear" and report.nodes[0].output == f"f32[2, {argv[0]}]"
+        else:
+            assert report.model == "Sequential" and report.inputs == ("f32[3, 4]",)
+    assert seen == set(dirs)
+
+
+def test_traces_one_after_another_into_one_logdir_each_keep_their_own(tmp_path):
+    write(tmp_path / "a.py", TRACE_A)
+    write(tmp_path / "b.py", TRACE_B)
+    jobs = [("a.py", ["3"]), ("b.py", []), ("a.py", ["5"])]
+    results = [run(["trace", "--no-tensorboard", "--logdir", "logs", script, *argv], cwd=tmp_path)
+               for script, argv in jobs]
+    _check_runs_kept_apart(tmp_path / "logs", results, jobs)
+
+
+def test_traces_started_together_into_one_logdir_never_mix(tmp_path):
+    write(tmp_path / "a.py", TRACE_A)
+    write(tmp_path / "b.py", TRACE_B)
+    # the same script twice (most likely in the same second: the same run name, so one of them gets '-2')
+    jobs = [("a.py", ["3"]), ("a.py", ["5"]), ("b.py", [])]
+    results = run_many([(["trace", "--no-tensorboard", "--logdir", "logs", script, *argv], tmp_path)
+                        for script, argv in jobs])
+    _check_runs_kept_apart(tmp_path / "logs", results, jobs)
+
+
+# Analysed after a plain Linear: its forward, when shapeprof's analysis runs it after the script has ended, says
+# so in a file and waits to be interrupted, which makes "during the analysis" a moment the test can wait for
+INTERRUPTED = """
+    import sys
+    import time
+    import torch
+    import torch.nn as nn
+
+
+    class Slow(nn.Module):
+        marker = None   # set when the script ends (the analysis runs with shapeprof's own sys.argv)
+
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+
+        def forward(self, x):
+            if type(self).marker:
+                open(type(self).marker, "w").close()
+                while True:
+                    time.sleep(0.05)
+            return self.lin(x)
+
+
+    nn.Linear(4, 4)(torch.randn(2, 4))
+    Slow()(torch.randn(2, 4))
+    Slow.marker = sys.argv[1]
+"""
+
+
+def test_ctrl_c_during_the_analysis_leaves_a_trace_json_of_what_was_finished(tmp_path):
+    write(tmp_path / "slow.py", INTERRUPTED)
+    marker = tmp_path / "analysing-slow"
+    proc = subprocess.Popen(_cmd(["trace", "--no-tensorboard", "--logdir", "logs", "slow.py", str(marker)]),
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+    try:
+        deadline = time.monotonic() + 120
+        while not marker.exists():
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "the analysis of Slow never started"
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate()
+    assert proc.returncode == 130, err
+    no_shapeprof_traceback(err)
+    assert "interrupted while analysing Slow" in err and "lists the 1 of 2 models finished" in err
+    where = run_dir(tmp_path / "logs")
+    trace = json.loads((where / "trace.json").read_text())
+    assert trace["status"] == "interrupted" and trace["not_analysed"] == ["Slow"]
+    (linear,) = trace["models"]
+    assert linear["name"] == "Linear" and linear["error"] is None
+    assert shapeprof.Report.from_json(linear["report_path"]).model == "Linear"
+    assert sorted(p.name for p in where.iterdir()) == ["Linear", "trace.json"]   # no temp file left
+
+
+def test_the_view_hint_can_be_pasted_into_a_shell(tmp_path):
+    write(tmp_path / "s.py", "import torch\ntorch.nn.Linear(4, 4)(torch.randn(2, 4))\n")
+    result = run(["trace", "--logdir", "my logs", "s.py"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    line = next(line for line in result.stdout.splitlines() if "see them in TensorBoard: " in line)
+    command = shlex.split(line.split("see them in TensorBoard: ")[1])
+    assert command[:2] == ["shapeprof", "view"] and len(command) == 3, command
+    assert (tmp_path / command[2]) == run_dir(tmp_path / "my logs")
+
+
+def test_calibrate_checks_where_it_writes_before_measuring(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "afile").write_text("")
+    (tmp_path / "taken.toml").mkdir()
+
+    def measure(*args, **kwargs):
+        raise AssertionError("calibrate measured before finding that it cannot save the result")
+
+    monkeypatch.setattr(cli, "_calibrate", measure)
+    for output, expected in (("afile/x.toml", "into 'afile': 'afile' is a file, not a directory"),
+                             ("missing/x.toml", "into 'missing': no such directory"),
+                             ("taken.toml", "'taken.toml': it is a directory")):
+        assert cli.main(["calibrate", "-o", output]) == 2, output
+        err = capsys.readouterr().err
+        assert err.startswith("shapeprof: error: ") and expected in err and len(err.splitlines()) == 1, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "taken.toml"]   # no probe file left
+
+
 SMALL = """
     import torch
     import torch.nn as nn
@@ -318,7 +515,7 @@ def test_profile_measures_each_model_beside_its_prediction(tmp_path):
     (model,) = json.loads(result.stdout)["models"]
     assert model["error"] is None and model["warnings"] == [], model
     assert model["measured_seconds"] > 0 and model["measured_on"].startswith("cpu")
-    measured = shapeprof.Report.from_json(tmp_path / "logs" / "Sequential" / "measured.json")
+    measured = shapeprof.Report.from_json(run_dir(tmp_path / "logs") / "Sequential" / "measured.json")
     assert all(n.measured_seconds is not None for n in measured.nodes)
     predicted = shapeprof.Report.from_dict(model["report"])
     assert predicted.spec.name == "a100-80gb-sxm" and predicted.total.measured_seconds is None
@@ -337,7 +534,36 @@ def test_optimize_shows_the_verified_rewrites_before_and_after(tmp_path):
     assert opt["verified"] and [a["what"].split(" ->")[0] for a in opt["applied"]] == ["Linear + ReLU"]
     assert opt["predicted_seconds_after"] < opt["predicted_seconds_before"]
     assert opt["measured"] is None                      # measured before/after only with --profile
-    assert json.loads((tmp_path / "b" / "Sequential" / "optimize.json").read_text()) == opt
+    saved = json.loads((run_dir(tmp_path / "b") / "Sequential" / "optimize.json").read_text())
+    assert (saved["schema"], saved["version"]) == ("shapeprof.optimize", 1)
+    assert saved["verified"] == opt["verified"] and saved["predicted_seconds"] == opt["predicted_seconds_before"]
+    assert [m["what"] for o in saved["outcomes"] for m in o["applied"]] == [a["what"] for a in opt["applied"]]
+
+
+def test_report_shows_every_saved_report_of_a_run_directory(tmp_path):
+    write(tmp_path / "small.py", SMALL)
+    trace = run(["trace", "--optimize", "--profile", "--steps", "2", "--no-tensorboard", "--logdir", "logs",
+                 "small.py"], cwd=tmp_path)
+    assert trace.returncode == 0, trace.stderr
+    where = run_dir(tmp_path / "logs")
+    model = where / "Sequential"
+    whole, optimize_only, as_json = run_many([(["report", str(where)], tmp_path),
+                                              (["report", str(model / "optimize.json")], tmp_path),
+                                              (["report", "--json", str(where)], tmp_path)])
+    for r in (whole, optimize_only, as_json):
+        assert r.returncode == 0, r.stderr
+    # the three, each model's together: predicted, measured, optimize
+    out = whole.stdout
+    positions = [out.index(str(model / name)) for name in ("report.json", "measured.json", "optimize.json")]
+    assert positions == sorted(positions)
+    assert "on NVIDIA A100-SXM4-80GB" in out and "shapeprof optimize Sequential" in out
+    assert "fuse_linear_activation: applied" in optimize_only.stdout
+    # read back, optimize.json renders as the trace printed it
+    printed = trace.stdout.split("Sequential --optimize: before and after")[1].split("reports saved in")[0]
+    assert optimize_only.stdout.strip() in printed and optimize_only.stdout.strip().startswith("shapeprof optimize")
+    docs = json.loads(as_json.stdout)
+    assert [Path(d["path"]).name for d in docs] == ["report.json", "measured.json", "optimize.json"]
+    assert docs[2]["report"] == json.loads((model / "optimize.json").read_text())
 
 
 # ---------------------------------------------------------------------------------------------- width
@@ -379,7 +605,7 @@ def test_trace_lays_its_reports_out_for_columns(tmp_path):
         assert proc.returncode == 0, err
         lines = out.splitlines()
         assert max(len(line) for line in lines) <= columns
-        report = shapeprof.Report.from_json(tmp_path / f"w{columns}" / "Sequential" / "report.json")
+        report = shapeprof.Report.from_json(run_dir(tmp_path / f"w{columns}") / "Sequential" / "report.json")
         header, rows = _table_rows(lines, "Top ")
         # one line per node (9: the Flatten is a view, it does no work), no row wrapped into a second line
         assert len(rows) == len(report.nodes) == 9
@@ -399,7 +625,7 @@ def test_profile_shows_measured_and_efficiency_whole_at_120_columns(tmp_path):
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert max(len(line) for line in lines) <= 120
-    measured = shapeprof.Report.from_json(tmp_path / "logs" / "Sequential" / "measured.json")
+    measured = shapeprof.Report.from_json(run_dir(tmp_path / "logs") / "Sequential" / "measured.json")
     header, rows = _measured_rows(lines)
     assert "measured" in header.split() and "eff." in header.split()
     assert len(rows) == len(measured.nodes)
@@ -461,7 +687,7 @@ def test_a_training_script_is_told_its_report_is_forward_only(tmp_path):
     for name, result, trained in zip(("train", "one_step", "infer"), results, (True, True, False)):
         assert result.returncode == 0, result.stderr
         assert (f"note: {note}" in result.stdout) == trained, (name, result.stdout)
-        (model,) = json.loads((tmp_path / name / "trace.json").read_text())["models"]
+        (model,) = json.loads((run_dir(tmp_path / name) / "trace.json").read_text())["models"]
         assert model["notes"] == ([note] if trained else []), name
         report = shapeprof.Report.from_json(model["report_path"])
         assert report.notes == ((note,) if trained else ()), name
@@ -477,7 +703,7 @@ def test_the_examples_run_under_trace(tmp_path):
     for (name, model), r in zip(names.items(), results):
         assert r.returncode == 0, (name, r.stderr)
         assert f"model 1 of 1: {model}" in r.stdout, (name, r.stdout)
-        assert (tmp_path / name / model / "report.json").is_file()
+        assert (run_dir(tmp_path / name) / model / "report.json").is_file()
         no_shapeprof_traceback(r.stderr)
     assert "GPT: called 16x at top level" in results[1].stdout        # one call per generated token
     assert "CrossEntropyLoss (5x)" in results[0].stdout                 # the loss: no parameters, listed
@@ -529,3 +755,44 @@ def test_view_serves_the_logdir_on_localhost_until_ctrl_c(traced):
     assert f"http://127.0.0.1:{port}/" in out
     with pytest.raises(OSError):
         urllib.request.urlopen(f"http://127.0.0.1:{port}/data/logdir", timeout=2)
+
+
+def test_view_stops_its_tensorboard_on_sigterm(traced):
+    import psutil
+    _, logdir, _ = traced
+    port = _free_port()
+    proc = subprocess.Popen(_cmd(["view", str(logdir), "--port", str(port)]), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=_env(), start_new_session=True)
+    started = []
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None, proc.communicate()
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/data/logdir", timeout=2) as response:
+                    assert response.status == 200
+                    break
+            except OSError:
+                assert time.monotonic() < deadline, "TensorBoard never answered"
+                time.sleep(0.3)
+        started = psutil.Process(proc.pid).children(recursive=True)   # TensorBoard (and what it started)
+        assert started
+        proc.send_signal(signal.SIGTERM)                # to view alone, as `kill` or a supervisor sends it
+        proc.wait(timeout=30)   # not communicate(): an orphaned TensorBoard would hold the pipes open
+        _, alive = psutil.wait_procs(started, timeout=30)
+        assert not alive, f"left running: {alive}"
+        deadline = time.monotonic() + 30
+        while True:                                     # nothing listens on the port any more
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port)) != 0:
+                    break
+            assert time.monotonic() < deadline, f"port {port} still open"
+            time.sleep(0.3)
+        assert proc.returncode == 128 + signal.SIGTERM   # as a shell reports a process ended by SIGTERM
+    finally:   # whatever happened, leave nothing running
+        for p in started:
+            with contextlib.suppress(psutil.Error):
+                p.kill()
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate()

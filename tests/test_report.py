@@ -44,7 +44,7 @@ def test_measurements_survive_the_round_trip(report):
 @pytest.mark.parametrize("change, message", [
     (lambda d: d.update(schema="other"), "not a shapeprof report"),
     (lambda d: d.update(version=99), "report version 99 is not supported"),
-    (lambda d: d.pop("nodes"), "malformed shapeprof report: KeyError"),
+    (lambda d: d.pop("nodes"), "malformed shapeprof report: missing key 'nodes'"),
 ])
 def test_bad_report_files_are_one_line_errors(report, tmp_path, change, message):
     data = json.loads(report.to_json())
@@ -140,3 +140,96 @@ def test_identical_blocks_are_starred_and_their_insides_told_apart():
     assert sorted((report.pattern_of(g[0]), len(g)) for g in report.twin_groups()) == [
         ("blocks.*.0", 2), ("blocks.*.1", 2), ("out", 1)]
     assert report.module_depth() == 3
+
+
+# ---------------------------------------------------------------------------------------------- damaged files
+
+_BAD_VALUES = (None, "x", "", -1, 0, 2 ** 70, 1.5, float("nan"), float("inf"), True, [], ["x"], [[1, 2]], {},
+               {"a": 1})
+
+
+def _paths(data, path=()):
+    """Every path into `data`; into a list's first item only (the others have the same structure)."""
+    yield path
+    if isinstance(data, dict):
+        for k, v in data.items():
+            yield from _paths(v, (*path, k))
+    elif isinstance(data, list) and data:
+        yield from _paths(data[0], (*path, 0))
+
+
+def _mutated(data, path, value):
+    """A deep copy of `data` with the value at `path` replaced (or, for value `...`, the key removed)."""
+    data = json.loads(json.dumps(data))
+    if not path:
+        return value
+    *parent, last = path
+    target = data
+    for p in parent:
+        target = target[p]
+    if value is ...:
+        del target[last]
+    else:
+        target[last] = value
+    return data
+
+
+def test_no_damaged_report_gets_past_from_dict_as_anything_but_a_format_error():
+    # every value of a small, complete report (a finding, a covered node, an uncovered op, a capture attempt)
+    # replaced by each of a set of wrong values, and each key removed: from_dict either refuses it with a one-line
+    # ReportFormatError, or the report it gives renders (no TypeError or ZeroDivisionError from the renderer)
+    r = shapeprof.analyze(MLP(16, 32, 16), torch.randn(1, 16))
+    good = json.loads(r.to_json())
+    good["coverage"]["ops"] = [{"op": "aten.foo", "count": 1, "bytes": 8, "share_of_bytes": 0.1,
+                                "first_node": "x"}]
+    good["capture"]["attempts"] = [["export", "it failed"]]
+    shapeprof.Report.from_dict(good)
+    refused = rendered = 0
+    for path in list(_paths(good)):
+        for value in (*_BAD_VALUES, ...) if path else _BAD_VALUES:
+            data = _mutated(good, path, value)
+            try:
+                report = shapeprof.Report.from_dict(data)
+            except shapeprof.ReportFormatError as e:
+                assert "\n" not in str(e), (path, value)
+                refused += 1
+                continue
+            to_text(report, width=100, color=False)
+            rendered += 1
+    assert refused and rendered   # both happen: the check is neither vacuous nor a blanket refusal
+
+
+@pytest.mark.parametrize("data, message", [
+    ([1, 2], "not a shapeprof report: the JSON is a list, not an object"),
+    ("report", "not a shapeprof report: the JSON is a string, not an object"),
+    (None, "not a shapeprof report: the JSON is null, not an object"),
+])
+def test_a_json_document_that_is_not_an_object_is_refused(data, message):
+    with pytest.raises(shapeprof.ReportFormatError, match=message):
+        shapeprof.Report.from_dict(data)
+
+
+def test_format_errors_name_the_field(report):
+    data = json.loads(report.to_json())
+    data["nodes"][3]["flops"] = "12"
+    with pytest.raises(shapeprof.ReportFormatError, match=r"nodes\[3\]\.flops: expected an integer, got a string"):
+        shapeprof.Report.from_dict(data)
+    data = json.loads(report.to_json())
+    data["spec"]["memory_bandwidth"] = None
+    with pytest.raises(shapeprof.ReportFormatError, match="spec: memory_bandwidth must be a number"):
+        shapeprof.Report.from_dict(data)
+    data = json.loads(report.to_json())
+    data["total"]["predicted_seconds"] = None
+    with pytest.raises(shapeprof.ReportFormatError, match="total.predicted_seconds: expected a number, got null"):
+        shapeprof.Report.from_dict(data)
+
+
+def test_a_file_nested_too_deep_or_not_utf8_is_a_format_error(tmp_path):
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(shapeprof.ReportFormatError, match="nested too deeply"):
+        shapeprof.Report.from_json(deep)
+    binary = tmp_path / "binary.json"
+    binary.write_bytes(b"\xff\xfe{")
+    with pytest.raises(shapeprof.ReportFormatError, match="not UTF-8"):
+        shapeprof.Report.from_json(binary)

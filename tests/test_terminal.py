@@ -101,3 +101,45 @@ def test_to_text_honours_columns_whatever_it_is(cnn, monkeypatch):
         raise OSError("not a terminal")
     monkeypatch.setattr(os, "get_terminal_size", piped)   # what shutil asks when COLUMNS is not set
     assert max(len(line) for line in to_text(report, color=False).splitlines()) <= 120
+
+
+# ---------------------------------------------------------------------------------------------- control characters
+
+_HOSTILE = "\x1b]0;owned\x07\x1b[2J\x1bP+q\x1b\\\r\x9b31m\x9d8;;x\x9c\x00\x7f"   # OSC title, clear, DCS, CR, C1 CSI/OSC
+
+
+def test_no_string_of_a_report_reaches_the_terminal_with_its_control_characters():
+    # a report read from a file someone else wrote: every field the rendering prints carries escape sequences
+    import dataclasses
+    from shapeprof.report import Finding, UncoveredOp
+    r = shapeprof.analyze(torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU()), torch.randn(1, 8))
+
+    def bad(text):
+        return f"{text}{_HOSTILE}!"
+
+    nodes = [dataclasses.replace(n, name=bad(n.name), op=bad(n.op), module_path=bad(n.module_path),
+                                 output=bad(n.output), module_type=bad(n.module_type)) for n in r.nodes]
+    hostile = dataclasses.replace(
+        r, model=bad("Net"), dtype=bad("bf16"), inputs=(bad("f32[1, 8]"),), notes=(bad("a note"),), nodes=nodes,
+        spec=dataclasses.replace(r.spec, display_name=bad("GPU")),
+        capture=dataclasses.replace(r.capture, method=bad("dispatch"), attempts=((bad("export"), bad("why")),)),
+        findings=[Finding(bad("0"), bad("linear"), 1, 0.5, 1.0, 9.5, bad("why"), bad("fix"))],
+        coverage=dataclasses.replace(r.coverage, ops=(UncoveredOp(bad("aten.foo"), 1, 8, 0.1, bad("node")),)))
+    text = to_text(hostile, width=160, color=False)
+    assert not [c for c in text if (ord(c) < 32 and c not in "\n\t") or 0x7f <= ord(c) <= 0x9f], repr(text)
+    # what is around the sequences is still there, and nothing of their insides ('owned', the title) is left
+    assert "shapeprof Net!" in text and "note: a note!" in text and "on GPU!" in text and "aten.foo!" in text
+    assert "owned" not in text and "31m" not in text
+    # with colour on, the only escapes are rich's own styling (SGR: ESC [ ... m)
+    coloured = re.sub(r"\x1b\[[0-9;]*m", "", to_text(hostile, width=160, color=True))
+    assert not [c for c in coloured if (ord(c) < 32 and c not in "\n\t") or 0x7f <= ord(c) <= 0x9f]
+    from shapeprof.terminal import without_control
+    assert without_control(r) is r                   # a clean report is shown as it is, not copied
+
+
+def test_printable_keeps_text_newlines_and_tabs():
+    from shapeprof.terminal import printable
+    assert printable("layers.3.attn\tx\ny") == "layers.3.attn\tx\ny"
+    assert printable("a\x1b[31mred\x1b[0m b") == "ared b"
+    assert printable("unterminated \x1b]0;title") == "unterminated "
+    assert printable("é ü ‖ µs") == "é ü ‖ µs"        # not control: printed as they are

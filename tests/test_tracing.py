@@ -11,7 +11,7 @@ from torch.utils.checkpoint import checkpoint
 
 from shapeprof import tracing
 from shapeprof.tracing import (ModelRecorder, ScriptNotFound, TraceConfig, analyse_model, check_target,
-                               default_logdir, resolve_dtype, run_script, script_name)
+                               resolve_dtype, run_script, script_name)
 
 
 class Inner(nn.Module):
@@ -333,17 +333,6 @@ def test_resolve_dtype():
     assert resolve_dtype(None) == (None, False)
     with pytest.raises(ValueError, match="bf16"):
         resolve_dtype("bf17")
-
-
-def test_default_logdir_is_new_and_absolute(tmp_path, monkeypatch):
-    from datetime import datetime
-    monkeypatch.chdir(tmp_path)
-    now = datetime(2025, 1, 2, 3, 4, 5)
-    first = default_logdir(TraceConfig(), "train", now)
-    assert first == tmp_path / "runs" / "shapeprof" / "train-20250102-030405"
-    first.mkdir(parents=True)
-    assert default_logdir(TraceConfig(), "train", now).name == "train-20250102-030405-2"
-    assert default_logdir(TraceConfig(logdir="x/y"), "train") == tmp_path / "x" / "y"
 
 
 def test_script_name(tmp_path):
