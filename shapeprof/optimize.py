@@ -53,7 +53,7 @@ import math
 import statistics
 import time
 from contextlib import ExitStack, contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Iterator, Sequence
 
 import torch
@@ -208,12 +208,14 @@ class RewriteOutcome:
 
 @dataclass(frozen=True)
 class CapturedGraph:
-    """One graph optimize rewrote: the module it runs on (its path; '' for the model) and how it was captured."""
+    """One graph optimize traced: the module it runs on (its path; '' for the model), how it was captured, and
+    whether a rewrite of it was kept."""
 
     path: str
     module_type: str
     method: str
     nodes: int
+    rewritten: bool = False
 
 
 @dataclass
@@ -272,7 +274,8 @@ class OptimizeReport:
                     "skipped": [asdict(s) for s in o.result.skipped] if o.result is not None else [],
                     "verification": None if o.verification is None else {
                         "ok": o.verification.ok, "error": o.verification.error,
-                        "checks": [asdict(c) for c in o.verification.checks]}}
+                        "checks": [asdict(c) for c in o.verification.checks]},
+                    "measurement": None if o.measurement is None else asdict(o.measurement)}
         m = self.measurement
         return {"model": self.model, "spec": self.spec.name, "dtype": self.dtype, "device": self.device,
                 "verify": self.verify, "verified": self.verified,
@@ -463,6 +466,7 @@ def _optimize(model, fast, args, kwargs, selected, registry, verify, tolerance, 
     for t in targets:
         if t.installed is not None:
             report.code[t.path] = t.gm.code
+    report.graphs = [replace(g, rewritten=g.path in report.code) for g in report.graphs]
     if measure:
         report.measurement = _measure(shared_copy(model), fast, args, kwargs, device, snapshot)   # copied before
     return _finish(fast, report)
@@ -921,13 +925,13 @@ def render(report: OptimizeReport):
     captured = Text()
     for path, why in report.not_captured:
         captured.append(f"not traced: {path or report.model}: {why}\n", style="yellow")
-    rewritten = [g for g in report.graphs if g.path in report.code]
+    rewritten = [g for g in report.graphs if g.rewritten]
     if rewritten:
         names = ", ".join(g.path or f"{g.module_type} (the whole model)" for g in rewritten)
         captured.append(f"rewrote the traced forward of: {names}")
         if rewritten[0].path:
             captured.append(f"; {report.model}'s own forward runs as written around them")
-    unchanged = [g for g in report.graphs if g.path not in report.code]
+    unchanged = [g for g in report.graphs if not g.rewritten]
     if unchanged and not report.refused:
         if rewritten:
             captured.append("\n")
@@ -947,9 +951,9 @@ def render(report: OptimizeReport):
             line.append(f"  undone: its outputs differ from the original's: {o.verification.summary()}")
         elif o.status == "slower":
             t = o.measurement
-            line.append(f"  undone: measured slower, {fmt_seconds(t.original_seconds)} without it, "
-                        f"{fmt_seconds(t.optimized_seconds)} with it per call (medians of {t.repeats} interleaved "
-                        f"repeats on {t.device})")
+            line.append("  undone: measured slower" + ("" if t is None else
+                        f", {fmt_seconds(t.original_seconds)} without it, {fmt_seconds(t.optimized_seconds)} with "
+                        f"it per call (medians of {t.repeats} interleaved repeats on {t.device})"))
         elif o.verification is not None:
             line.append(f"  verified: {o.verification.summary()}")
         if o.kept and o.measurement is not None:
@@ -1004,7 +1008,7 @@ def render(report: OptimizeReport):
     if totals:
         parts.append(totals)
     if report.applied:
-        parts.append(Text(_GUARD_NOTE + " " + _PACK_NOTES[report.pack_weights], style="dim"))
+        parts.append(Text(_GUARD_NOTE + " " + _PACK_NOTES.get(report.pack_weights, ""), style="dim"))
     return Group(*parts)
 
 

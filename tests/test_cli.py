@@ -557,7 +557,9 @@ def test_report_shows_every_saved_report_of_a_run_directory(tmp_path):
     positions = [out.index(str(model / name)) for name in ("report.json", "measured.json", "optimize.json")]
     assert positions == sorted(positions)
     assert "on NVIDIA A100-SXM4-80GB" in out and "shapeprof optimize Sequential" in out
-    assert "fuse_linear_activation: applied" in optimize_only.stdout
+    # --profile measures the rewrites: on this loaded 2-core machine a fusion of so small a model may time
+    # slower and be undone, which the report says either way
+    assert any(f"fuse_linear_activation: {s}" in optimize_only.stdout for s in ("applied", "slower"))
     # read back, optimize.json renders as the trace printed it
     printed = trace.stdout.split("Sequential --optimize: before and after")[1].split("reports saved in")[0]
     assert optimize_only.stdout.strip() in printed and optimize_only.stdout.strip().startswith("shapeprof optimize")
