@@ -85,8 +85,8 @@ def main() -> None:
         x = x.to(device=device, dtype=dtype) if x.is_floating_point() else x.to(device)
         print(f"\n{title}")
         for label, spec in specs:
-            result = shapeprof.profile(model, x, steps=5, warmup=2, device_spec=spec)
-            summarize(f"{label} spec {spec.name}", result.report)
+            result = shapeprof.profile(model, x, steps=5, warmup=2, machine_spec=spec)
+            summarize(f"{label} spec {spec.name}", result.measured)
 
 
 if __name__ == "__main__":

@@ -8,8 +8,8 @@ Two ways in, both shown:
 1. ``shapeprof.profile`` (one call): runs the model's captured graph under torch.profiler with one range per graph
    node, and writes the measured run (the real trace, every node and ATen op carrying its FLOPs, bytes, intensity,
    bound and predicted time) next to the predicted run on the chosen GPU. Where ``profile`` is not available this
-   script analyses the model and writes the predicted run only (`shapeprof.tensorboard.export_tensorboard`).
-2. ``shapeprof.tensorboard.tensorboard_trace_handler``: a drop-in for torch's handler in your own profiler loop,
+   script analyses the model and writes the predicted run only (`shapeprof.export_tensorboard`).
+2. ``shapeprof.tensorboard_trace_handler``: a drop-in for torch's handler in your own profiler loop,
    for a plain eager run; it adds our costs to the ATen ops and writes the model's predicted run beside the trace.
 
 TensorBoard then shows: PYTORCH_PROFILER (both runs: Overview with the predicted GPU summary, Operator, Kernel and
@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 import shapeprof
-from shapeprof.tensorboard import export_tensorboard, tensorboard_trace_handler
+from shapeprof.output.tensorboard import export_tensorboard, tensorboard_trace_handler
 
 try:
     from .nanogpt import GPT, GPTConfig   # imported as examples.profile_to_tensorboard
@@ -40,7 +40,7 @@ def profile_and_export(model, idx, logdir: Path, spec: str, steps: int) -> dict:
             profile = None
     if profile is not None:
         result = profile(model, idx, logdir=logdir, spec=spec, steps=steps)
-        print(result.report)
+        print(result.measured)
         return result.runs
     report = shapeprof.analyze(model, idx, spec=spec)
     print(report)

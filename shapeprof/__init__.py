@@ -13,7 +13,7 @@ from .hardware import DeviceSpec, SpecError, get_spec, list_specs, load_spec
 from .optimize import OptimizeError, OptimizeReport, Tolerance, optimize
 from .profiling import ProfileError, ProfileResult, profile
 from .report import Report, ReportFormatError
-from .tensorboard import ExportError, export_tensorboard, tensorboard_trace_handler
+from .output.tensorboard import ExportError, export_tensorboard, tensorboard_trace_handler
 
 __all__ = [
     "FLOP_CONVENTION", "META_KEY", "CaptureError", "DeviceSpec", "ExportError", "InputShape", "NodeError",

@@ -53,6 +53,7 @@ from torch.utils import _pytree as pytree
 from torch.utils.weak import WeakTensorKeyDictionary
 
 from . import masks
+from .text import one_line
 from .records import OpRecord, OpRecorder, TensorMeta
 
 METHODS = ("symbolic_trace", "export", "dispatch", "dispatch_real")
@@ -153,7 +154,7 @@ def capture(model: nn.Module, *args: Any, method: str = "auto", dtype: torch.dty
     if method not in ORDERS and method not in METHODS:
         raise ValueError(f"unknown capture method {method!r}; choose one of: "
                          f"{', '.join((*ORDERS, *METHODS))}")
-    model = _unwrap(model)
+    model = unwrap(model)
     if not isinstance(model, nn.Module):
         raise TypeError(f"expected an nn.Module, got {type(model).__name__}")
     start = time.perf_counter()
@@ -181,8 +182,8 @@ def capture(model: nn.Module, *args: Any, method: str = "auto", dtype: torch.dty
                 if name == "dispatch":
                     branch_site = _value_branch_site(e)
                 if method not in ORDERS:
-                    raise CaptureError(f"{name} failed for {type(model).__name__}: {_one_line(e)}") from e
-                attempts.append((name, _one_line(e)))
+                    raise CaptureError(f"{name} failed for {type(model).__name__}: {one_line(e)}") from e
+                attempts.append((name, one_line(e)))
                 continue
             root = exported.graph_module if exported is not None else shadow
             notes = masks.annotate(nodes, _leaf_values(name, graph, model, shadow, exported, args, kwargs))
@@ -370,7 +371,7 @@ def _input_leaves(value: Any, depth: int = 0) -> Iterator[Any]:
         yield from tensors_inside(value, depth)
 
 
-def _unwrap(model: Any) -> Any:
+def unwrap(model: Any) -> Any:
     # torch.compile wraps the module in OptimizedModule; DataParallel/DDP in .module
     while True:
         if hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
@@ -379,12 +380,6 @@ def _unwrap(model: Any) -> Any:
             model = model.module
         else:
             return model
-
-
-def _one_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    first = text[0] if text else ""
-    return f"{type(e).__name__}: {first}" if first else type(e).__name__
 
 
 # ---------------------------------------------------------------------------------------------- symbolic_trace
@@ -845,7 +840,7 @@ def _propagate(graph: fx.Graph, root: nn.Module, inputs: dict[fx.Node, Any],
             try:
                 value = _run_node(node, env, root, attrs, inputs)
             except Exception as e:
-                raise NodeError(f"{describe_node(node)}: {_one_line(e)}") from e
+                raise NodeError(f"{describe_node(node)}: {one_line(e)}") from e
             env[node] = value
             records[node] = tuple(sink)
             outputs[node] = _first_meta(value)

@@ -1,7 +1,8 @@
 """The `shapeprof` command line: trace, specs, calibrate, report, view.
 
-Thin: it parses arguments, calls the library (`shapeprof.tracing`, `shapeprof.analyze`, the renderers) and prints.
-Defaults come from the config dataclasses (`TraceConfig`, `ViewConfig`, `CalibrateConfig`), never from here.
+Thin: it parses arguments, calls the library (`shapeprof.scripts` runs the script, `shapeprof.session` analyses and
+writes out its models, `shapeprof.output` has the formats) and prints. Defaults come from the config dataclasses
+(`TraceConfig`, `ViewConfig`, `CalibrateConfig`), never from here.
 
     shapeprof trace train.py -- --epochs 1     # run train.py as python would; report every model it ran
     shapeprof trace -m mypkg.serve             # a module, like python -m
@@ -23,11 +24,9 @@ import argparse
 import contextlib
 import importlib.util
 import json
-import os
 import shlex
 import sys
-import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,16 +34,19 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from . import viewer
+from . import output, viewer
 from .capture import METHODS
 from .hardware import DeviceSpec, SpecError, check_spec_path, get_spec, list_specs
-from .report import Report, ReportFormatError
-from .rundir import (TRACE_SCHEMA, TRACE_SCHEMA_VERSION, RunDir, RunDirError, optimize_document, read_saved,
-                     saved_files, write_json)
-from .terminal import (fmt_bytes, fmt_flops, fmt_intensity, fmt_seconds, printable, render, terminal_width,
-                       without_control)
-from .tracing import (ScriptNotFound, ScriptRun, TraceConfig, TracedModel, analyse_model, check_target,
-                      resolve_dtype, run_script, script_name, with_trace_notes)
+from .jsondata import ReportFormatError
+from .output.jsonfiles import optimize_document, read_saved, saved_files
+from .output.terminal import render, terminal_width
+from .precision import resolve as resolve_precision
+from .report import Report
+from .rundir import RunDir, RunDirError
+from .scripts import ScriptNotFound, ScriptRun, TracedModel, check_target, run_script, script_name
+from .session import (ModelResult, TraceConfig, analyse_all, calls, no_model_message, problems, steps_per_model,
+                      summary)
+from .text import fmt_bytes, fmt_flops, fmt_intensity, fmt_seconds, one_line, printable, slug, without_control
 
 
 @dataclass
@@ -68,37 +70,7 @@ class CliError(Exception):
     """Bad input or an unavailable feature: printed as one line on stderr, exit status 2."""
 
 
-# ---------------------------------------------------------------------------------------------- adapters
-
-def _profile(model, args: tuple, kwargs: dict, *, spec: DeviceSpec, dtype, steps: int | None, method: str):
-    from . import profiling
-    own = {"steps": steps} if steps is not None else {}
-    _check_clash(model, kwargs, ("logdir", "spec", "dtype", "method", "steps", "warmup", "device_spec"), "profile")
-    # logdir=None: the TensorBoard runs are written below, with the other runs of this trace, named like them
-    return profiling.profile(model, *args, logdir=None, spec=spec, dtype=dtype, method=method, **own, **kwargs)
-
-
-def _optimize(model, args: tuple, kwargs: dict, *, spec: DeviceSpec, dtype, measure: bool):
-    """The optimized drop-in's `shapeprof_report`: an OptimizeReport (rich-renderable; predicted before/after, and
-    measured before/after with `measure`)."""
-    from .optimize import optimize
-    _check_clash(model, kwargs, ("rewrites", "verify", "measure", "spec", "dtype"), "optimize")
-    fast = optimize(model, *args, spec=spec, dtype=dtype, measure=measure, **kwargs)
-    return fast.shapeprof_report
-
-
-def _check_clash(model, kwargs: dict, reserved: tuple[str, ...], what: str) -> None:
-    clash = [k for k in kwargs if k in reserved]
-    if clash:
-        raise ValueError(f"{type(model).__name__}.forward takes keyword input(s) {', '.join(map(repr, clash))}, "
-                         f"which shapeprof's {what}() reserves for itself")
-
-
-def _export_tensorboard(logdir: Path, report: Report, *, measured=None, measured_trace=None, name: str):
-    from . import tensorboard
-    return tensorboard.export_tensorboard(logdir, report, measured=measured, measured_trace=measured_trace,
-                                          name=name)
-
+# ---------------------------------------------------------------------------------------------- library calls
 
 def _calibrate(device: str | None, budget_seconds: float | None = None) -> DeviceSpec:
     from . import calibration
@@ -149,8 +121,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"each trace writes its reports, trace.json and TensorBoard runs into a new folder of "
                             f"its own in this one, "
                             f"{trace_defaults.run_name.format(script='SCRIPT', time='YYYYmmdd-HHMMSS')}[-N]")
-    trace.add_argument("--no-tensorboard", dest="tensorboard", action="store_false",
-                       default=trace_defaults.tensorboard, help="write no TensorBoard runs (report.json still)")
+    trace.add_argument("--output", type=_formats_arg, default=trace_defaults.outputs, metavar="FORMATS",
+                       help=f"output formats written for each model, comma-separated, from: "
+                            f"{', '.join(name for name, _ in output.available())} "
+                            f"(default: {','.join(trace_defaults.outputs)})")
+    trace.add_argument("--no-tensorboard", dest="no_tensorboard", action="store_true",
+                       help="leave tensorboard out of --output")
     trace.add_argument("--json", action="store_true", default=trace_defaults.json,
                        help="print one JSON document on stdout (the script's own stdout goes to stderr)")
     trace.add_argument("--profile", action="store_true", default=trace_defaults.profile,
@@ -206,10 +182,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _dtype_arg(text: str) -> str:
     try:
-        resolve_dtype(text)
+        resolve_precision(text)
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
     return text.strip().lower().removeprefix("torch.")
+
+
+def _formats_arg(text: str) -> tuple[str, ...]:
+    names = tuple(dict.fromkeys(n.strip() for n in text.split(",") if n.strip()))
+    for name in names:
+        try:
+            output.get(name)
+        except KeyError as e:
+            raise argparse.ArgumentTypeError(e.args[0]) from None
+    return names
 
 
 def _positive_int(text: str) -> int:
@@ -247,26 +233,11 @@ def main(argv: list[str] | None = None) -> int:
 
 # ---------------------------------------------------------------------------------------------- trace
 
-@dataclass
-class _ModelResult:
-    traced: TracedModel
-    report: Report | None = None            # predicted on the spec
-    measured: Report | None = None          # --profile: measured on this machine, against its own roofline
-    measured_trace: dict | None = None      # --profile: the profiler's Kineto trace
-    profile_note: str = ""
-    measured_path: Path | None = None
-    optimized: Any = None                   # --optimize: the OptimizeReport (before/after)
-    error: str | None = None                # why the analysis failed (one line)
-    warnings: list[str] = field(default_factory=list)
-    report_path: Path | None = None
-    optimized_path: Path | None = None      # optimize.json: what --optimize did, as JSON
-    tensorboard: dict[str, str] = field(default_factory=dict)
-
-
 def _cmd_trace(ns: argparse.Namespace) -> int:
     if ns.target is None:
         ns.parser.error("the following arguments are required: SCRIPT (or -m MODULE)")
-    config = TraceConfig(spec=ns.spec, dtype=ns.dtype, top=ns.top, logdir=ns.logdir, tensorboard=ns.tensorboard,
+    outputs = tuple(o for o in ns.output if not (ns.no_tensorboard and o == "tensorboard"))
+    config = TraceConfig(spec=ns.spec, dtype=ns.dtype, top=ns.top, logdir=ns.logdir, outputs=outputs,
                          json=ns.json, profile=ns.profile, profile_steps=ns.steps, optimize=ns.optimize,
                          all_modules=ns.all_modules, method=ns.method, strict=ns.strict)
     # Everything that can be wrong with the command is found before the script runs (a typo in --spec must not
@@ -287,20 +258,23 @@ def _cmd_trace(ns: argparse.Namespace) -> int:
 
     analysed = [m for m in run.models if m.has_state or config.all_modules]
     skipped = [m for m in run.models if m not in analysed]
-    results: list[_ModelResult] = []
+    results: list[ModelResult] = []
     if not analysed:   # nothing will be saved: leave no empty folder behind
         run_dir.discard()
         run_dir = None
     else:
         def save_trace(status: str) -> None:
-            _write_summary(run_dir, _summary(run, results, skipped, config, spec, run_dir, inline=False,
-                                             status=status, pending=analysed[len(results):]))
+            _write_summary(run_dir, summary(run, results, skipped, config, spec, run_dir, inline=False,
+                                            status=status, pending=analysed[len(results):]))
         # trace.json is rewritten as each model's reports are saved, so that a Ctrl-C (or a kill) during the
         # analysis leaves one listing what was finished, never reports that nothing points at
         save_trace("analysing")
+        show = config.progress if config.progress is not None else (
+            sys.stdout.isatty() and sys.stderr.isatty() and not config.json)
         try:   # closing: a Ctrl-C between two models still ends the progress display before the message
-            with contextlib.closing(_analyse_all(analysed, config, spec, run_dir.path)) as finished:
-                for result in finished:
+            with _progress(show, analysed, steps_per_model(config)) as progress, \
+                    contextlib.closing(analyse_all(analysed, config, spec, run_dir.path, progress.step)) as done:
+                for result in done:
                     results.append(result)
                     save_trace("analysing" if len(results) < len(analysed) else "complete")
         except KeyboardInterrupt:
@@ -311,9 +285,9 @@ def _cmd_trace(ns: argparse.Namespace) -> int:
             return 130
     if config.json:
         out = sys.stdout
-        out.write(json.dumps(_summary(run, results, skipped, config, spec, run_dir, inline=True), indent=1) + "\n")
+        out.write(json.dumps(summary(run, results, skipped, config, spec, run_dir, inline=True), indent=1) + "\n")
         out.flush()
-        for message in _problems(run, results):
+        for message in problems(run, results):
             print(printable(f"shapeprof: {message}"), file=sys.stderr)
     else:
         _print_results(run, results, skipped, config, run_dir)
@@ -332,118 +306,36 @@ def _spec(text: str) -> DeviceSpec:
         raise CliError(str(e)) from None
 
 
-def _analyse_all(models: list[TracedModel], config: TraceConfig, spec: DeviceSpec, run_dir: Path):
-    """Analyse (and save) each model in turn, yielding its result as soon as its files are written."""
-    steps = 2 + config.profile + config.optimize   # analyse, [profile], [optimize], save
-    show = config.progress if config.progress is not None else (
-        sys.stdout.isatty() and sys.stderr.isatty() and not config.json)
-    with _progress(show) as progress:
-        task = progress.add_task("analysing", total=len(models) * steps)
-        for i, model in enumerate(models, 1):
-            result = _ModelResult(model)
-            label = printable(f"[{i}/{len(models)}] {model.name}")
-            progress.update(task, description=f"{label}: analysing")
-            _analyse_one(result, config, spec, run_dir, lambda what: progress.update(
-                task, advance=1, description=f"{label}: {what}"))
-            progress.update(task, completed=i * steps)
-            yield result
+class _Progress:
+    """The progress display (rich, on stderr), or nothing when `show` is False."""
 
+    def __init__(self, show: bool, models: list[TracedModel], steps: int):
+        self.models, self.steps = models, steps
+        self.bar = None
+        if show:
+            from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+            self.bar = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(),
+                                console=Console(stderr=True), transient=True)
 
-def _analyse_one(result: _ModelResult, config: TraceConfig, spec: DeviceSpec, run_dir: Path, step) -> None:
-    traced = result.traced
-    try:
-        result.report = analyse_model(traced, config, spec)
-    except Exception as e:
-        result.error = _one_line(e)
-        _debug_traceback(e)
-        return
-    model_dir = run_dir / traced.name
-    if config.profile:
-        step("profiling")
-        module, args, kwargs = traced.real
-        try:
-            profiled = _profile(module, args, kwargs, spec=spec, dtype=resolve_dtype(config.dtype)[0],
-                                steps=config.profile_steps, method=config.method)
-            result.report = with_trace_notes(profiled.target, traced)
-            result.measured = with_trace_notes(profiled.report, traced)
-            result.measured_trace, result.profile_note = profiled.trace, profiled.note
-        except CliError:
-            raise
-        except Exception as e:
-            result.warnings.append(f"--profile failed: {_one_line(e)}")
-            _debug_traceback(e)
-    if config.optimize:
-        step("optimizing")
-        module, args, kwargs = traced.real
-        try:
-            result.optimized = _optimize(module, args, kwargs, spec=spec, dtype=resolve_dtype(config.dtype)[0],
-                                         measure=config.profile)   # --profile: measured before/after too
-        except CliError:
-            raise
-        except Exception as e:
-            result.warnings.append(f"--optimize failed: {_one_line(e)}")
-            _debug_traceback(e)
-    step("saving")
-    try:
-        # each path is set once its file is written: trace.json never lists a report that is not there
-        result.report.to_json(model_dir / "report.json")
-        result.report_path = model_dir / "report.json"
-        if result.measured is not None:
-            result.measured.to_json(model_dir / "measured.json")
-            result.measured_path = model_dir / "measured.json"
-        if result.optimized is not None:
-            result.optimized_path = write_json(model_dir / "optimize.json", optimize_document(result.optimized))
-    except OSError as e:
-        result.warnings.append(f"could not save the report: {_one_line(e)}")
-    if config.tensorboard:
-        runs: dict[str, Any] = {}
-        try:
-            runs.update(_export_tensorboard(run_dir, result.report, measured=result.measured,
-                                            measured_trace=result.measured_trace, name=traced.name))
-        except CliError as e:
-            result.warnings.append(str(e))
-        except Exception as e:
-            result.warnings.append(f"TensorBoard export failed: {_one_line(e)}")
-            _debug_traceback(e)
-        result.tensorboard = {str(k): str(v) for k, v in runs.items()}
-
-
-class _NoProgress:
     def __enter__(self):
+        if self.bar is not None:
+            self.bar.__enter__()
+            self.task = self.bar.add_task("analysing", total=len(self.models) * self.steps)
+            self.done = 0
         return self
 
     def __exit__(self, *exc):
-        return False
+        return self.bar.__exit__(*exc) if self.bar is not None else False
 
-    def add_task(self, *args, **kwargs):
-        return 0
-
-    def update(self, *args, **kwargs):
-        pass
-
-
-def _progress(show: bool):
-    if not show:
-        return _NoProgress()
-    from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-    return Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(),
-                    console=Console(stderr=True), transient=True)
+    def step(self, i: int, what: str) -> None:
+        if self.bar is not None:
+            label = printable(f"[{i + 1}/{len(self.models)}] {self.models[i].name}")
+            self.done += 1
+            self.bar.update(self.task, completed=self.done, description=f"{label}: {what}")
 
 
-def _debug_traceback(e: BaseException) -> None:
-    if os.environ.get("SHAPEPROF_DEBUG"):
-        traceback.print_exception(type(e), e, e.__traceback__, file=sys.stderr)
-
-
-def _calls(traced: TracedModel) -> str:
-    text = f"{traced.name}: called {traced.calls}x at top level"
-    if traced.calls > 1:
-        text += ", analysed once on the inputs of its first call"
-        if traced.distinct_inputs > 1:
-            text += f" (the calls had {traced.distinct_inputs} different input shapes)"
-    if traced.first_call_raised:
-        text += "; its first call raised an exception"
-    return text
+def _progress(show: bool, models: list[TracedModel], steps: int) -> _Progress:
+    return _Progress(show, models, steps)
 
 
 def _text(text: str, style: str = "") -> Text:
@@ -452,32 +344,33 @@ def _text(text: str, style: str = "") -> Text:
     return Text(printable(text), style=style)
 
 
-def _print_results(run: ScriptRun, results: list[_ModelResult], skipped: list[TracedModel], config: TraceConfig,
+def _print_results(run: ScriptRun, results: list[ModelResult], skipped: list[TracedModel], config: TraceConfig,
                    run_dir: RunDir | None) -> None:
     console = _stdout_console()
     err = Console(stderr=True, highlight=False, soft_wrap=True)
     if not results:
-        console.print(_text(f"shapeprof: {_no_model_message(run)}"))
+        console.print(_text(f"shapeprof: {no_model_message(run)}"))
     for i, r in enumerate(results, 1):
         t = r.traced
         console.rule(_text(f"model {i} of {len(results)}: {t.name}", style="bold"), align="left")
-        console.print(_text(_calls(t), style="bold"))
+        console.print(_text(calls(t), style="bold"))
         if r.error is not None:
             err.print(_text(f"shapeprof: could not analyse {t.name}: {r.error}", style="red"))
             continue
-        console.print(render(r.report, top=config.top))
-        if r.measured is not None:
-            m = r.measured
+        res = r.results
+        console.print(render(res.report, top=config.top))
+        if res.measured is not None:
+            m = res.measured
             console.rule(_text(f"{t.name} measured on this machine", style="bold"), align="left")
             console.print(_text(f"{m.spec.display_name}: median step {fmt_seconds(m.total.measured_seconds or 0.0)}, "
                                 f"{fmt_seconds(m.total.predicted_seconds)} predicted on its own roofline",
                                 style="bold"))
-            if r.profile_note:
-                console.print(_text(r.profile_note, style="dim"))
+            if res.note:
+                console.print(_text(res.note, style="dim"))
             console.print(render(m, top=config.top))
-        if r.optimized is not None:
+        if res.optimized is not None:
             console.rule(_text(f"{t.name} --optimize: before and after", style="bold"), align="left")
-            console.print(without_control(r.optimized))
+            console.print(without_control(res.optimized))
         for w in r.warnings:
             err.print(_text(f"shapeprof: {t.name}: {w}", style="yellow"))
     if skipped:
@@ -490,101 +383,19 @@ def _print_results(run: ScriptRun, results: list[_ModelResult], skipped: list[Tr
     if failed:
         err.print(_text(f"shapeprof: {failed} of {len(results)} model{'s' if len(results) > 1 else ''} could not "
                         f"be analysed", style="bold red"))
-    if run_dir is not None and any(r.report_path for r in results):
+    if run_dir is not None and any(r.outputs for r in results):
         where = _display_path(run_dir.path)
         line = f"reports saved in {where}"
-        if any(r.tensorboard for r in results):   # quoted: a command to paste into a shell, spaces and all
+        if any(r.outputs.get("tensorboard") for r in results):   # quoted: to paste into a shell, spaces and all
             line += f"; see them in TensorBoard: {shlex.join(['shapeprof', 'view', where])}"
         console.print(_text(line))
 
 
-def _no_model_message(run: ScriptRun) -> str:
-    what = f"`{'python -m ' if run.is_module else ''}{run.target}`"
-    if run.models:
-        return f"{what} ran no model with parameters or buffers: nothing to analyse."
-    return (f"{what} ran no nn.Module at top level: no model to analyse (a model called only inside a "
-            f"torch.compile'd function is not seen)")
-
-
-def _problems(run: ScriptRun, results: list[_ModelResult]) -> list[str]:
-    out = [_no_model_message(run)] if not results else []
-    out += [f"could not analyse {r.traced.name}: {r.error}" for r in results if r.error]
-    out += [f"{r.traced.name}: {w}" for r in results for w in r.warnings]
-    out += [f"recording: {e}" for e in run.recorder_errors]
-    return out
-
-
-def _summary(run: ScriptRun, results: list[_ModelResult], skipped: list[TracedModel], config: TraceConfig,
-             spec: DeviceSpec, run_dir: RunDir | None, *, inline: bool, status: str = "complete",
-             pending: list[TracedModel] = ()) -> dict[str, Any]:
-    """The trace as one JSON document: what ran, how it ended, each model finished (`inline`: with its whole
-    report), and, while `status` is 'analysing' or 'interrupted', the models not (yet) analysed."""
-    def model(r: _ModelResult) -> dict[str, Any]:
-        t = r.traced
-        d: dict[str, Any] = {
-            "name": t.name, "type": t.type_name, "calls": t.calls, "distinct_inputs": t.distinct_inputs,
-            "first_call_raised": t.first_call_raised, "error": r.error, "warnings": r.warnings,
-            "report_path": str(r.report_path) if r.report_path else None,
-            "measured_report_path": str(r.measured_path) if r.measured_path else None,
-            "optimize_path": str(r.optimized_path) if r.optimized_path else None,
-            "tensorboard_runs": r.tensorboard,
-        }
-        if r.report is not None:
-            d["inputs"] = list(r.report.inputs)
-            d["notes"] = list(r.report.notes)   # what the numbers leave out: forward pass only, say
-            d["predicted_seconds"] = r.report.total.predicted_seconds
-            if inline:
-                d["report"] = r.report.to_dict()
-        if r.measured is not None:
-            d["measured_on"] = r.measured.spec.name
-            d["measured_seconds"] = r.measured.total.measured_seconds
-            d["measured_predicted_seconds"] = r.measured.total.predicted_seconds
-            if inline:
-                d["measured_report"] = r.measured.to_dict()
-        if r.optimized is not None:
-            d["optimize"] = _optimize_summary(r.optimized)
-        return d
-
-    exc = run.exception
-    return {
-        "schema": TRACE_SCHEMA, "version": TRACE_SCHEMA_VERSION,
-        "target": run.target, "is_module": run.is_module, "argv": run.argv,
-        "exit_code": run.exit_code,
-        "exception": None if exc is None else {"type": type(exc).__name__, "message": str(exc)},
-        "script_seconds": run.seconds, "spec": spec.name, "dtype": config.dtype,
-        "status": status,   # analysing (still, or killed), interrupted (Ctrl-C), complete
-        "logdir": str(run_dir.logdir) if run_dir else None,
-        "run_dir": str(run_dir.path) if run_dir else None,
-        "models": [model(r) for r in results],
-        "not_analysed": [m.name for m in pending],
-        "failed": sum(r.error is not None for r in results),
-        "skipped": [{"name": m.name, "type": m.type_name, "calls": m.calls,
-                     "reason": "no parameters or buffers"} for m in skipped],
-    }
-
-
-def _optimize_summary(report: Any) -> dict[str, Any]:
-    """An OptimizeReport as plain JSON-ready data: what was rewritten where, verified or not, before and after."""
-    m = report.measurement
-    return {
-        "model": report.model, "spec": report.spec.name, "device": report.device, "verified": report.verified,
-        "refused": report.refused or None,
-        "rewrites": [{"name": o.name, "status": o.status, "error": o.error or None} for o in report.outcomes],
-        "applied": [{"where": a.where, "what": a.what, "bytes_saved": a.bytes_saved,
-                     "seconds_saved": a.seconds_saved} for a in report.applied],
-        "skipped": [{"where": k.where, "reason": k.reason} for k in report.skipped],
-        "predicted_seconds_before": report.predicted_seconds,
-        "predicted_seconds_after": report.predicted_seconds - report.seconds_saved,
-        "measured": None if m is None else {"device": m.device, "original_seconds": m.original_seconds,
-                                            "optimized_seconds": m.optimized_seconds, "speedup": m.speedup},
-    }
-
-
-def _write_summary(run_dir: RunDir, summary: dict[str, Any]) -> None:
+def _write_summary(run_dir: RunDir, data: dict[str, Any]) -> None:
     try:
-        run_dir.write_json("trace.json", summary)
+        run_dir.write_json("trace.json", data)
     except OSError as e:
-        print(printable(f"shapeprof: could not write {run_dir.path / 'trace.json'}: {_one_line(e)}"),
+        print(printable(f"shapeprof: could not write {run_dir.path / 'trace.json'}: {one_line(e)}"),
               file=sys.stderr)
 
 
@@ -642,22 +453,18 @@ def _cmd_calibrate(ns: argparse.Namespace) -> int:
     except CliError:
         raise
     except Exception as e:   # no CUDA device, say: one line
-        raise CliError(f"calibration failed: {_one_line(e)}") from e
-    output = Path(ns.output) if ns.output else Path(_slug(spec.name) + ".toml")
+        raise CliError(f"calibration failed: {one_line(e)}") from e
+    output = Path(ns.output) if ns.output else Path(slug(spec.name, empty="calibrated") + ".toml")
     try:
         spec.save(output)
     except SpecError as e:
         raise CliError(str(e)) from None
     except OSError as e:
-        raise CliError(f"cannot write {output}: {_one_line(e)}") from None
+        raise CliError(f"cannot write {output}: {one_line(e)}") from None
     print(f"wrote {output}: {spec.display_name}: fp32 {fmt_flops(spec.peak_flops['fp32'])}/s, "
           f"memory bandwidth {fmt_bytes(spec.memory_bandwidth)}/s")
     print(f"use it with: shapeprof trace --spec {output} SCRIPT")
     return 0
-
-
-def _slug(name: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "-" for c in name).strip("-.") or "calibrated"
 
 
 # ---------------------------------------------------------------------------------------------- report
@@ -705,8 +512,3 @@ def _cmd_view(ns: argparse.Namespace) -> int:
     host = ViewConfig().host
     print(printable(f"TensorBoard on http://{host}:{ns.port}/ over {logdir} (Ctrl-C stops it)"), flush=True)
     return viewer.serve(logdir, host=host, port=ns.port)   # stops TensorBoard on every way out, SIGTERM too
-
-
-def _one_line(e: BaseException) -> str:
-    lines = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__

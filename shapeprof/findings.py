@@ -18,7 +18,8 @@ from typing import Mapping
 from .costs import ATTENTION_OPS, cost_of
 from .hardware import DeviceSpec
 from .records import OpRecord
-from .report import Finding, NodeStats, fmt_intensity, intensity, module_patterns
+from .report import Finding, NodeStats, intensity, module_patterns
+from .text import fmt_bytes, fmt_intensity
 
 _MATMUL_2D = {"aten.mm", "aten.addmm", "aten.linear", "aten.matmul"}
 
@@ -70,7 +71,7 @@ def find(nodes: list[NodeStats], records_of: Mapping[str, tuple[OpRecord, ...]],
         first = members[0]
         calls = sum(m.repeats for m in members)
         why = (f"{fmt_intensity(ratio)} FLOP/byte against a ridge of {fmt_intensity(first.ridge)} on "
-               f"{spec.display_name}: it waits on memory ({_bytes(first.bytes // first.repeats)} per call, "
+               f"{spec.display_name}: it waits on memory ({fmt_bytes(first.bytes // first.repeats)} per call, "
                f"{calls} call{'s' if calls > 1 else ''})")
         before = producer(first)
         found.append(Finding(pattern, op, len(members), share, ratio, first.ridge, why,
@@ -263,11 +264,3 @@ def _rows_to_ridge(m: int, k: int, n: int, *, itemsize: int, ridge: float) -> st
     rows = math.ceil(ridge * itemsize * k * n / denominator)
     return (f"it multiplies a {k}x{n} weight by only {m} row{'s' if m != 1 else ''} (tokens): at about {rows} "
             f"rows per call it would reach the ridge; batch more sequences or tokens per step")
-
-
-def _bytes(n: int) -> str:
-    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if n >= size:
-            return f"{n / size:.3g} {unit}"
-    return f"{n} B"
-

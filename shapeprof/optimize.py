@@ -61,7 +61,8 @@ import torch.fx as fx
 import torch.nn as nn
 from torch.utils import _pytree as pytree
 
-from .capture import CaptureError, InputShape, NodeError, _unwrap, capture, tensors_inside
+from .capture import CaptureError, InputShape, NodeError, capture, tensors_inside, unwrap
+from .text import one_line
 from .dropin import DropInError, graph_module_over, install, quiet, shared_copy, uninstall, values_equal, watch
 from .hardware import DeviceSpec, SpecError, get_spec
 from .snapshot import WriteSnapshot, copy_inputs, rng_kept
@@ -304,12 +305,12 @@ class OptimizeReport:
             ReportFormatError: one line naming the field that is wrong.
         """
         from shapeprof.rewrites.base import Match, RewriteResult, Skip
-        from .report import ReportFormatError, _json_kind, from_plain
+        from .jsondata import ReportFormatError, from_plain, json_kind
 
         def checked(value, kind, where):
             if not isinstance(value, kind):
                 raise ReportFormatError(f"{where}: expected {'a list' if kind is list else 'an object'}, "
-                                        f"got {_json_kind(value)}")
+                                        f"got {json_kind(value)}")
             return value
 
         data = {k: v for k, v in checked(d, dict, "report").items() if k not in ("schema", "version")}
@@ -387,7 +388,7 @@ def optimize(model: nn.Module, *args: Any, rewrites: Sequence[str | Any] | None 
     """
     from shapeprof import rewrites as registry   # rewrites import shapeprof modules: import here, not at the top
 
-    model = _unwrap(model)
+    model = unwrap(model)
     if not isinstance(model, nn.Module):
         raise TypeError(f"optimize takes an nn.Module, got {type(model).__name__}")
     selected = _select(rewrites, registry)
@@ -607,7 +608,7 @@ def _verify(module: nn.Module, args, kwargs, reference, tolerance: Tolerance | N
     try:
         out, _ = _run(module, args, kwargs, snapshot)
     except Exception as e:
-        return Verification(error=f"the rewritten model raised {type(e).__name__}: {_first_line(e)}")
+        return Verification(error=f"the rewritten model raised {one_line(e)}")
     return _compare(reference, out, tolerance)
 
 
@@ -671,11 +672,6 @@ def _max_abs_diff(a: torch.Tensor, e: torch.Tensor) -> float:
     return float((a.double() - e.double()).abs().max())
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0] if text else ""
-
-
 # ---------------------------------------------------------------------------------------------- capture targets
 
 @dataclass(eq=False)
@@ -695,12 +691,18 @@ class _Target:
         self.gm = _graph_module(self.module, self.capture)
 
 
+def _message(e: BaseException) -> str:
+    """A capture error's own first line (it names the method and the module already)."""
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__
+
+
 def _try_capture(module: nn.Module, args, kwargs, path: str = ""):
     """(Capture, '') or (None, why): the module's forward traced, if the graph can stand in for it."""
     try:
         cap = capture(module, *args, method="symbolic_trace", leaf_untraceable=True, **kwargs)
     except (CaptureError, NodeError) as e:
-        return None, _first_line(e)
+        return None, _message(e)
     lost = _hooks_lost(module, cap, path)
     return (None, lost) if lost else (cap, "")
 
@@ -829,7 +831,7 @@ def _apply(rewrite, targets: list[_Target], fast, args, kwargs, reference, verif
                 work[t] = gm
     except Exception as e:
         return RewriteOutcome(rewrite.name, "failed", merged,
-                              error=f"{type(e).__name__}: {_first_line(e)}")
+                              error=one_line(e))
     if not work:
         return RewriteOutcome(rewrite.name, "no match", merged)
     previous = {t: (t.installed.gm if t.installed is not None else None) for t in work}
@@ -843,7 +845,7 @@ def _apply(rewrite, targets: list[_Target], fast, args, kwargs, reference, verif
             _install(t, gm)
     except Exception as e:
         undo()
-        return RewriteOutcome(rewrite.name, "failed", merged, error=f"{type(e).__name__}: {_first_line(e)}")
+        return RewriteOutcome(rewrite.name, "failed", merged, error=one_line(e))
     check = None
     if verify is not False:
         check = _verify(fast, args, kwargs, reference, tolerance, snapshot)
@@ -907,7 +909,7 @@ def render(report: OptimizeReport):
     from rich.table import Table
     from rich.text import Text
 
-    from .terminal import fmt_bytes, fmt_seconds
+    from .text import fmt_bytes, fmt_seconds
 
     parts: list[Any] = []
     head = Text()

@@ -11,7 +11,7 @@ close each node came to this machine's roof; the same model is also analysed aga
     >>> from shapeprof.profiling import profile
     >>> model = torch.nn.Sequential(torch.nn.Linear(256, 1024), torch.nn.ReLU())
     >>> result = profile(model, torch.randn(64, 256), steps=3)
-    >>> [(n.name, n.measured_seconds > 0) for n in result.report.nodes]
+    >>> [(n.name, n.measured_seconds > 0) for n in result.measured.nodes]
     [('_0', True), ('_1', True)]
 """
 from __future__ import annotations
@@ -36,7 +36,8 @@ from torch.utils import _pytree as pytree
 
 from .analysis import analyze
 from .calibration import DEFAULT_DTYPES, _PEAK_KEY, calibrate
-from .capture import InputShape, _one_line, _unwrap, describe_node
+from .capture import InputShape, describe_node, unwrap
+from .text import one_line
 from .dropin import DropInError, graph_module_over
 from .hardware import DeviceSpec, get_spec
 from .report import Report
@@ -57,13 +58,13 @@ class ProfileResult:
     """What `profile` measured, joined to what `analyze` predicts.
 
     Attributes:
-        report: the model analysed against the spec of the device it ran on (`device_spec`), every node with
-            `measured_seconds` (median over the profiled steps) and `efficiency` = predicted / measured;
-            `report.total.measured_seconds` is the median step time. On CUDA a node that launched no kernel
+        measured: the model analysed against the roofline of the machine it ran on (`machine_spec`), every node
+            with `measured_seconds` (median over the profiled steps) and `efficiency` = predicted / measured;
+            `measured.total.measured_seconds` is the median step time. On CUDA a node that launched no kernel
             (a ``contiguous`` of a tensor that already is) measures 0.0 and has no efficiency.
-        target: the same model analysed against the requested `spec` (default A100-80GB SXM), with `dtype`
+        predicted: the same model analysed against the requested `spec` (default A100-80GB SXM), with `dtype`
             applied if given: the predicted picture on the GPU you care about. It carries no measurements.
-        device_spec: the roofline of the machine the model ran on.
+        machine_spec: the roofline of the machine the model ran on.
         trace: the Kineto (Chrome trace) JSON of the measured run as torch.profiler exported it, with a
             ``ProfilerStep#N`` range per step and one ``user_annotation`` range per graph node per step,
             named after the node.
@@ -77,9 +78,9 @@ class ProfileResult:
         note: how the measurement was made, in a sentence or two.
     """
 
-    report: Report
-    target: Report
-    device_spec: DeviceSpec
+    measured: Report
+    predicted: Report
+    machine_spec: DeviceSpec
     trace: dict
     steps: int
     logdir: Path | None = None
@@ -92,7 +93,7 @@ class ProfileResult:
 
 def profile(model: nn.Module, *args: Any, logdir: str | os.PathLike | None = None,
             spec: str | DeviceSpec | None = None, steps: int = 5, warmup: int = 2,
-            dtype: torch.dtype | None = None, device_spec: str | DeviceSpec | None = None,
+            dtype: torch.dtype | str | None = None, machine_spec: str | DeviceSpec | None = None,
             method: str = "auto", **kwargs: Any) -> ProfileResult:
     """Measure every node of `model` on this machine and join the times to the predicted ones.
 
@@ -121,7 +122,7 @@ def profile(model: nn.Module, *args: Any, logdir: str | os.PathLike | None = Non
         >>> from shapeprof.profiling import profile
         >>> model = torch.nn.Sequential(torch.nn.Linear(256, 1024), torch.nn.ReLU())
         >>> r = profile(model, torch.randn(64, 256), steps=3)
-        >>> r.report.nodes[0].op, r.report.nodes[0].efficiency > 0, r.target.spec.name
+        >>> r.measured.nodes[0].op, r.measured.nodes[0].efficiency > 0, r.predicted.spec.name
         ('Linear', True, 'a100-80gb-sxm')
 
     Args:
@@ -129,14 +130,14 @@ def profile(model: nn.Module, *args: Any, logdir: str | os.PathLike | None = Non
         *args, **kwargs: the real inputs, as the model's forward takes them (not `InputShape`s or meta tensors).
             The keyword arguments named below are this function's own and not passed on.
         logdir: write TensorBoard runs there (the measured trace enriched with the predictions, and the
-            predicted timeline on `spec`), via ``shapeprof.tensorboard.export_tensorboard``.
+            predicted timeline on `spec`), via ``shapeprof.export_tensorboard``.
         spec: the device to predict for in `target` (a built-in name, a spec file or a DeviceSpec).
         steps: measured steps (>= 1).
         warmup: unmeasured steps run first (>= 0), under the profiler, so caches, allocators and lazy
             initialisation settle.
         dtype: analyse `target` as if parameters and floating inputs were in this dtype. It changes the
             predictions on `target` only: the measured run runs the model as it is.
-        device_spec: the roofline of the machine it runs on; default ``shapeprof.calibrate()`` of that device
+        machine_spec: the roofline of the machine it runs on; default ``shapeprof.calibrate()`` of that device
             (measured once per process, about 3 s).
         method: the capture method, as for `analyze` ("auto", "symbolic_trace", "export", "dispatch").
 
@@ -153,7 +154,7 @@ def profile(model: nn.Module, *args: Any, logdir: str | os.PathLike | None = Non
         raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
     if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
         raise ValueError(f"warmup must be an integer >= 0, got {warmup!r}")
-    model = _unwrap(model)
+    model = unwrap(model)
     if not isinstance(model, nn.Module):
         raise TypeError(f"expected an nn.Module, got {type(model).__name__}")
     device = _run_device(model, args, kwargs)
@@ -161,13 +162,13 @@ def profile(model: nn.Module, *args: Any, logdir: str | os.PathLike | None = Non
         _check_writable(Path(logdir))
     cuda = device.type == "cuda"
     with rng_kept([device]):   # dropout, torch.rand in forward, calibration: the caller's next draw is unchanged
-        if device_spec is None:
-            device_spec = calibrate(device, dtypes=_dtypes_of(model, args, kwargs))
+        if machine_spec is None:
+            machine_spec = calibrate(device, dtypes=_dtypes_of(model, args, kwargs))
         else:
-            device_spec = get_spec(device_spec)
+            machine_spec = get_spec(machine_spec)
         tf32 = cuda and torch.get_float32_matmul_precision() != "highest"
         # "auto" here prefers a graph that runs on the model's weights (export before dispatch): node-level times
-        measured = analyze(model, *args, spec=device_spec, method="runnable" if method == "auto" else method,
+        measured = analyze(model, *args, spec=machine_spec, method="runnable" if method == "auto" else method,
                            tf32=tf32, **kwargs)
         cap = measured.captured
         target = analyze(model, *args, spec=spec, dtype=dtype, method=cap.method, **kwargs)
@@ -191,7 +192,7 @@ def profile(model: nn.Module, *args: Any, logdir: str | os.PathLike | None = Non
         how = "GPU time of the kernels launched in each node's range" if cuda else "CPU time of each node's range"
         note = (f"{cap.method} graph run node by node, one profiler range per node; median over {steps} steps of "
                 f"the {how}.")
-    result = ProfileResult(report=report, target=target, device_spec=device_spec, trace=trace, steps=steps,
+    result = ProfileResult(measured=report, predicted=target, machine_spec=machine_spec, trace=trace, steps=steps,
                            output=output, step_seconds=tuple(step_seconds), node_level=not eager,
                            note=note)
     if logdir is not None:
@@ -267,7 +268,7 @@ class _RangedInterpreter(fx.Interpreter):
             try:
                 return super().run_node(n)
             except Exception as e:
-                raise ProfileError(f"{describe_node(n, name)} failed while profiling: {_one_line(e)}") from e
+                raise ProfileError(f"{describe_node(n, name)} failed while profiling: {one_line(e)}") from e
 
 
 def _copy_graph(graph: fx.Graph, device: torch.device) -> tuple[fx.Graph, dict[fx.Node, str]]:
@@ -399,7 +400,7 @@ def _real_constants(model: nn.Module, args: tuple, kwargs: dict, program) -> dic
         real = torch.export.export(model, args, kwargs, strict=False)
     except Exception as e:
         raise ProfileError(f"the forward creates tensor constants whose values the capture on meta tensors does "
-                           f"not have, and exporting the real model to get them failed: {_one_line(e)}") from e
+                           f"not have, and exporting the real model to get them failed: {one_line(e)}") from e
     for name, value in program.constants.items():
         other = real.constants.get(name)
         if isinstance(value, torch.Tensor) and (not isinstance(other, torch.Tensor) or other.shape != value.shape
@@ -416,7 +417,7 @@ def _eager_runner(model: nn.Module) -> _Runner:
             return model(*args, **kwargs)
         except Exception as e:
             raise ProfileError(f"{type(model).__name__} failed while profiling (run eagerly: the dispatch-level "
-                               f"capture has no per-node graph): {_one_line(e)}") from e
+                               f"capture has no per-node graph): {one_line(e)}") from e
     return _Runner(lambda args, kwargs: (args, kwargs), execute)
 
 
@@ -558,10 +559,10 @@ def _measurements(events, names: set[str], steps: int, cuda: bool) -> tuple[list
 
 def _export(result: ProfileResult, logdir: Path) -> None:
     try:
-        from .tensorboard import export_tensorboard
+        from .output.tensorboard import export_tensorboard
     except ImportError as e:
-        raise ProfileError(f"logdir given but the TensorBoard exporter cannot be imported: {_one_line(e)}") from e
-    runs = export_tensorboard(logdir, result.target, measured=result.report, measured_trace=result.trace)
+        raise ProfileError(f"logdir given but the TensorBoard exporter cannot be imported: {one_line(e)}") from e
+    runs = export_tensorboard(logdir, result.predicted, measured=result.measured, measured_trace=result.trace)
     result.logdir = logdir
     if isinstance(runs, Mapping):
         result.runs = {str(k): Path(v) for k, v in runs.items()}

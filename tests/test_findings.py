@@ -6,8 +6,8 @@ import torch.nn as nn
 import shapeprof
 from examples.cnn import SmallCNN
 from examples.mlp import MLP
-from shapeprof.markdown import markdown_sections
-from shapeprof.terminal import to_text
+from shapeprof.output.markdown import markdown_sections
+from shapeprof.output.terminal import to_text
 
 
 def test_the_ridge_is_written_as_the_intensities_are():

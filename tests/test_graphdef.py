@@ -5,7 +5,7 @@ import torch
 
 import shapeprof
 from examples.llama import LlamaConfig, Transformer
-from shapeprof.graphdef import graph_def
+from shapeprof.output.tensorboard.graphdef import graph_def
 
 
 def test_a_node_named_like_a_module_namespace_is_renamed():

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import shapeprof
 from shapeprof.hardware import get_spec
-from shapeprof.kineto import (
+from shapeprof.output.tensorboard.kineto import (
     GPU_STREAM,
     OpCoster,
     annotate_trace,

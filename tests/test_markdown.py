@@ -7,7 +7,7 @@ import torch
 
 import shapeprof
 from examples.llama import LlamaConfig, Transformer
-from shapeprof.markdown import markdown_sections, to_markdown
+from shapeprof.output.markdown import markdown_sections, to_markdown
 
 
 def test_sections_in_report_order():

@@ -7,7 +7,7 @@ import torch
 import shapeprof
 from examples.mlp import MLP
 from shapeprof.hardware import get_spec
-from shapeprof.plots import points, roofline_figure, roofs
+from shapeprof.output.tensorboard.plots import points, roofline_figure, roofs
 
 
 def test_roofs_of_an_a100():

@@ -80,15 +80,15 @@ def profiled(request, cpu_spec):
 def test_profile_uses_the_expected_capture(profiled):
     _, method, _, _, _, result = profiled
     assert isinstance(result, ProfileResult)
-    assert result.report.capture.method == result.target.capture.method == method
+    assert result.measured.capture.method == result.predicted.capture.method == method
     assert result.node_level and result.steps == STEPS and result.logdir is None and result.runs == {}
     assert "one profiler range per node" in result.note
 
 
 def test_every_node_is_measured_and_has_an_efficiency(profiled, cpu_spec):
     *_, result = profiled
-    report = result.report
-    assert report.spec == result.device_spec == cpu_spec          # held against the machine it ran on
+    report = result.measured
+    assert report.spec == result.machine_spec == cpu_spec          # held against the machine it ran on
     assert report.nodes
     for n in report.nodes:
         assert n.measured_seconds is not None and n.measured_seconds > 0, n.name
@@ -102,7 +102,7 @@ def test_node_times_fit_inside_the_step_time(profiled):
     steps = sorted((e for e in result.trace["traceEvents"]
                     if e.get("cat") == "user_annotation" and e["name"].startswith("ProfilerStep#")),
                    key=lambda e: e["ts"])
-    names = {n.name for n in result.report.nodes}
+    names = {n.name for n in result.measured.nodes}
     for step in steps:   # each step's node ranges lie inside it, so they add up to no more than the step
         inside = [e for e in result.trace["traceEvents"] if e.get("cat") == "user_annotation"
                   and e["name"] in names and step["ts"] <= e["ts"] <= step["ts"] + step["dur"]]
@@ -110,9 +110,9 @@ def test_node_times_fit_inside_the_step_time(profiled):
         assert sum(e["dur"] for e in inside) <= step["dur"] * 1.001 + 1
     # per node the median over 3 steps is at most the sum of its two largest times, so the medians add up to
     # at most the sum of all the steps' times divided by 2 (ceil(3 / 2))
-    measured = sum(n.measured_seconds for n in result.report.nodes)
+    measured = sum(n.measured_seconds for n in result.measured.nodes)
     assert measured <= sum(result.step_seconds) / math.ceil(STEPS / 2) * 1.001
-    assert result.report.total.measured_seconds == sorted(result.step_seconds)[STEPS // 2]
+    assert result.measured.total.measured_seconds == sorted(result.step_seconds)[STEPS // 2]
 
 
 def test_trace_has_one_range_per_node_per_step(profiled):
@@ -120,11 +120,11 @@ def test_trace_has_one_range_per_node_per_step(profiled):
     events = result.trace["traceEvents"]
     annotations = Counter(e["name"] for e in events if e.get("cat") == "user_annotation")
     assert sum(1 for name in annotations if name.startswith("ProfilerStep#")) == STEPS
-    graph = result.report.captured.graph
+    graph = result.measured.captured.graph
     calls = [n.name for n in graph.nodes if n.op in ("call_function", "call_method", "call_module")]
     for name in calls:
         assert annotations[name] == STEPS, name
-    assert {n.name for n in result.report.nodes} <= set(calls)
+    assert {n.name for n in result.measured.nodes} <= set(calls)
     assert any(e.get("cat") == "cpu_op" and e["name"].startswith("aten::") for e in events)
 
 
@@ -138,26 +138,26 @@ def test_user_model_is_untouched_and_outputs_match(profiled):
 
 def test_target_is_the_prediction_on_the_requested_gpu(profiled):
     *_, result = profiled
-    assert result.target.spec.name == "a100-80gb-sxm"
-    assert all(n.measured_seconds is None for n in result.target.nodes)
-    assert [n.name for n in result.target.nodes] == [n.name for n in result.report.nodes]
+    assert result.predicted.spec.name == "a100-80gb-sxm"
+    assert all(n.measured_seconds is None for n in result.predicted.nodes)
+    assert [n.name for n in result.predicted.nodes] == [n.name for n in result.measured.nodes]
 
 
 def test_measured_report_round_trips_through_json(profiled):
     *_, result = profiled
-    again = shapeprof.Report.from_json(result.report.to_json())
-    assert again == result.report
-    assert [n.measured_seconds for n in again.nodes] == [n.measured_seconds for n in result.report.nodes]
+    again = shapeprof.Report.from_json(result.measured.to_json())
+    assert again == result.measured
+    assert [n.measured_seconds for n in again.nodes] == [n.measured_seconds for n in result.measured.nodes]
 
 
 def test_dtype_changes_the_target_only(cpu_spec):
     model, args = _mlp()
     result = profile(model, *args, steps=1, warmup=0, dtype=torch.bfloat16, spec="h100-sxm")
-    assert result.target.dtype == "bfloat16" and result.report.dtype is None
-    assert result.target.spec.name == "h100-sxm"
+    assert result.predicted.dtype == "bfloat16" and result.measured.dtype is None
+    assert result.predicted.spec.name == "h100-sxm"
     assert result.output.dtype == torch.float32       # the model ran as it is
     # bf16 moves half the bytes of fp32
-    assert result.target.total.bytes * 2 == result.report.total.bytes
+    assert result.predicted.total.bytes * 2 == result.measured.total.bytes
 
 
 def test_export_graph_takes_keyword_inputs_and_returns_the_model_outputs(cpu_spec):
@@ -166,22 +166,22 @@ def test_export_graph_takes_keyword_inputs_and_returns_the_model_outputs(cpu_spe
     targets = torch.randint(0, 256, (2, 16))
     before = _snapshot(model)
     result = profile(model, idx, targets=targets, steps=1, warmup=0)
-    assert result.report.capture.method == "export"
+    assert result.measured.capture.method == "export"
     logits, loss = result.output          # (logits, loss) as GPT.forward returns them
     expected_logits, expected_loss = model(idx, targets=targets)
     torch.testing.assert_close(logits, expected_logits)
     torch.testing.assert_close(loss, expected_loss)
-    assert all(n.measured_seconds > 0 for n in result.report.nodes)
+    assert all(n.measured_seconds > 0 for n in result.measured.nodes)
     _assert_untouched(model, before)
 
 
 def test_dispatch_capture_measures_only_the_total(cpu_spec):
     model, args = _mlp()
     result = profile(model, *args, steps=2, warmup=0, method="dispatch")
-    assert result.report.capture.method == "dispatch" and not result.node_level
+    assert result.measured.capture.method == "dispatch" and not result.node_level
     assert "only its total time was measured" in result.note
-    assert all(n.measured_seconds is None and n.efficiency is None for n in result.report.nodes)
-    assert result.report.total.measured_seconds > 0
+    assert all(n.measured_seconds is None and n.efficiency is None for n in result.measured.nodes)
+    assert result.measured.total.measured_seconds > 0
     torch.testing.assert_close(result.output, model(*args))
 
 
@@ -189,7 +189,7 @@ def test_buffers_a_forward_updates_are_restored(cpu_spec):
     model = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU()).train()
     before = _snapshot(model)
     result = profile(model, torch.randn(32, 8), steps=2, warmup=1)
-    assert result.report.total.measured_seconds > 0
+    assert result.measured.total.measured_seconds > 0
     _assert_untouched(model, before)          # running_mean/var and num_batches_tracked as they were
     assert model[1].num_batches_tracked.item() == 0
 
@@ -263,8 +263,8 @@ def test_a_tensor_constant_made_in_forward_is_found_without_touching_the_model(c
     model, x = _AddsAConstant(), torch.randn(2, 4)
     before = _snapshot(model)
     result = profile(model, x, steps=2, warmup=0)
-    assert result.report.capture.method == "symbolic_trace"
-    assert all(n.measured_seconds > 0 for n in result.report.nodes)
+    assert result.measured.capture.method == "symbolic_trace"
+    assert all(n.measured_seconds > 0 for n in result.measured.nodes)
     torch.testing.assert_close(result.output, x + torch.tensor([1.0, 2.0, 3.0, 4.0]))
     _assert_untouched(model, before)           # no _tensor_constant0 set on it
     assert not hasattr(model, "_tensor_constant0")
@@ -281,7 +281,7 @@ def test_every_step_runs_on_fresh_copies_of_the_inputs(cpu_spec, method):
     x = torch.ones(3, 4)
     version = x._version
     result = profile(_WritesItsInput(), x, steps=3, warmup=2, method=method)
-    assert result.report.capture.method == method
+    assert result.measured.capture.method == method
     assert torch.equal(x, torch.ones(3, 4)) and x._version == version      # the caller's tensor as it was
     # the last of 1 watched + 2 warmup + 3 measured steps saw x == 1 too: (1 + 1) * 2, not (1 + 6) * 2
     torch.testing.assert_close(result.output, torch.full((3, 4), 4.0))
@@ -304,7 +304,7 @@ def test_the_callers_rng_is_as_it_was(cpu_spec, method):
     expected_next = torch.rand(8)               # what the caller draws next without profiling in between
     torch.set_rng_state(state)
     result = profile(model, torch.ones(16), steps=2, warmup=1, method=method)
-    assert result.report.total.measured_seconds > 0
+    assert result.measured.total.measured_seconds > 0
     assert torch.equal(torch.get_rng_state(), state)
     assert torch.equal(torch.rand(8), expected_next)
 
@@ -338,9 +338,9 @@ def test_parameters_and_buffers_a_forward_writes_hold_their_values_afterwards(cp
     x = torch.randn(8, 4)
     before = _snapshot(model)
     result = profile(model, x, steps=2, warmup=1, method=method)
-    assert result.report.total.measured_seconds > 0
+    assert result.measured.total.measured_seconds > 0
     if method != "dispatch":
-        assert all(n.measured_seconds > 0 for n in result.report.nodes)
+        assert all(n.measured_seconds > 0 for n in result.measured.nodes)
     _assert_untouched(model, before)
     assert torch.equal(model.w.detach(), torch.arange(1.0, 5.0)) and model.count.item() == 0
 
@@ -383,7 +383,7 @@ def test_an_input_object_the_forward_fills_is_a_fresh_copy_every_step(cpu_spec):
             return torch.cat(cache.keys).sum(0)
 
     cache = Cache()
-    profile(Appends(), torch.randn(1, 4), cache, steps=2, warmup=1, device_spec=cpu_spec)
+    profile(Appends(), torch.randn(1, 4), cache, steps=2, warmup=1, machine_spec=cpu_spec)
     assert len(cache.keys) == 1
 
 
@@ -399,5 +399,5 @@ def test_a_float64_intermediate_on_a_spec_without_fp64_profiles_with_a_note(cpu_
     spec = cpu_spec if "fp64" not in cpu_spec.peak_flops else \
         type(cpu_spec)(**{**cpu_spec.to_dict(), "peak_flops": {k: v for k, v in cpu_spec.peak_flops.items()
                                                                  if not k.startswith("fp64")}})
-    result = profile(Doubles(), torch.randn(4, 8), steps=2, warmup=1, device_spec=spec)
-    assert any("no float64 peak" in note for note in result.report.notes)
+    result = profile(Doubles(), torch.randn(4, 8), steps=2, warmup=1, machine_spec=spec)
+    assert any("no float64 peak" in note for note in result.measured.notes)

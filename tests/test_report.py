@@ -10,7 +10,7 @@ import shapeprof
 from examples.llama import LlamaConfig, Transformer
 from examples.mlp import MLP
 from shapeprof.report import SCHEMA_VERSION
-from shapeprof.terminal import render, to_text
+from shapeprof.output.terminal import render, to_text
 
 
 @pytest.fixture(scope="module")

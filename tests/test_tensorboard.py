@@ -25,9 +25,9 @@ import shapeprof
 from examples.llama import LlamaConfig, Transformer
 from examples.mlp import MLP
 from examples.nanogpt import GPT, GPTConfig
-from shapeprof import tensorboard as tb
+from shapeprof.output import tensorboard as tb
 from shapeprof.hardware import DeviceSpec
-from shapeprof.tensorboard import ExportError, export_tensorboard, tensorboard_trace_handler
+from shapeprof.output.tensorboard import ExportError, export_tensorboard, tensorboard_trace_handler
 from tests.tensorboard_server import serve
 
 # A made-up roofline for "the machine the test ran on" (the measured run's device).
@@ -362,7 +362,7 @@ def test_profile_exports_both_runs(tmp_path):
     profiling = pytest.importorskip("shapeprof.profiling")
     model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU())
     result = profiling.profile(model, torch.randn(16, 32), steps=2, warmup=1, logdir=tmp_path,
-                               device_spec=TEST_CPU)
+                               machine_spec=TEST_CPU)
     assert sorted(result.runs) == ["Sequential-measured-test-cpu", "Sequential-predicted-a100-80gb-sxm"]
     trace = trace_of(result.runs["Sequential-measured-test-cpu"])
     linear = [e for e in trace["traceEvents"] if e.get("cat") == "user_annotation" and e["name"] == "_0"]

@@ -18,7 +18,7 @@ import torch
 
 import shapeprof
 from examples.mlp import MLP
-from shapeprof.tensorboard import export_tensorboard
+from shapeprof.output.tensorboard import export_tensorboard
 from tests.tensorboard_server import serve
 
 pytestmark = pytest.mark.browser

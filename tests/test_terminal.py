@@ -13,7 +13,7 @@ from rich.console import Console
 import shapeprof
 from examples.cnn import SmallCNN
 from examples.nanogpt import GPT, GPTConfig
-from shapeprof.terminal import render, to_text
+from shapeprof.output.terminal import render, to_text
 
 _BORDER = re.compile(r"^[\s─━┏┓┗┛┡┩└┘┳┻╇┴┬┃│]*$")
 
@@ -133,12 +133,12 @@ def test_no_string_of_a_report_reaches_the_terminal_with_its_control_characters(
     # with colour on, the only escapes are rich's own styling (SGR: ESC [ ... m)
     coloured = re.sub(r"\x1b\[[0-9;]*m", "", to_text(hostile, width=160, color=True))
     assert not [c for c in coloured if (ord(c) < 32 and c not in "\n\t") or 0x7f <= ord(c) <= 0x9f]
-    from shapeprof.terminal import without_control
+    from shapeprof.text import without_control
     assert without_control(r) is r                   # a clean report is shown as it is, not copied
 
 
 def test_printable_keeps_text_newlines_and_tabs():
-    from shapeprof.terminal import printable
+    from shapeprof.text import printable
     assert printable("layers.3.attn\tx\ny") == "layers.3.attn\tx\ny"
     assert printable("a\x1b[31mred\x1b[0m b") == "ared b"
     assert printable("unterminated \x1b]0;title") == "unterminated "

@@ -29,11 +29,11 @@ from typing import Any, Iterable, Mapping
 
 import torch
 
-from .costs import cost_of, has_formula
-from .hardware import DeviceSpec
-from .records import OpRecord, OpRecorder
-from .report import AtenOp, NodeStats, Report
-from .roofline import compute_dtype, node_time, op_time
+from ...costs import cost_of, has_formula
+from ...hardware import DeviceSpec
+from ...records import OpRecord, OpRecorder
+from ...report import AtenOp, NodeStats, Report
+from ...roofline import compute_dtype, node_time, op_time
 
 HOST_PID = 1          # the synthetic trace's host process and thread
 HOST_TID = 1

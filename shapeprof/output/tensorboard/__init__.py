@@ -28,7 +28,6 @@ import gzip
 import json
 import math
 import os
-import re
 import shutil
 import socket
 import tempfile
@@ -41,12 +40,14 @@ import torch
 import torch.nn as nn
 from torch.utils import _pytree as pytree
 
+from ...report import Report
+from ...text import slug
+from .. import Format, Results, register
+from ..markdown import markdown_sections
 from . import kineto
 from .graphdef import graph_def
-from .markdown import markdown_sections
-from .report import Report
 
-__all__ = ["ExportError", "export_tensorboard", "tensorboard_trace_handler"]
+__all__ = ["ExportError", "TensorBoardFormat", "export_tensorboard", "tensorboard_trace_handler"]
 
 TRACE_SUFFIX = ".pt.trace.json"
 _STAGED = ".partial"     # a staged trace's name ends in this, which the profiler plugin's file pattern rejects
@@ -93,13 +94,13 @@ def export_tensorboard(logdir: str | os.PathLike, predicted: Report, *, measured
         raise ExportError("measured_trace is not a Kineto trace: it has no 'traceEvents' list")
     logdir = Path(logdir)
     _make_logdir(logdir)
-    base = _slug(name or predicted.model)
+    base = slug(name or predicted.model)
     plan: list[tuple[str, Callable[[Path], None]]] = []
     if measured_trace is not None or measured is not None:
         device = measured.spec.name if measured is not None else _trace_device(measured_trace)
-        plan.append((f"{base}-measured-{_slug(device)}",
+        plan.append((f"{base}-measured-{slug(device)}",
                      lambda d: _write_measured_run(d, measured_trace, measured, predicted)))
-    plan.append((f"{base}-predicted-{_slug(predicted.spec.name)}", lambda d: _write_predicted_run(d, predicted)))
+    plan.append((f"{base}-predicted-{slug(predicted.spec.name)}", lambda d: _write_predicted_run(d, predicted)))
     names = _free_names(logdir, [run for run, _ in plan])
     with _Staging(logdir) as staging:
         for run, (_, write) in zip(names, plan):
@@ -131,11 +132,6 @@ def _write_measured_run(folder: Path, trace: Mapping[str, Any] | None, measured:
 def _trace_device(trace: Mapping[str, Any]) -> str:
     props = trace.get("deviceProperties") or []
     return props[0].get("name", "gpu") if props else "cpu"
-
-
-def _slug(text: str) -> str:
-    """A folder-safe run name part: 'NVIDIA A100-SXM4-80GB' -> 'NVIDIA-A100-SXM4-80GB'."""
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-.") or "run"
 
 
 def _make_logdir(logdir: Path) -> None:
@@ -295,7 +291,7 @@ class _TraceHandler:
 
     def __init__(self, dir_name: str | os.PathLike, model: nn.Module | None, worker_name: str | None, spec,
                  dtype: torch.dtype | None, use_gzip: bool):
-        from .hardware import get_spec
+        from ...hardware import get_spec
         self.dir_name = Path(dir_name)
         self.worker_name = worker_name
         self.spec = get_spec(spec)
@@ -351,7 +347,7 @@ class _TraceHandler:
         return path
 
     def _write_predicted(self) -> None:
-        from .analysis import analyze
+        from ...analysis import analyze
         self.predicted_written = True
         if self.inputs is None:
             warnings.warn("shapeprof.tensorboard_trace_handler: the model was not called while profiling, so there "
@@ -400,3 +396,16 @@ def tensorboard_trace_handler(dir_name: str | os.PathLike, model: nn.Module | No
         use_gzip: write ``.pt.trace.json.gz``.
     """
     return _TraceHandler(dir_name, model, worker_name, spec, dtype, use_gzip)
+
+
+@register
+class TensorBoardFormat(Format):
+    """TensorBoard runs in the run directory: the predicted one, and the measured one when the model was profiled
+    (`export_tensorboard`); `shapeprof view` opens them."""
+
+    name = "tensorboard"
+    description = "TensorBoard runs (predicted, and measured when profiled): `shapeprof view` opens them"
+
+    def write(self, results: Results, run_dir: Path) -> dict[str, Path]:
+        return export_tensorboard(run_dir, results.report, measured=results.measured,
+                                  measured_trace=results.measured_trace, name=results.name)

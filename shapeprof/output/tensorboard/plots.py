@@ -14,9 +14,9 @@ import torch
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
-from .hardware import DeviceSpec
-from .report import NodeStats, Report
-from .terminal import fmt_bytes, fmt_flops, fmt_seconds
+from ...hardware import DeviceSpec
+from ...report import NodeStats, Report
+from ...text import fmt_bytes, fmt_flops, fmt_seconds
 
 BOUND_COLOR = {"memory": "#d62728", "compute": "#2ca02c", "none": "#7f7f7f"}   # as the terminal: red / green
 MEMORY_COLOR = "#1f4e9c"

@@ -10,14 +10,13 @@ spelled short; module paths and op names are shortened last, a path from its lef
 """
 from __future__ import annotations
 
-import dataclasses
 import io
 import math
-import re
 import shutil
 import sys
 from dataclasses import dataclass
-from typing import Any, Callable
+from pathlib import Path
+from typing import Callable
 
 from rich import box
 from rich.cells import cell_len
@@ -25,10 +24,12 @@ from rich.console import Console, Group
 from rich.table import Table
 from rich.text import Text
 
-from .report import Report, fmt_intensity, is_repeat
+from ..files import write_atomic
+from ..report import Report, is_repeat
+from ..text import fmt_bytes, fmt_flops, fmt_intensity, fmt_seconds, without_control
+from . import Format, Results, register
 
-__all__ = ["BOUND_STYLE", "fmt_bytes", "fmt_flops", "fmt_intensity", "fmt_seconds", "printable", "render",
-           "terminal_width", "to_text", "without_control"]
+__all__ = ["BOUND_STYLE", "TerminalFormat", "render", "terminal_width", "to_text"]
 
 BOUND_STYLE = {"memory": "bold red", "compute": "bold green", "none": "dim"}
 
@@ -40,54 +41,6 @@ def render(report: Report, top: int = 15, module_depth: int | None = None):
     report file someone else wrote, cannot retitle, clear or reprogram the terminal it is printed on.
     """
     return _Rendering(without_control(report), top, module_depth)
-
-
-# ECMA-48 sequences, whole: CSI (ESC [ or C1 0x9b) with its parameter, intermediate and final bytes; the string
-# commands OSC, DCS, SOS, PM, APC (ESC ] P X ^ _, or C1 0x9d 0x90 0x98 0x9e 0x9f) up to BEL or ST (ESC \ or 0x9c),
-# or to the end of the text when unterminated; any other ESC with its intermediates and final byte. Taking the
-# sequence whole matters: stripping only the ESC of '\x1b]0;title\x07' would still print '0;title'.
-_ESCAPE = re.compile(r"(?:\x1b\[|\x9b)[\x30-\x3f]*[\x20-\x2f]*[\x40-\x7e]?"
-                     r"|(?:\x1b[\]PX^_]|[\x90\x98\x9d\x9e\x9f])[^\x07\x1b\x9c]*(?:\x07|\x1b\\|\x9c)?"
-                     r"|\x1b[\x20-\x2f]*[\x30-\x7e]?")
-# what is left of C0 (newline and tab are text), DEL and C1
-_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
-
-
-def printable(text: str) -> str:
-    r"""`text` without terminal control: escape sequences (whole), C0 controls but newline and tab, DEL and C1.
-
-        >>> printable("Net\x1b]0;owned\x07\x1b[2J.head\r\x9b31m")
-        'Net.head'
-    """
-    if not _CONTROL.search(text):
-        return text
-    return _CONTROL.sub("", _ESCAPE.sub("", text))
-
-
-def without_control(value: Any) -> Any:
-    """`value` with `printable` applied to every string in it: in dataclass fields (those compared, which are
-    the data; `Report.captured` is not), tuples, lists and dicts. What needs no change is returned as it is, so a
-    clean report costs one scan and no copy.
-    """
-    if isinstance(value, str):
-        return printable(value)
-    if isinstance(value, (tuple, list)) and not hasattr(value, "_fields"):   # a namedtuple is left whole
-        items = [without_control(v) for v in value]
-        return value if all(a is b for a, b in zip(items, value)) else type(value)(items)
-    if isinstance(value, dict):
-        items = {without_control(k): without_control(v) for k, v in value.items()}
-        same = len(items) == len(value) and all(a is b and items[a] is v for (a, v), b in zip(value.items(), items))
-        return value if same else items
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        changes = {}
-        for f in dataclasses.fields(value):
-            if f.init and f.compare:
-                old = getattr(value, f.name)
-                new = without_control(old)
-                if new is not old:
-                    changes[f.name] = new
-        return dataclasses.replace(value, **changes) if changes else value
-    return value
 
 
 def terminal_width(default: int = 120) -> int:
@@ -348,26 +301,24 @@ def _coverage(r: Report) -> Text:
     return text
 
 
-def fmt_flops(n: float, unit: bool = True) -> str:
-    suffix = "FLOP" if unit else ""
-    for prefix, size in (("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if n >= size:
-            return f"{n / size:.3g} {prefix}{suffix}"
-    return f"{n:.0f} {suffix}".strip()
+@register
+class TerminalFormat(Format):
+    """The rich rendering as text; written as report.txt (no colour), printed by `shapeprof trace` itself."""
 
+    name = "terminal"
+    description = "the terminal report as plain text (report.txt of each model)"
 
-def fmt_bytes(n: float) -> str:
-    for prefix, size in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if n >= size:
-            return f"{n / size:.3g} {prefix}"
-    return f"{n:.0f} B"
+    def render(self, results: Results, width: int | None = None) -> str:
+        parts = [to_text(results.report, width=width, color=False)]
+        if results.measured is not None:
+            parts.append(to_text(results.measured, width=width, color=False))
+        if results.optimized is not None:
+            console = Console(file=io.StringIO(), width=width or terminal_width(), color_system=None)
+            console.print(without_control(results.optimized))
+            parts.append(console.file.getvalue())
+        return "\n".join(parts)
 
-
-def fmt_seconds(s: float) -> str:
-    if s >= 1:
-        return f"{s:.3g} s"
-    if s >= 1e-3:
-        return f"{s * 1e3:.3g} ms"
-    if s >= 1e-6:
-        return f"{s * 1e6:.3g} µs"
-    return f"{s * 1e9:.3g} ns"
+    def write(self, results: Results, run_dir: Path) -> dict[str, Path]:
+        path = Path(run_dir) / results.name / "report.txt"
+        write_atomic(path, self.render(results, width=120))
+        return {"text": path}

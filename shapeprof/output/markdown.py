@@ -11,10 +11,14 @@ TensorBoard's Text tab renders it (one card per section); it reads as well on Gi
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import re
 
-from .report import Report
-from .terminal import fmt_bytes, fmt_flops, fmt_intensity, fmt_seconds
+from ..files import write_atomic
+from ..report import Report
+from ..text import fmt_bytes, fmt_flops, fmt_intensity, fmt_seconds
+from . import Format, Results, register
 
 
 def to_markdown(report: Report, top: int = 15) -> str:
@@ -115,3 +119,19 @@ def _cell(text: str) -> str:
 
 def _escape(text: str) -> str:
     return re.sub(r"([*_`])", r"\\\1", text)
+
+
+@register
+class MarkdownFormat(Format):
+    """The report as Markdown tables (what TensorBoard's Text tab shows), written as report.md."""
+
+    name = "markdown"
+    description = "the report as Markdown tables (report.md of each model)"
+
+    def render(self, results: Results, width: int | None = None) -> str:
+        return to_markdown(results.report)
+
+    def write(self, results: Results, run_dir: Path) -> dict[str, Path]:
+        path = Path(run_dir) / results.name / "report.md"
+        write_atomic(path, self.render(results) + "\n")
+        return {"markdown": path}

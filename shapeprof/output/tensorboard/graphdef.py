@@ -16,8 +16,8 @@ import time
 from dataclasses import dataclass
 
 
-from .capture import target_name
-from .report import NodeStats, Report
+from ...capture import target_name
+from ...report import NodeStats, Report
 
 __all__ = ["graph_def"]
 
@@ -63,7 +63,7 @@ _KIND_OP = {"placeholder": "Placeholder", "get_attr": "GetAttr", "output": "Outp
 
 
 def _graph_entries(report: Report) -> list[_Entry]:
-    from .analysis import describe_meta
+    from ...analysis import describe_meta
     captured = report.captured
     if captured is None:
         return [_Entry(n.name, n.kind, n.op, n.module_path, [], None, n.output) for n in report.nodes]

@@ -25,7 +25,7 @@ Calls made by the autograd engine (activation checkpointing recomputes blocks du
 top level: they are part of the model that owns them. Analysis covers the forward pass only; whether the script
 also ran backward through a model is read from its parameters' ``.grad`` (only read: no hook on a tensor, nothing
 patched) at each later top-level call and when the script ends, and the model's report then says so
-(`FORWARD_ONLY`). The hooks are removed in ``finally``, even when the script
+(`TracedModel.ran_backward`; `shapeprof.session` notes it). The hooks are removed in ``finally``, even when the script
 raises; nothing is left on the user's modules (global hooks live in torch's tables, not on the modules).
 Analysis happens after the script finishes, on the recorded shadows.
 
@@ -40,7 +40,6 @@ Analysis happens after the script finishes, on the recorded shadows.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import os
 import runpy
 import sys
@@ -57,83 +56,10 @@ import torch.nn as nn
 from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
 from torch.utils import _pytree as pytree
 
-from .analysis import analyze
-from .capture import _unwrap, meta_shadow
-from .hardware import DEFAULT_SPEC_NAME
-from .precision import DTYPES
-from .report import Report
-from .rundir import RUN_NAME
+from .capture import meta_shadow, unwrap
+from .text import one_line
 
-__all__ = ["DTYPES", "FORWARD_ONLY", "ModelRecorder", "ScriptNotFound", "ScriptRun", "TraceConfig", "TracedModel",
-           "analyse_model", "check_target", "resolve_dtype", "run_script", "script_name", "with_trace_notes"]
-
-#: The note a report gets when the script ran backward through its model: the costs are the forward's alone.
-FORWARD_ONLY = "forward pass only: backward and the optimizer step are not analysed"
-
-
-@dataclass
-class TraceConfig:
-    """Everything `shapeprof trace` can be told; the CLI takes its defaults from here (and only from here).
-
-    Attributes:
-        spec: device to predict for: a built-in name (`shapeprof specs`) or a .toml/.json spec file.
-        dtype: analyse as if parameters and floating inputs were in this dtype (a name from `DTYPES`);
-            None analyses the dtypes the script actually used.
-        top: rows in each report's "top nodes" table.
-        logdir: the folder each trace makes its own run directory in (see `shapeprof.rundir`): its
-            report.json files, trace.json and TensorBoard runs go there, so traces never overwrite each other.
-        run_name: the run directory's name; ``{script}`` is the script's (or module's) name, ``{time}`` the
-            start time (``-2``, ``-3`` ... are added while the name is taken).
-        tensorboard: write TensorBoard runs into the logdir (report.json files are written either way).
-        json: print one JSON document on stdout instead of the rich reports (the script's own stdout then goes
-            to stderr, so stdout holds nothing but the JSON).
-        profile: also run each model for real under the profiler and show measured times beside predicted ones.
-        profile_steps: measured steps per model for `profile`; None: `shapeprof.profiling.profile`'s default.
-        optimize: also apply shapeprof's verified rewrites to each model: predicted time before and after (and
-            measured before and after on this machine, with `profile`).
-        all_modules: also analyse top-level modules without parameters or buffers (a loss function called as
-            ``criterion(out, y)``); by default they are listed as skipped.
-        method: capture method: auto, symbolic_trace, export or dispatch.
-        strict: an op without a cost formula is an analysis error instead of a coverage warning.
-        progress: show a progress display; None: only when stdout and stderr are terminals (and not `json`).
-    """
-
-    spec: str = DEFAULT_SPEC_NAME
-    dtype: str | None = None
-    top: int = 15
-    logdir: str = "runs/shapeprof"
-    run_name: str = RUN_NAME
-    tensorboard: bool = True
-    json: bool = False
-    profile: bool = False
-    profile_steps: int | None = None
-    optimize: bool = False
-    all_modules: bool = False
-    method: str = "auto"
-    strict: bool = False
-    progress: bool | None = None
-
-    @property
-    def keeps_real_inputs(self) -> bool:
-        """Measuring (profile) and verifying rewrites (optimize) need the real module and real inputs."""
-        return self.profile or self.optimize
-
-
-def resolve_dtype(name: str | None) -> tuple[torch.dtype | None, bool]:
-    """``"bf16"`` -> ``(torch.bfloat16, False)``; None -> ``(None, False)``.
-
-    Raises:
-        ValueError: an unknown name (the message lists the known ones).
-    """
-    if name is None:
-        return None, False
-    key = name.strip().lower().removeprefix("torch.")
-    if key not in DTYPES:
-        raise ValueError(f"unknown dtype {name!r}; choose one of: {', '.join(DTYPES)}")
-    return DTYPES[key]
-
-
-# ---------------------------------------------------------------------------------------------- recording
+__all__ = ["ModelRecorder", "ScriptNotFound", "ScriptRun", "TracedModel", "check_target", "run_script", "script_name"]
 
 @dataclass(eq=False)
 class TracedModel:
@@ -275,7 +201,7 @@ class ModelRecorder:
                     traced.signatures.add(_signature(args, kwargs))
                 self._check_backward(traced, module)   # a training loop: the previous step's backward
                 return
-            type_name = type(_unwrap(module)).__name__
+            type_name = type(unwrap(module)).__name__
             k = self._names[type_name] = self._names.get(type_name, 0) + 1
             traced = TracedModel(
                 name=type_name if k == 1 else f"{type_name}-{k}", type_name=type_name, args=_to_meta(tuple(args)),
@@ -292,14 +218,14 @@ class ModelRecorder:
             traced.kwargs = {}
         if module is None:
             return
-        inner = _unwrap(module)
+        inner = unwrap(module)
         traced.has_state = any(True for _ in inner.parameters()) or any(True for _ in inner.buffers())
         if traced.real is None:
             try:
                 traced.shadow = meta_shadow(inner)
             except Exception as e:   # an attribute that cannot be deep-copied: analyse the module itself later
                 traced.real = (module, None, None)
-                self.errors.append(f"{traced.name}: could not copy it to the meta device ({_one_line(e)}); "
+                self.errors.append(f"{traced.name}: could not copy it to the meta device ({one_line(e)}); "
                                    f"keeping the module itself")
 
     @staticmethod
@@ -309,11 +235,11 @@ class ModelRecorder:
         # autograd graph would see more, but would be shapeprof's objects inside the user's.)
         if traced.ran_backward or module is None:
             return
-        traced.ran_backward = any(p.grad is not None for p in _unwrap(module).parameters())
+        traced.ran_backward = any(p.grad is not None for p in unwrap(module).parameters())
 
     def _internal_error(self, e: Exception) -> None:
         if len(self.errors) < 20:
-            self.errors.append(_one_line(e))
+            self.errors.append(one_line(e))
 
 
 class _Pending(dict):
@@ -344,11 +270,6 @@ def _clone(tree: Any) -> Any:
 def _signature(args: tuple, kwargs: dict | None) -> tuple:
     leaves = pytree.tree_leaves((args, kwargs or {}))
     return tuple((tuple(x.shape), x.dtype) if isinstance(x, torch.Tensor) else type(x).__name__ for x in leaves)
-
-
-def _one_line(e: BaseException) -> str:
-    lines = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
 
 
 # ---------------------------------------------------------------------------------------------- running a script
@@ -404,7 +325,7 @@ def check_target(target: str, is_module: bool) -> None:
             if spec is None:
                 raise ScriptNotFound(f"'{target}' is a package and has no __main__ module")
     except (ImportError, ValueError) as e:
-        raise ScriptNotFound(f"cannot find module '{target}': {_one_line(e)}") from None
+        raise ScriptNotFound(f"cannot find module '{target}': {one_line(e)}") from None
     except Exception:   # its package's __init__ raised: running it shows that with the user's traceback
         return
     finally:
@@ -500,28 +421,3 @@ def _stdout_to_stderr() -> Iterator[None]:
 # ---------------------------------------------------------------------------------------------- analysis
 
 #: analyze()'s own keyword arguments: a model input by one of these names cannot be passed through it.
-_ANALYZE_KEYWORDS = ("spec", "dtype", "strict", "method", "tf32")
-
-
-def analyse_model(traced: TracedModel, config: TraceConfig, spec: Any = None) -> Report:
-    """`shapeprof.analyze` of a recorded model on its first call's inputs, as `config` says.
-
-    Args:
-        spec: an already resolved DeviceSpec (default: `config.spec`).
-    """
-    clash = [k for k in traced.kwargs if k in _ANALYZE_KEYWORDS]
-    if clash:
-        raise ValueError(f"{traced.type_name}.forward takes keyword input(s) {', '.join(map(repr, clash))}, "
-                         f"which shapeprof.analyze reserves for itself")
-    dtype, tf32 = resolve_dtype(config.dtype)
-    report = analyze(traced.target(), *traced.args, spec=spec if spec is not None else config.spec, dtype=dtype,
-                     strict=config.strict, method=config.method, tf32=tf32, **traced.kwargs)
-    return with_trace_notes(report, traced)
-
-
-def with_trace_notes(report: Report, traced: TracedModel) -> Report:
-    """`report` with the notes of what the script did that the analysis leaves out (`FORWARD_ONLY` when it ran
-    backward through the model), each once."""
-    notes = (FORWARD_ONLY,) if traced.ran_backward else ()
-    missing = tuple(n for n in notes if n not in report.notes)
-    return dataclasses.replace(report, notes=report.notes + missing) if missing else report

@@ -1,4 +1,4 @@
-"""Script-side model capture (shapeprof.tracing), in process: which calls are top level, what is kept of them."""
+"""Script-side model capture (shapeprof.scripts), in process: which calls are top level, what is kept of them."""
 import gc
 import sys
 import textwrap
@@ -9,9 +9,9 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
-from shapeprof import tracing
-from shapeprof.tracing import (ModelRecorder, ScriptNotFound, TraceConfig, analyse_model, check_target,
-                               resolve_dtype, run_script, script_name)
+from shapeprof import scripts
+from shapeprof.scripts import ModelRecorder, ScriptNotFound, check_target, run_script, script_name
+from shapeprof.session import TraceConfig, analyse_model
 
 
 class Inner(nn.Module):
@@ -100,7 +100,7 @@ def test_first_call_inputs_become_metadata_at_once():
 
 
 def test_kwargs_are_recorded_after_the_call_if_torch_hides_them(monkeypatch):
-    monkeypatch.setattr(tracing, "_CALL_IMPL_INNER", None)   # as if torch moved the frame that holds them
+    monkeypatch.setattr(scripts, "_CALL_IMPL_INNER", None)   # as if torch moved the frame that holds them
     with ModelRecorder() as rec:
         Outer()(torch.randn(2, 8), scale=torch.ones(()))
     assert rec.models[0].kwargs["scale"].device.type == "meta"
@@ -214,7 +214,7 @@ def test_recorder_never_raises_into_the_script(monkeypatch):
     def broken(*args, **kwargs):
         raise ValueError("internal")
 
-    monkeypatch.setattr(tracing, "_to_meta", broken)
+    monkeypatch.setattr(scripts, "_to_meta", broken)
     with ModelRecorder() as rec:
         y = Inner()(torch.randn(1, 8))
     assert y.shape == (1, 8) and rec.errors and "internal" in rec.errors[0]
@@ -274,7 +274,7 @@ def _walk(tb):
 @pytest.mark.parametrize("code, expected", [(None, (0, None)), (0, (0, None)), (5, (5, None)),
                                             (True, (1, None)), ("bad input", (1, "bad input"))])
 def test_exit_status_is_pythons(code, expected):
-    assert tracing._exit_status(code) == expected
+    assert scripts._exit_status(code) == expected
 
 
 def test_run_module_like_python_m(tmp_path, monkeypatch):
@@ -326,52 +326,10 @@ def test_stdout_to_stderr_moves_the_scripts_output(tmp_path, capfd):
 
 # ---------------------------------------------------------------------------------------------- config helpers
 
-def test_resolve_dtype():
-    assert resolve_dtype("bf16") == (torch.bfloat16, False)
-    assert resolve_dtype("torch.float16") == (torch.float16, False)
-    assert resolve_dtype("tf32") == (torch.float32, True)
-    assert resolve_dtype(None) == (None, False)
-    with pytest.raises(ValueError, match="bf16"):
-        resolve_dtype("bf17")
-
-
 def test_script_name(tmp_path):
     assert script_name("examples/train_mlp.py") == "train_mlp"
     assert script_name("pkg.serve", True) == "pkg.serve"
     assert script_name(str(tmp_path)) == tmp_path.name
-
-
-def test_analyse_model_refuses_inputs_named_like_analyze_options():
-    class TakesDtype(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.lin = nn.Linear(2, 2)
-
-        def forward(self, x, dtype=None):
-            return self.lin(x)
-
-    with ModelRecorder() as rec:
-        TakesDtype()(torch.randn(1, 2), dtype=torch.float32)
-    with pytest.raises(ValueError, match="'dtype'"):
-        analyse_model(rec.models[0], TraceConfig())
-
-
-def test_the_config_dataclasses_are_where_the_cli_defaults_come_from():
-    from shapeprof.cli import CalibrateConfig, ViewConfig, build_parser
-    parser = build_parser()
-    ns = parser.parse_args(["trace", "x.py"])
-    config = TraceConfig()
-    for option, name in (("spec", "spec"), ("dtype", "dtype"), ("top", "top"), ("logdir", "logdir"),
-                         ("tensorboard", "tensorboard"), ("json", "json"), ("profile", "profile"),
-                         ("steps", "profile_steps"), ("optimize", "optimize"), ("all_modules", "all_modules"),
-                         ("method", "method"), ("strict", "strict")):
-        assert getattr(ns, option) == getattr(config, name), name
-    assert ns.target == "x.py" and ns.script_args == [] and not ns.is_module
-    assert parser.parse_args(["report", "r.json"]).top == config.top
-    assert parser.parse_args(["view", "runs"]).port == ViewConfig().port
-    cal = parser.parse_args(["calibrate"])
-    assert (cal.output, cal.device, cal.budget) == (CalibrateConfig().output, CalibrateConfig().device,
-                                                   CalibrateConfig().budget_seconds)
 
 
 def test_everything_after_the_script_is_the_scripts():

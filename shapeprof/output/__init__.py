@@ -1,0 +1,91 @@
+"""Output formats: how a traced model's results leave shapeprof, behind one small interface with a registry.
+
+A format turns a model's `Results` (its predicted report and, where they were made, the measured one and what
+optimize did) into files in a run directory (`write`) and, if it is text, into a string (`render`).
+`shapeprof trace` writes every format its ``--output`` names; adding a format is a subclass of `Format` and
+`register` (as pyinstrument's renderers are a class each):
+
+    >>> from shapeprof.output import available
+    >>> [name for name, _ in available()]
+    ['json', 'markdown', 'tensorboard', 'terminal']
+"""
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+from ..report import Report
+
+__all__ = ["Format", "Results", "available", "get", "register"]
+
+
+@dataclass
+class Results:
+    """What was found out about one model: the input of every format.
+
+    Attributes:
+        name: the model's name in its run ('GPT', or 'GPT-2' for a second GPT): the folder its files go in.
+        report: the analysis on the chosen spec (predicted).
+        measured: `shapeprof.profile`'s measured report on this machine, or None.
+        measured_trace: the profiler's Kineto trace (a dict), or None.
+        optimized: `shapeprof.optimize`'s OptimizeReport, or None.
+        note: how the measurement was made (`ProfileResult.note`).
+    """
+
+    name: str
+    report: Report
+    measured: Report | None = None
+    measured_trace: dict | None = None
+    optimized: Any = None
+    note: str = ""
+
+
+class Format(abc.ABC):
+    """One output format. `write` is the interface; `render` is there for the formats that are text."""
+
+    name: ClassVar[str]
+    description: ClassVar[str]
+
+    @abc.abstractmethod
+    def write(self, results: Results, run_dir: Path) -> dict[str, Path]:
+        """Write `results` into the run directory; returns what was written, by kind ('report', 'measured',
+        'optimize', a TensorBoard run's name ...) -> path. Raises OSError (or the format's own error) naming the
+        path when it cannot."""
+
+    def render(self, results: Results, width: int | None = None) -> str:
+        """`results` as text, laid out for `width` columns where that matters."""
+        raise NotImplementedError(f"the {self.name} format writes files, not text")
+
+
+_FORMATS: dict[str, Format] = {}
+
+
+def register(cls: type[Format]) -> type[Format]:
+    """Class decorator: make a format available by its name. A name taken twice is an error."""
+    if cls.name in _FORMATS:
+        raise ValueError(f"an output format named {cls.name!r} is already registered")
+    _FORMATS[cls.name] = cls()
+    return cls
+
+
+def get(name: str) -> Format:
+    """The format registered under `name`.
+
+    Raises:
+        KeyError: an unknown name; the message lists the known ones.
+    """
+    try:
+        return _FORMATS[name]
+    except KeyError:
+        raise KeyError(f"unknown output format {name!r}; choose from: {', '.join(sorted(_FORMATS))}") from None
+
+
+def available() -> list[tuple[str, str]]:
+    """(name, description) of every registered format, sorted by name."""
+    return sorted((name, f.description) for name, f in _FORMATS.items())
+
+
+# the built-in formats register themselves
+from . import jsonfiles, markdown, tensorboard, terminal  # noqa: E402,F401

@@ -1,0 +1,301 @@
+"""A trace session: the models a script ran, each analysed (and profiled, optimized) and written out.
+
+What `shapeprof trace` does between running the script (`shapeprof.scripts`) and printing (`shapeprof.cli`): for
+each recorded model, analyse it on the chosen spec, profile and optimize it when asked, write every output format
+(`shapeprof.output`) into its run directory, and keep the run directory's trace.json (`summary`) up to date, so
+that an interrupted trace still lists what was finished.
+
+    >>> import torch, tempfile, shapeprof
+    >>> from shapeprof.scripts import ModelRecorder
+    >>> model = torch.nn.Sequential(torch.nn.Linear(16, 16))
+    >>> with ModelRecorder() as rec:
+    ...     _ = model(torch.randn(4, 16))
+    >>> [r] = list(analyse_all(rec.models, TraceConfig(outputs=("json",)), shapeprof.get_spec(), tempfile.mkdtemp()))
+    >>> sorted(r.outputs["json"]), r.results.report.model
+    (['report'], 'Sequential')
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from . import output
+from .analysis import analyze
+from .hardware import DEFAULT_SPEC_NAME, DeviceSpec
+from .output import Results
+from .output.jsonfiles import optimize_document
+from .precision import resolve as resolve_precision
+from .report import Report
+from .rundir import RUN_NAME, TRACE_SCHEMA, TRACE_SCHEMA_VERSION, RunDir
+from .scripts import ScriptRun, TracedModel
+from .text import one_line
+
+__all__ = ["FORWARD_ONLY", "ModelResult", "TraceConfig", "analyse_all", "analyse_model", "problems", "summary",
+           "with_trace_notes"]
+
+#: The note a report gets when the script ran backward through its model: the costs are the forward's alone.
+FORWARD_ONLY = "forward pass only: backward and the optimizer step are not analysed"
+
+
+@dataclass
+class TraceConfig:
+    """Everything `shapeprof trace` can be told; the CLI takes its defaults from here (and only from here).
+
+    Attributes:
+        spec: device to predict for: a built-in name (`shapeprof specs`) or a .toml/.json spec file.
+        dtype: analyse as if parameters and floating inputs were in this dtype (a name from
+            `shapeprof.precision.DTYPES`); None analyses the dtypes the script actually used.
+        top: rows in each report's "top nodes" table.
+        logdir: the folder each trace makes its own run directory in (see `shapeprof.rundir`): its reports,
+            trace.json and TensorBoard runs go there, so traces never overwrite each other.
+        run_name: the run directory's name; ``{script}`` is the script's (or module's) name, ``{time}`` the
+            start time (``-2``, ``-3`` ... are added while the name is taken).
+        outputs: the output formats written for each model (`shapeprof.output.available()`); "json" is what
+            `shapeprof report` reads back.
+        json: print one JSON document on stdout instead of the rich reports (the script's own stdout then goes
+            to stderr, so stdout holds nothing but the JSON).
+        profile: also run each model for real under the profiler and show measured times beside predicted ones.
+        profile_steps: measured steps per model for `profile`; None: `shapeprof.profiling.profile`'s default.
+        optimize: also apply shapeprof's verified rewrites to each model: predicted time before and after (and
+            measured before and after on this machine, with `profile`).
+        all_modules: also analyse top-level modules without parameters or buffers (a loss function called as
+            ``criterion(out, y)``); by default they are listed as skipped.
+        method: capture method: auto, symbolic_trace, export or dispatch.
+        strict: an op without a cost formula is an analysis error instead of a coverage warning.
+        progress: show a progress display; None: only when stdout and stderr are terminals (and not `json`).
+    """
+
+    spec: str = DEFAULT_SPEC_NAME
+    dtype: str | None = None
+    top: int = 15
+    logdir: str = "runs/shapeprof"
+    run_name: str = RUN_NAME
+    outputs: tuple[str, ...] = ("json", "tensorboard")
+    json: bool = False
+    profile: bool = False
+    profile_steps: int | None = None
+    optimize: bool = False
+    all_modules: bool = False
+    method: str = "auto"
+    strict: bool = False
+    progress: bool | None = None
+
+    @property
+    def keeps_real_inputs(self) -> bool:
+        """Measuring (profile) and verifying rewrites (optimize) need the real module and real inputs."""
+        return self.profile or self.optimize
+
+
+@dataclass
+class ModelResult:
+    """One recorded model, as far as the session got with it."""
+
+    traced: TracedModel
+    results: Results | None = None          # the analysis (and measurement, optimize report): what is written
+    error: str | None = None                # why the analysis failed (one line)
+    warnings: list[str] = field(default_factory=list)
+    outputs: dict[str, dict[str, Path]] = field(default_factory=dict)   # format -> what it wrote (kind -> path)
+
+
+# ---------------------------------------------------------------------------------------------- analysing
+
+_ANALYZE_KEYWORDS = ("spec", "dtype", "strict", "method", "tf32")
+
+
+def analyse_model(traced: TracedModel, config: TraceConfig, spec: Any = None) -> Report:
+    """`shapeprof.analyze` of a recorded model on its first call's inputs, as `config` says, with the notes of
+    what the script did that the analysis leaves out (`with_trace_notes`).
+
+    Args:
+        spec: an already resolved DeviceSpec (default: `config.spec`).
+    """
+    _check_clash(traced.type_name, traced.kwargs, _ANALYZE_KEYWORDS, "analyze")
+    report = analyze(traced.target(), *traced.args, spec=spec if spec is not None else config.spec,
+                     dtype=config.dtype, strict=config.strict, method=config.method, **traced.kwargs)
+    return with_trace_notes(report, traced)
+
+
+def with_trace_notes(report: Report, traced: TracedModel) -> Report:
+    """`report` with the notes of what the script did that the analysis leaves out (`FORWARD_ONLY` when it ran
+    backward through the model), each once."""
+    notes = (FORWARD_ONLY,) if traced.ran_backward else ()
+    missing = tuple(n for n in notes if n not in report.notes)
+    return dataclasses.replace(report, notes=report.notes + missing) if missing else report
+
+
+def analyse_all(models: list[TracedModel], config: TraceConfig, spec: DeviceSpec, run_dir: str | os.PathLike,
+                on_step: Callable[[int, str], None] | None = None) -> Iterator[ModelResult]:
+    """Analyse (profile, optimize) and write out each model in turn, yielding its result once its files are
+    written. `on_step(i, what)` is told each step of model `i` ('analysing', 'profiling', 'optimizing', 'saving')."""
+    for i, model in enumerate(models):
+        result = ModelResult(model)
+        _analyse_one(result, config, spec, Path(run_dir), lambda what: on_step(i, what) if on_step else None)
+        yield result
+
+
+def steps_per_model(config: TraceConfig) -> int:
+    """How many `on_step` calls `analyse_all` makes per model (a progress display's total)."""
+    return 2 + config.profile + config.optimize
+
+
+def _analyse_one(result: ModelResult, config: TraceConfig, spec: DeviceSpec, run_dir: Path, step) -> None:
+    traced = result.traced
+    step("analysing")
+    try:
+        results = result.results = Results(traced.name, analyse_model(traced, config, spec))
+    except Exception as e:
+        result.error = one_line(e)
+        _debug_traceback(e)
+        return
+    if config.profile:
+        step("profiling")
+        try:
+            profiled = _profile(traced, config, spec)
+            results.report = with_trace_notes(profiled.predicted, traced)
+            results.measured = with_trace_notes(profiled.measured, traced)
+            results.measured_trace, results.note = profiled.trace, profiled.note
+        except Exception as e:
+            result.warnings.append(f"--profile failed: {one_line(e)}")
+            _debug_traceback(e)
+    if config.optimize:
+        step("optimizing")
+        try:
+            results.optimized = _optimize(traced, config, spec)
+        except Exception as e:
+            result.warnings.append(f"--optimize failed: {one_line(e)}")
+            _debug_traceback(e)
+    step("saving")
+    for name in config.outputs:
+        try:
+            result.outputs[name] = output.get(name).write(results, run_dir)
+        except Exception as e:   # a format that cannot write loses its own files, never the others'
+            result.warnings.append(f"the {name} output could not be written: {one_line(e)}")
+            _debug_traceback(e)
+
+
+def _profile(traced: TracedModel, config: TraceConfig, spec: DeviceSpec):
+    from .profiling import profile
+    module, args, kwargs = traced.real
+    own = {"steps": config.profile_steps} if config.profile_steps is not None else {}
+    _check_clash(traced.type_name, kwargs, ("logdir", "spec", "dtype", "method", "steps", "warmup",
+                                             "machine_spec"), "profile")
+    # logdir=None: the TensorBoard runs are written by the tensorboard output, with the other runs of this trace
+    return profile(module, *args, logdir=None, spec=spec, dtype=config.dtype, method=config.method, **own,
+                   **kwargs)
+
+
+def _optimize(traced: TracedModel, config: TraceConfig, spec: DeviceSpec):
+    """The optimized drop-in's `shapeprof_report` (predicted before/after; measured too with --profile)."""
+    from .optimize import optimize
+    module, args, kwargs = traced.real
+    _check_clash(traced.type_name, kwargs, ("rewrites", "verify", "measure", "spec", "dtype", "pack_weights"),
+                 "optimize")
+    fast = optimize(module, *args, spec=spec, dtype=resolve_precision(config.dtype).dtype, measure=config.profile,
+                    **kwargs)
+    return fast.shapeprof_report
+
+
+def _check_clash(type_name: str, kwargs: dict, reserved: tuple[str, ...], what: str) -> None:
+    clash = [k for k in kwargs if k in reserved]
+    if clash:
+        raise ValueError(f"{type_name}.forward takes keyword input(s) {', '.join(map(repr, clash))}, "
+                         f"which shapeprof's {what}() reserves for itself")
+
+
+def _debug_traceback(e: BaseException) -> None:
+    if os.environ.get("SHAPEPROF_DEBUG"):
+        traceback.print_exception(type(e), e, e.__traceback__, file=sys.stderr)
+
+
+# ---------------------------------------------------------------------------------------------- trace.json
+
+def summary(run: ScriptRun, results: list[ModelResult], skipped: list[TracedModel], config: TraceConfig,
+            spec: DeviceSpec, run_dir: RunDir | None, *, inline: bool, status: str = "complete",
+            pending: list[TracedModel] = ()) -> dict[str, Any]:
+    """The trace as one JSON document (trace.json): what ran, how it ended, each model finished (`inline`: with
+    its whole reports), and, while `status` is 'analysing' or 'interrupted', the models not (yet) analysed."""
+    exc = run.exception
+    return {
+        "schema": TRACE_SCHEMA, "version": TRACE_SCHEMA_VERSION,
+        "target": run.target, "is_module": run.is_module, "argv": run.argv,
+        "exit_code": run.exit_code,
+        "exception": None if exc is None else {"type": type(exc).__name__, "message": str(exc)},
+        "script_seconds": run.seconds, "spec": spec.name, "dtype": config.dtype,
+        "status": status,   # analysing (still, or killed), interrupted (Ctrl-C), complete
+        "logdir": str(run_dir.logdir) if run_dir else None,
+        "run_dir": str(run_dir.path) if run_dir else None,
+        "models": [_model_summary(r, inline) for r in results],
+        "not_analysed": [m.name for m in pending],
+        "failed": sum(r.error is not None for r in results),
+        "skipped": [{"name": m.name, "type": m.type_name, "calls": m.calls,
+                     "reason": "no parameters or buffers"} for m in skipped],
+    }
+
+
+def _model_summary(r: ModelResult, inline: bool) -> dict[str, Any]:
+    t = r.traced
+    files = r.outputs.get("json", {})
+    d: dict[str, Any] = {
+        "name": t.name, "type": t.type_name, "calls": t.calls, "distinct_inputs": t.distinct_inputs,
+        "first_call_raised": t.first_call_raised, "error": r.error, "warnings": r.warnings,
+        "report_path": _path(files.get("report")), "measured_report_path": _path(files.get("measured")),
+        "optimize_path": _path(files.get("optimize")),
+        "tensorboard_runs": {str(k): str(v) for k, v in r.outputs.get("tensorboard", {}).items()},
+        "outputs": {fmt: {k: str(v) for k, v in written.items()} for fmt, written in r.outputs.items()},
+    }
+    res = r.results
+    if res is not None:
+        d["inputs"] = list(res.report.inputs)
+        d["notes"] = list(res.report.notes)   # what the numbers leave out: forward pass only, say
+        d["predicted_seconds"] = res.report.total.predicted_seconds
+        if inline:
+            d["report"] = res.report.to_dict()
+        if res.measured is not None:
+            d["measured_on"] = res.measured.spec.name
+            d["measured_seconds"] = res.measured.total.measured_seconds
+            d["measured_predicted_seconds"] = res.measured.total.predicted_seconds
+            if inline:
+                d["measured_report"] = res.measured.to_dict()
+        if res.optimized is not None:   # the one shape optimize.json holds too
+            d["optimize"] = optimize_document(res.optimized)
+    return d
+
+
+def _path(p: Path | None) -> str | None:
+    return str(p) if p is not None else None
+
+
+# ---------------------------------------------------------------------------------------------- what went wrong
+
+def no_model_message(run: ScriptRun) -> str:
+    what = f"`{'python -m ' if run.is_module else ''}{run.target}`"
+    if run.models:
+        return f"{what} ran no model with parameters or buffers: nothing to analyse."
+    return (f"{what} ran no nn.Module at top level: no model to analyse (a model called only inside a "
+            f"torch.compile'd function is not seen)")
+
+
+def problems(run: ScriptRun, results: list[ModelResult]) -> list[str]:
+    """One line per thing that went wrong: no model, a model that failed, warnings, recording errors."""
+    out = [no_model_message(run)] if not results else []
+    out += [f"could not analyse {r.traced.name}: {r.error}" for r in results if r.error]
+    out += [f"{r.traced.name}: {w}" for r in results for w in r.warnings]
+    out += [f"recording: {e}" for e in run.recorder_errors]
+    return out
+
+
+def calls(traced: TracedModel) -> str:
+    """'GPT: called 40x at top level, analysed once on the inputs of its first call'."""
+    text = f"{traced.name}: called {traced.calls}x at top level"
+    if traced.calls > 1:
+        text += ", analysed once on the inputs of its first call"
+        if traced.distinct_inputs > 1:
+            text += f" (the calls had {traced.distinct_inputs} different input shapes)"
+    if traced.first_call_raised:
+        text += "; its first call raised an exception"
+    return text
