@@ -12,12 +12,14 @@ rewrite with the same name raises.
 """
 from __future__ import annotations
 
+from shapeprof.registry import Registry
+
 from .base import CAPTURE_KEY, Match, Rewrite, RewriteContext, RewriteResult, Skip
 
 __all__ = ["CAPTURE_KEY", "Match", "Rewrite", "RewriteContext", "RewriteResult", "Skip", "available", "get",
            "register", "unregister"]
 
-_REGISTRY: dict[str, Rewrite] = {}
+_REGISTRY: Registry[Rewrite] = Registry("rewrite")
 
 
 def register(rewrite):
@@ -32,19 +34,13 @@ def register(rewrite):
         raise TypeError(f"register takes a shapeprof.rewrites.Rewrite, got {type(instance).__name__}")
     if not instance.name:
         raise ValueError(f"{type(instance).__name__} has no name")
-    if instance.name in _REGISTRY:
-        raise ValueError(f"a rewrite named {instance.name!r} is already registered "
-                         f"({type(_REGISTRY[instance.name]).__qualname__})")
-    _REGISTRY[instance.name] = instance
+    _REGISTRY.add(instance.name, instance)
     return rewrite
 
 
 def unregister(name: str) -> Rewrite:
     """Remove a rewrite from the registry and return it (KeyError if there is none of that name)."""
-    try:
-        return _REGISTRY.pop(name)
-    except KeyError:
-        raise KeyError(f"no rewrite named {name!r}; registered: {', '.join(_REGISTRY) or 'none'}") from None
+    return _REGISTRY.remove(name)
 
 
 def get(name: str) -> Rewrite:
@@ -53,15 +49,12 @@ def get(name: str) -> Rewrite:
     Raises:
         KeyError: no such rewrite; the message lists the registered ones.
     """
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise KeyError(f"no rewrite named {name!r}; registered: {', '.join(_REGISTRY) or 'none'}") from None
+    return _REGISTRY.get(name)
 
 
 def available() -> list[tuple[str, str]]:
     """(name, one-line description) of every registered rewrite, in the order `optimize` runs them."""
-    return [(r.name, r.description) for r in _REGISTRY.values()]
+    return [(r.name, r.description) for _, r in _REGISTRY]
 
 
 # registration order is the order optimize runs them: fusion first, then packing what fusion left

@@ -118,7 +118,8 @@ class RewriteContext:
     pack_weights: str = "frozen"
 
     @property
-    def device_spec(self) -> DeviceSpec:
+    def roofline_spec(self) -> DeviceSpec:
+        """The device matches are priced on: `spec`, or the default spec when it is None."""
         return self.spec if self.spec is not None else get_spec()
 
     # ------------------------------------------------------------------ what the capture knows
@@ -152,7 +153,7 @@ class RewriteContext:
     # ------------------------------------------------------------------ the roofline
     def seconds(self, records: Iterable[OpRecord]) -> float:
         """Roofline time of these ATen ops on the spec, each its own kernel (as `shapeprof.analyze` sums them)."""
-        spec = self.device_spec
+        spec = self.roofline_spec
         total = 0.0
         for rec in records:
             rec = self.as_dtype(rec)

@@ -21,8 +21,8 @@ import torch.fx as fx
 
 from . import register
 from .base import Match, Rewrite, RewriteContext, RewriteResult, Skip
-from .fuse_linear_activation import (_as_linear, _choose_kernel, _fused_record, _global_hooks, _has_hooks,
-                                     linear_metas, lookup_attr, replace_linear)
+from .linear_kernels import (as_linear, choose_kernel, fused_record, global_hooks, has_hooks, linear_metas,
+                             lookup_attr, replace_linear)
 
 
 @register
@@ -36,7 +36,7 @@ class PrepackLinear(Rewrite):
     def run(self, gm: fx.GraphModule, ctx: RewriteContext) -> RewriteResult:
         result = RewriteResult(self.name)
         for node in list(gm.graph.nodes):
-            lin = _as_linear(node, gm)
+            lin = as_linear(node, gm)
             if lin is None:
                 continue
             source = ctx.source(node)
@@ -55,9 +55,9 @@ class PrepackLinear(Rewrite):
 
     def _plan(self, gm, ctx: RewriteContext, lin):
         """The record of the oneDNN call that replaces the Linear, or the reason to leave it."""
-        if lin.module is not None and _has_hooks(lin.module):
+        if lin.module is not None and has_hooks(lin.module):
             return "the Linear module has hooks, which the oneDNN call would bypass"
-        if _global_hooks():
+        if global_hooks():
             return "global module hooks are registered (torch.nn.modules.module.register_module_forward_*)"
         if (lin.module.training if lin.module is not None else ctx.training) or ctx.inputs_require_grad:
             return "training: the oneDNN linear has no backward (call model.eval() before optimizing)"
@@ -77,7 +77,7 @@ class PrepackLinear(Rewrite):
             return f"packing is for oneDNN on the CPU; this weight is on {device.type}"
         if math.prod(x.shape[:-1]) == 1:
             return "one row: MKL's matrix-vector path beats oneDNN's linear there"
-        kernel = _choose_kernel(device, x, w, b, "none")
+        kernel = choose_kernel(device, x, w, b, "none")
         if kernel.startswith("skip:"):
             return kernel[len("skip:"):].strip()
-        return _fused_record("mkldnn", x, w, b, out, "none")
+        return fused_record("mkldnn", x, w, b, out, "none")

@@ -21,3 +21,5 @@ __all__ = [
     "Tolerance", "UncoveredOpError", "analyze", "calibrate", "capture", "export_tensorboard", "get_spec",
     "list_specs", "load_spec", "optimize", "profile", "tensorboard_trace_handler",
 ]
+
+from . import rewrites  # noqa: E402  (the rewrite registry, `shapeprof.rewrites`, right after `import shapeprof`)

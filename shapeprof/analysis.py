@@ -85,7 +85,7 @@ def analyze(model: nn.Module, *args: Any, spec: str | DeviceSpec | None = None,
         coverage=coverage, findings=find(nodes, records_of, total_seconds, device, producers={
             cn.node.name: cn.node.all_input_nodes[0].name for cn, _ in rows if cn.node.all_input_nodes}),
         parameter_bytes=_parameter_bytes(model, precision.matmul_dtype or precision.dtype), notes=tuple(notes),
-        analysis_seconds=time.perf_counter() - start, captured=cap)
+        analysis_seconds=time.perf_counter() - start, graph_capture=cap)
     return report
 
 

@@ -46,7 +46,8 @@ DEFAULT_DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16)
 DEFAULT_BUDGET_SECONDS = 3.0
 
 #: peak_flops key a dense matmul in each dtype measures (see hardware.PEAK_KEYS).
-_PEAK_KEY = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64"}
+#: The dtypes calibrate measures a matmul peak in -> the peak_flops key it fills.
+MEASURED_DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64"}
 
 _MiB = 2 ** 20
 _BANDWIDTH_SHARE = 0.3          # of the budget, for the memory roof; the rest is shared by the matmuls
@@ -156,8 +157,8 @@ def _check_dtypes(dtypes: Iterable[torch.dtype]) -> tuple[torch.dtype, ...]:
         dtypes = (dtypes,)
     out = [torch.float32]
     for d in dtypes:
-        if d not in _PEAK_KEY:
-            raise ValueError(f"calibrate measures matmuls in {', '.join(str(k) for k in _PEAK_KEY)}; "
+        if d not in MEASURED_DTYPES:
+            raise ValueError(f"calibrate measures matmuls in {', '.join(str(k) for k in MEASURED_DTYPES)}; "
                              f"not {d!r}")
         if d not in out:
             out.append(d)
@@ -208,7 +209,7 @@ def _measure(dev: torch.device, dtypes: tuple[torch.dtype, ...], budget: float) 
     matmul_deadline = start + budget * (1 - _BANDWIDTH_SHARE)
     with torch.no_grad(), (torch.cuda.device(dev) if cuda else contextlib.nullcontext()):
         tf32 = cuda and torch.cuda.get_device_capability(dev) >= (8, 0) and torch.float32 in dtypes
-        jobs: list[tuple[str, torch.dtype, str]] = [(_PEAK_KEY[d], d, "highest") for d in dtypes]
+        jobs: list[tuple[str, torch.dtype, str]] = [(MEASURED_DTYPES[d], d, "highest") for d in dtypes]
         if tf32:
             jobs.append(("tf32", torch.float32, "high"))
         matmuls = []

@@ -246,8 +246,12 @@ def _user_tensor(root: nn.Module, target: str) -> torch.Tensor | None:
     return _meta_like(t, None) if isinstance(t, nn.Parameter) else t
 
 
-def flat_user_inputs(program: Any, args: tuple, kwargs: dict) -> list[Any]:
-    """The inputs flattened as an exported program takes them (keyword arguments in the order export saw)."""
+def flat_user_inputs(program: Any, args: tuple, kwargs: dict, strict: bool = False) -> list[Any]:
+    """The inputs flattened as an exported program takes them (keyword arguments in the order export saw).
+
+    Raises:
+        ValueError: with `strict`, the inputs do not have the structure the program was exported with.
+    """
     in_spec = program.call_spec.in_spec
     try:
         kw_spec = in_spec.child(1) if hasattr(in_spec, "child") else in_spec.children_specs[1]
@@ -256,7 +260,10 @@ def flat_user_inputs(program: Any, args: tuple, kwargs: dict) -> list[Any]:
             kwargs = {k: kwargs[k] for k in keys}
     except (AttributeError, IndexError, TypeError):
         pass
-    return pytree.tree_leaves((args, kwargs))
+    flat, spec = pytree.tree_flatten((args, kwargs))
+    if strict and spec != in_spec:
+        raise ValueError("the inputs do not have the structure the model was exported with")
+    return flat
 
 
 @contextmanager
@@ -635,19 +642,7 @@ def _arg_key(a: Any) -> Any:
 
 
 def _proxy_nodes(tree: Any) -> list[fx.Node]:
-    found: list[fx.Node] = []
-
-    def visit(a):
-        if isinstance(a, fx.Proxy):
-            found.append(a.node)
-        elif isinstance(a, (tuple, list)):
-            for v in a:
-                visit(v)
-        elif isinstance(a, dict):
-            for v in a.values():
-                visit(v)
-    visit(tree)
-    return found
+    return [leaf.node for leaf in pytree.tree_leaves(tree) if isinstance(leaf, fx.Proxy)]
 
 
 def _to_nodes(x: Any) -> Any:

@@ -35,6 +35,7 @@ from rich.table import Table
 from rich.text import Text
 
 from . import output, viewer
+from .calibration import calibrate
 from .capture import METHODS
 from .hardware import DeviceSpec, SpecError, check_spec_path, get_spec, list_specs
 from .jsondata import ReportFormatError
@@ -68,15 +69,6 @@ class CalibrateConfig:
 
 class CliError(Exception):
     """Bad input or an unavailable feature: printed as one line on stderr, exit status 2."""
-
-
-# ---------------------------------------------------------------------------------------------- library calls
-
-def _calibrate(device: str | None, budget_seconds: float | None = None) -> DeviceSpec:
-    from . import calibration
-    if budget_seconds is None:
-        return calibration.calibrate(device=device)
-    return calibration.calibrate(device=device, budget_seconds=budget_seconds)
 
 
 # ---------------------------------------------------------------------------------------------- arguments
@@ -198,24 +190,23 @@ def _formats_arg(text: str) -> tuple[str, ...]:
     return names
 
 
-def _positive_int(text: str) -> int:
+def _whole_number(text: str, what: str = "a whole number", low: int = 1, high: int | None = None) -> int:
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+    if value < low or (high is not None and value > high):
+        raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}" if high is None else
+                                         f"{what} is between {low} and {high}, got {value}")
     return value
+
+
+def _positive_int(text: str) -> int:
+    return _whole_number(text)
 
 
 def _port(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
-    if not 0 < value < 65536:
-        raise argparse.ArgumentTypeError(f"a port is between 1 and 65535, got {value}")
-    return value
+    return _whole_number(text, "a port number", 1, 65535)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -449,9 +440,7 @@ def _cmd_calibrate(ns: argparse.Namespace) -> int:
     if ns.budget is not None and not ns.budget > 0:
         raise CliError(f"--budget must be a positive number of seconds, got {ns.budget}")
     try:
-        spec = _calibrate(ns.device, ns.budget)
-    except CliError:
-        raise
+        spec = calibrate(device=ns.device, **({} if ns.budget is None else {"budget_seconds": ns.budget}))
     except Exception as e:   # no CUDA device, say: one line
         raise CliError(f"calibration failed: {one_line(e)}") from e
     output = Path(ns.output) if ns.output else Path(slug(spec.name, empty="calibrated") + ".toml")

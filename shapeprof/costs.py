@@ -1043,21 +1043,14 @@ def _index_slices_cost(self, index, source, adds: bool, inplace: bool, output) -
     return OpCost(flops, _nbytes(self, index, source), _nbytes(output))
 
 
-@register_cost(aten.index_add)
-def _index_add(self, index, source, *, output):
-    return _index_slices_cost(self, index, source, True, False, output)
+def _index_slices(adds: bool, inplace: bool):
+    def formula(self, index, source, *, output):
+        return _index_slices_cost(self, index, source, adds, inplace, output)
+    formula.__qualname__ = f"_index_{'add' if adds else 'copy'}{'_' if inplace else ''}"
+    return formula
 
 
-@register_cost(aten.index_copy)
-def _index_copy(self, index, source, *, output):
-    return _index_slices_cost(self, index, source, False, False, output)
-
-
-@register_cost(aten.index_add_)
-def _index_add_(self, index, source, *, output):
-    return _index_slices_cost(self, index, source, True, True, output)
-
-
-@register_cost(aten.index_copy_)
-def _index_copy_(self, index, source, *, output):
-    return _index_slices_cost(self, index, source, False, True, output)
+register_cost(aten.index_add)(_index_slices(adds=True, inplace=False))
+register_cost(aten.index_copy)(_index_slices(adds=False, inplace=False))
+register_cost(aten.index_add_)(_index_slices(adds=True, inplace=True))
+register_cost(aten.index_copy_)(_index_slices(adds=False, inplace=True))

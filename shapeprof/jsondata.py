@@ -11,15 +11,28 @@ import json
 import types
 import typing
 from dataclasses import MISSING, fields
+from pathlib import Path
 from typing import Any
 
 from .hardware import DeviceSpec, SpecError
 
-__all__ = ["ReportFormatError", "from_plain", "json_kind", "load_json"]
+__all__ = ["ReportFormatError", "from_plain", "json_kind", "load_json", "read_json_file"]
 
 
 class ReportFormatError(ValueError):
     """A report file that is not a shapeprof report of a version this code reads."""
+
+
+def read_json_file(path: Path) -> Any:
+    """The JSON in the file at `path`; every failure (unreadable, not UTF-8, not JSON) a one-line
+    `ReportFormatError` naming the file."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ReportFormatError(f"cannot read report {path}: {e.strerror or e}") from e
+    except UnicodeDecodeError as e:
+        raise ReportFormatError(f"{path} is not JSON: not UTF-8 text ({e.reason} at byte {e.start})") from e
+    return load_json(text, path)
 
 
 def load_json(text: str, source: Any = "report") -> Any:

@@ -31,6 +31,7 @@ from typing import Any, Callable
 
 import torch
 import torch.fx as fx
+from torch.utils import _pytree as pytree
 from torch.fx.node import map_aggregate
 
 from .records import OpRecord, TensorMeta
@@ -252,19 +253,7 @@ _UNKNOWN = object()
 
 
 def _flat(tree: Any) -> list:
-    out: list = []
-
-    def visit(x):
-        if isinstance(x, (list, tuple)):
-            for v in x:
-                visit(v)
-        elif isinstance(x, dict):
-            for v in x.values():
-                visit(v)
-        else:
-            out.append(x)
-    visit(tree)
-    return out
+    return pytree.tree_leaves(tree)
 
 
 def _as_meta(x: Any) -> Any:

@@ -399,9 +399,9 @@ def optimize(model: nn.Module, *args: Any, rewrites: Sequence[str | Any] | None 
         raise OptimizeError(f"cannot verify rewrites of {type(model).__name__}: {no_data}. Verification runs the "
                             f"model on real weights and real inputs; pass verify=False to rewrite without it")
     device = _device_of(model, args, kwargs)
-    device_spec = _spec_for(spec, device)
+    roofline_spec = _spec_for(spec, device)
     tolerance = verify if isinstance(verify, Tolerance) else None
-    report = OptimizeReport(type(model).__name__, device_spec, str(dtype).removeprefix("torch.") if dtype else None,
+    report = OptimizeReport(type(model).__name__, roofline_spec, str(dtype).removeprefix("torch.") if dtype else None,
                             str(device), verify is not False, tolerance, pack_weights=pack_weights)
     try:
         fast = shared_copy(model)
@@ -414,12 +414,12 @@ def optimize(model: nn.Module, *args: Any, rewrites: Sequence[str | Any] | None 
     try:
         with rng_kept(_cuda_devices(model, args, kwargs)):   # _measure's calls draw from the caller's RNG
             return _optimize(model, fast, args, kwargs, selected, registry, verify, tolerance, measure, device,
-                             device_spec, dtype, report, snapshot)
+                             roofline_spec, dtype, report, snapshot)
     finally:
         snapshot.restore()
 
 
-def _optimize(model, fast, args, kwargs, selected, registry, verify, tolerance, measure, device, device_spec,
+def _optimize(model, fast, args, kwargs, selected, registry, verify, tolerance, measure, device, roofline_spec,
               dtype, report, snapshot: WriteSnapshot) -> nn.Module:
     inputs_require_grad = any(isinstance(t, torch.Tensor) and t.requires_grad
                               for t in pytree.tree_leaves((args, kwargs)))
@@ -454,7 +454,7 @@ def _optimize(model, fast, args, kwargs, selected, registry, verify, tolerance, 
         # reproduce it: its submodules' may
         candidates = [c for t in dropped for c in _submodule_targets(t.module, recorded, report.not_captured,
                                                                        prefix=t.path)]
-    _describe(targets, report, registry, device_spec, dtype, device, inputs_require_grad)
+    _describe(targets, report, registry, roofline_spec, dtype, device, inputs_require_grad)
     if not targets:
         report.refused = ("no captured graph reproduces its module's forward on the example inputs"
                           if any("does not reproduce" in w for _, w in report.not_captured)
@@ -479,9 +479,9 @@ _PACK_POLICIES = ("frozen", "always", "never")
 _MAX_DEPTH = 8
 
 
-def _describe(targets, report, registry, device_spec, dtype, device, inputs_require_grad) -> None:
+def _describe(targets, report, registry, roofline_spec, dtype, device, inputs_require_grad) -> None:
     for t in targets:
-        t.ctx_args = dict(spec=device_spec, dtype=dtype, path=t.path, device=device, training=t.module.training,
+        t.ctx_args = dict(spec=roofline_spec, dtype=dtype, path=t.path, device=device, training=t.module.training,
                           inputs_require_grad=inputs_require_grad, pack_weights=report.pack_weights)
         report.graphs.append(CapturedGraph(t.path, type(t.module).__name__, t.capture.method,
                                            len(t.capture.nodes)))

@@ -35,8 +35,8 @@ from torch.profiler import ProfilerActivity, record_function, schedule
 from torch.utils import _pytree as pytree
 
 from .analysis import analyze
-from .calibration import DEFAULT_DTYPES, _PEAK_KEY, calibrate
-from .capture import InputShape, describe_node, unwrap
+from .calibration import DEFAULT_DTYPES, MEASURED_DTYPES, calibrate
+from .capture import InputShape, describe_node, flat_user_inputs, unwrap
 from .text import one_line
 from .dropin import DropInError, graph_module_over
 from .hardware import DeviceSpec, get_spec
@@ -170,7 +170,7 @@ def profile(model: nn.Module, *args: Any, logdir: str | os.PathLike | None = Non
         # "auto" here prefers a graph that runs on the model's weights (export before dispatch): node-level times
         measured = analyze(model, *args, spec=machine_spec, method="runnable" if method == "auto" else method,
                            tf32=tf32, **kwargs)
-        cap = measured.captured
+        cap = measured.graph_capture
         target = analyze(model, *args, spec=spec, dtype=dtype, method=cap.method, **kwargs)
 
         eager = cap.method.startswith("dispatch")   # dispatch and dispatch_real: no graph runs on the weights
@@ -229,7 +229,7 @@ def _dtypes_of(model: nn.Module, args: tuple, kwargs: dict) -> tuple[torch.dtype
     """The default calibration dtypes plus any floating dtype the model or its inputs use."""
     found = list(DEFAULT_DTYPES)
     for t in (*model.parameters(), *model.buffers(), *pytree.tree_leaves((args, kwargs))):
-        if isinstance(t, torch.Tensor) and t.dtype in _PEAK_KEY and t.dtype not in found:
+        if isinstance(t, torch.Tensor) and t.dtype in MEASURED_DTYPES and t.dtype not in found:
             found.append(t.dtype)
     return tuple(found)
 
@@ -362,7 +362,7 @@ def _export_runner(model: nn.Module, cap, args: tuple, kwargs: dict,
     interp = _RangedInterpreter(gm, names)
 
     def prepare(args: tuple, kwargs: dict) -> list[Any]:
-        flat = _flat_user_inputs(program, args, kwargs)
+        flat = _user_inputs(program, args, kwargs)
         if n_user != len(flat):
             raise ProfileError(f"the exported graph takes {n_user} user inputs, the call gives {len(flat)}")
         user = iter(flat)
@@ -373,22 +373,6 @@ def _export_runner(model: nn.Module, cap, args: tuple, kwargs: dict,
         flat_out = [out[i] for i in user_outputs]   # buffer mutations are not written back: model untouched
         return pytree.tree_unflatten(flat_out, out_spec)
     return _Runner(prepare, execute), names
-
-
-def _flat_user_inputs(program, args: tuple, kwargs: dict) -> list[Any]:
-    """The inputs flattened as the exported graph takes them (keyword arguments in the order export saw)."""
-    in_spec = program.call_spec.in_spec
-    try:
-        kw_spec = in_spec.child(1) if hasattr(in_spec, "child") else in_spec.children_specs[1]
-        keys = list(kw_spec.context)
-        if set(keys) == set(kwargs):
-            kwargs = {k: kwargs[k] for k in keys}
-    except (AttributeError, IndexError, TypeError):
-        pass
-    flat, spec = pytree.tree_flatten((args, kwargs))
-    if spec != in_spec:
-        raise ProfileError("the inputs do not have the structure the model was exported with")
-    return flat
 
 
 def _real_constants(model: nn.Module, args: tuple, kwargs: dict, program) -> dict[str, torch.Tensor]:
@@ -566,3 +550,10 @@ def _export(result: ProfileResult, logdir: Path) -> None:
     result.logdir = logdir
     if isinstance(runs, Mapping):
         result.runs = {str(k): Path(v) for k, v in runs.items()}
+
+
+def _user_inputs(program, args: tuple, kwargs: dict) -> list[Any]:
+    try:
+        return flat_user_inputs(program, args, kwargs, strict=True)
+    except ValueError as e:
+        raise ProfileError(str(e)) from None

@@ -20,7 +20,7 @@ from typing import Any, Iterable
 
 from .files import write_atomic
 from .hardware import DeviceSpec
-from .jsondata import ReportFormatError, from_plain, json_kind, load_json
+from .jsondata import ReportFormatError, from_plain, json_kind, load_json, read_json_file
 
 SCHEMA = "shapeprof.report"
 SCHEMA_VERSION = 2
@@ -38,8 +38,29 @@ class AtenOp:
     covered: bool
 
 
+class _Work:
+    """bytes, intensity and efficiency of anything with FLOPs, bytes read and written, and predicted and measured
+    times (a node, the totals)."""
+
+    __slots__ = ()
+
+    @property
+    def bytes(self) -> int:
+        return self.bytes_read + self.bytes_written
+
+    @property
+    def intensity(self) -> float:
+        """FLOP per byte moved (inf for work that computes without touching memory)."""
+        return intensity(self.flops, self.bytes)
+
+    @property
+    def efficiency(self) -> float | None:
+        """predicted / measured: 1.0 means it ran at the roofline."""
+        return efficiency(self.predicted_seconds, self.measured_seconds)
+
+
 @dataclass(frozen=True, slots=True)
-class NodeStats:
+class NodeStats(_Work):
     """One graph node that does work. Stored in ``node.meta["shapeprof"]`` of the analysed graph too."""
 
     name: str                 # the fx node's name
@@ -63,20 +84,6 @@ class NodeStats:
     twin_of: str | None = None
     measured_seconds: float | None = None
     repeats: int = 1          # calls it stands for: the steps of a loop folded into one node (costs are totals)
-
-    @property
-    def bytes(self) -> int:
-        return self.bytes_read + self.bytes_written
-
-    @property
-    def intensity(self) -> float:
-        """FLOP per byte moved (inf for a node that computes without touching memory)."""
-        return intensity(self.flops, self.bytes)
-
-    @property
-    def efficiency(self) -> float | None:
-        """predicted / measured: 1.0 means it ran at the roofline."""
-        return efficiency(self.predicted_seconds, self.measured_seconds)
 
 
 def intensity(flops: int, nbytes: int) -> float:
@@ -159,7 +166,7 @@ def _index_set(indices: list[str]) -> str:
 
 
 @dataclass(frozen=True, slots=True)
-class Totals:
+class Totals(_Work):
     flops: int
     bytes_read: int
     bytes_written: int
@@ -167,18 +174,6 @@ class Totals:
     compute_seconds: float
     memory_seconds: float
     measured_seconds: float | None = None
-
-    @property
-    def bytes(self) -> int:
-        return self.bytes_read + self.bytes_written
-
-    @property
-    def intensity(self) -> float:
-        return intensity(self.flops, self.bytes)
-
-    @property
-    def efficiency(self) -> float | None:
-        return efficiency(self.predicted_seconds, self.measured_seconds)
 
 
 @dataclass(frozen=True, slots=True)
@@ -264,13 +259,13 @@ class Report:
     parameter_bytes: int
     notes: tuple[str, ...] = ()   # what the numbers assume or leave out (attention pricing, masks, forward only)
     analysis_seconds: float = field(default=0.0, compare=False)
-    captured: Any = field(default=None, compare=False, repr=False)   # the Capture analysed (not saved)
+    graph_capture: Any = field(default=None, compare=False, repr=False)   # the Capture analysed (not saved)
 
     @property
     def graph_module(self):
         """The analysed fx.GraphModule (over the meta shadow; each node's NodeStats in node.meta["shapeprof"]).
         None for a report read from JSON."""
-        return self.captured.graph_module if self.captured is not None else None
+        return self.graph_capture.graph_module if self.graph_capture is not None else None
 
     # ------------------------------------------------------------------ rollups
     def top(self, n: int = 20) -> list[NodeStats]:
@@ -286,14 +281,14 @@ class Report:
         """`node`'s module path with the indices of repeated layers as '*': 'layers.*.attention.wq'."""
         return self.patterns.get(node.module_path, node.module_path)
 
-    def by_module(self, depth: int | None = None, *, twins: bool = False) -> list[Rollup]:
+    def by_module(self, depth: int | None = None, *, repeats: bool = False) -> list[Rollup]:
         """Totals per module path, cut to its first `depth` components (None: the full path), biggest first.
 
-        With `twins`, the indices of repeated layers become '*': `layers.*.attention` sums the attention of every
+        With `repeats`, the indices of repeated layers become '*': `layers.*.attention` sums the attention of every
         layer (and only of layers that are repeats of each other).
         """
         def key(s: NodeStats) -> str:
-            path = self.pattern_of(s) if twins else s.module_path
+            path = self.pattern_of(s) if repeats else s.module_path
             if depth is None or not path:
                 return path
             return ".".join(path.split(".")[:depth])
@@ -307,12 +302,13 @@ class Report:
         """Totals per (module pattern, op): every `mul` in `layers.*.attention` together."""
         return self._rollup(lambda s: f"{self.pattern_of(s)} · {s.op}" if s.module_path else s.op)
 
-    def twin_groups(self) -> list[list[NodeStats]]:
-        """Nodes grouped with their twins, biggest total predicted time first.
+    def repeat_groups(self) -> list[list[NodeStats]]:
+        """Nodes grouped with their repeats, biggest total predicted time first.
 
-        Twins are the nodes at the same place of repeated modules doing the same work: the k-th `mul` of
+        Repeats are the nodes at the same place of repeated modules doing the same work: the k-th `mul` of
         `layers.3.attention` and the k-th `mul` of every other layer's attention. The k matters (two muls of one
-        module are not twins). A node whose module does not repeat is a group of its own, under its real path.
+        module are not repeats of each other). (Not to be confused with capture's twins, whose op records are
+        reused: `NodeStats.twin_of`.) A node whose module does not repeat is a group of its own, under its real path.
         """
         seen: dict[tuple[str, str], int] = defaultdict(int)
         groups: dict[tuple, list[NodeStats]] = defaultdict(list)
@@ -394,15 +390,9 @@ class Report:
     def from_json(cls, source: str | os.PathLike) -> "Report":
         """Read a report written by `to_json`: from a path, or from the JSON text itself."""
         text = str(source)
-        if not text.lstrip().startswith("{"):
-            path = Path(source)
-            try:
-                text = path.read_text(encoding="utf-8")
-            except OSError as e:
-                raise ReportFormatError(f"cannot read report {path}: {e.strerror or e}") from e
-            except UnicodeDecodeError as e:
-                raise ReportFormatError(f"{path} is not JSON: not UTF-8 text ({e.reason} at byte {e.start})") from e
-        return cls.from_dict(load_json(text, source))
+        if text.lstrip().startswith("{"):
+            return cls.from_dict(load_json(text, source))
+        return cls.from_dict(read_json_file(Path(source)))
 
     def with_measurements(self, measured: dict[str, float], total_seconds: float | None = None) -> "Report":
         """A copy with `measured_seconds` set on the nodes named in `measured` (and on the total)."""

@@ -87,7 +87,7 @@ def printable(text: str) -> str:
 
 def without_control(value: Any) -> Any:
     """`value` with `printable` applied to every string in it: in dataclass fields (those compared, which are
-    the data; `Report.captured` is not), tuples, lists and dicts. What needs no change is returned as it is, so a
+    the data; `Report.graph_capture` is not), tuples, lists and dicts. What needs no change is returned as it is, so a
     clean report costs one scan and no copy.
     """
     if isinstance(value, str):

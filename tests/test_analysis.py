@@ -150,12 +150,12 @@ def test_node_meta_holds_the_node_stats():
 
 def test_rollups_add_up_to_the_total():
     report = shapeprof.analyze(Transformer(LlamaConfig.tiny(n_layers=3)), torch.zeros(1, 8, dtype=torch.long))
-    for rows in (report.by_module(), report.by_module(1), report.by_module(2, twins=True), report.by_op(),
+    for rows in (report.by_module(), report.by_module(1), report.by_module(2, repeats=True), report.by_op(),
                  report.by_pattern()):
         assert sum(r.flops for r in rows) == report.total.flops
         assert sum(r.predicted_seconds for r in rows) == pytest.approx(report.total.predicted_seconds)
         assert sum(r.share for r in rows) == pytest.approx(1.0)
-    groups = report.twin_groups()
+    groups = report.repeat_groups()
     assert sum(len(g) for g in groups) == len(report.nodes)
     # the pattern is the report's (it depends on the node's sibling layers), not the node's own
     wq = next(g for g in groups if report.pattern_of(g[0]) == "layers.*.attention.wq")

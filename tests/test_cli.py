@@ -486,7 +486,7 @@ def test_calibrate_checks_where_it_writes_before_measuring(tmp_path, monkeypatch
     def measure(*args, **kwargs):
         raise AssertionError("calibrate measured before finding that it cannot save the result")
 
-    monkeypatch.setattr(cli, "_calibrate", measure)
+    monkeypatch.setattr(cli, "calibrate", measure)
     for output, expected in (("afile/x.toml", "into 'afile': 'afile' is a file, not a directory"),
                              ("missing/x.toml", "into 'missing': no such directory"),
                              ("taken.toml", "'taken.toml': it is a directory")):

@@ -120,7 +120,7 @@ def test_trace_has_one_range_per_node_per_step(profiled):
     events = result.trace["traceEvents"]
     annotations = Counter(e["name"] for e in events if e.get("cat") == "user_annotation")
     assert sum(1 for name in annotations if name.startswith("ProfilerStep#")) == STEPS
-    graph = result.measured.captured.graph
+    graph = result.measured.graph_capture.graph
     calls = [n.name for n in graph.nodes if n.op in ("call_function", "call_method", "call_module")]
     for name in calls:
         assert annotations[name] == STEPS, name

@@ -106,10 +106,10 @@ def test_an_index_is_starred_only_where_the_layers_really_repeat():
     report = shapeprof.analyze(SmallCNN().eval(), torch.randn(8, 3, 32, 32))
     paths = [f"features.{i}" for i in range(12)] + ["classifier"]
     assert sorted(report.patterns.values()) == sorted(paths)
-    groups = report.twin_groups()
+    groups = report.repeat_groups()
     assert [len(g) for g in groups] == [1] * 13
     assert sorted(report.pattern_of(g[0]) for g in groups) == sorted(paths)
-    modules = report.by_module(2, twins=True)
+    modules = report.by_module(2, repeats=True)
     assert sorted((m.key, m.nodes) for m in modules) == sorted((p, 1) for p in paths)
     text = _text(report, top=13)
     assert ".*" not in text and "features.8" in text and "layers summed" not in text
@@ -124,9 +124,9 @@ def test_repeats_among_other_layers_and_two_sets_of_repeats():
     report = shapeprof.analyze(model, torch.randn(4, 8))
     assert report.patterns == {"0": "0", "1": "{1,3,5}", "2": "{2,4}", "3": "{1,3,5}", "4": "{2,4}",
                                "5": "{1,3,5}", "6": "6"}
-    by_pattern = {report.pattern_of(g[0]): [n.module_path for n in g] for g in report.twin_groups()}
+    by_pattern = {report.pattern_of(g[0]): [n.module_path for n in g] for g in report.repeat_groups()}
     assert by_pattern == {"0": ["0"], "{1,3,5}": ["1", "3", "5"], "{2,4}": ["2", "4"], "6": ["6"]}
-    assert sorted((m.key, m.nodes) for m in report.by_module(1, twins=True)) == [
+    assert sorted((m.key, m.nodes) for m in report.by_module(1, repeats=True)) == [
         ("0", 1), ("6", 1), ("{1,3,5}", 3), ("{2,4}", 2)]
 
 
@@ -137,7 +137,7 @@ def test_identical_blocks_are_starred_and_their_insides_told_apart():
     report = shapeprof.analyze(MLP(d_in=32, d_hidden=32, d_out=8), torch.randn(4, 32))
     assert report.patterns == {"blocks.0.0": "blocks.*.0", "blocks.0.1": "blocks.*.1", "blocks.1.0": "blocks.*.0",
                                "blocks.1.1": "blocks.*.1", "out": "out"}
-    assert sorted((report.pattern_of(g[0]), len(g)) for g in report.twin_groups()) == [
+    assert sorted((report.pattern_of(g[0]), len(g)) for g in report.repeat_groups()) == [
         ("blocks.*.0", 2), ("blocks.*.1", 2), ("out", 1)]
     assert report.module_depth() == 3
 

@@ -16,8 +16,8 @@ from shapeprof.hardware import get_spec
 from shapeprof.optimize import _graph_module
 from shapeprof.records import OpRecord, TensorMeta
 from shapeprof.rewrites import CAPTURE_KEY, Match, Rewrite, RewriteContext, RewriteResult, Skip
-from shapeprof.rewrites.fuse_linear_activation import (FuseLinearActivation, _choose_kernel,
-                                                       fused_linear_activation, reference)
+from shapeprof.rewrites.fuse_linear_activation import FuseLinearActivation
+from shapeprof.rewrites.linear_kernels import choose_kernel, fused_linear_activation, reference
 
 FUSE = rewrites.get("fuse_linear_activation")
 FUSED = fused_linear_activation
@@ -293,7 +293,7 @@ def test_unsupported_dtype_and_device_are_skipped_with_the_reason():
     assert result.applied == [] and "not float64" in result.skipped[0].reason
     x = TensorMeta((4, 8), torch.float32, (8, 1))
     w = TensorMeta((16, 8), torch.float32, (8, 1))
-    assert "no fused Linear + activation kernel on xpu" in _choose_kernel(torch.device("xpu"), x, w, None, "relu")
+    assert "no fused Linear + activation kernel on xpu" in choose_kernel(torch.device("xpu"), x, w, None, "relu")
 
 
 @pytest.mark.parametrize("kind, bias, dtype, why", [
@@ -308,7 +308,7 @@ def test_cuda_lowering_preconditions(kind, bias, dtype, why, monkeypatch):
     x = TensorMeta((4, 8), dtype, (8, 1))
     w = TensorMeta((16, 8), dtype, (8, 1))
     b = TensorMeta((16,), dtype, (1,)) if bias else None
-    assert why in _choose_kernel(torch.device("cuda"), x, w, b, kind)
+    assert why in choose_kernel(torch.device("cuda"), x, w, b, kind)
 
 
 @pytest.mark.parametrize("kind, dtype", [("relu", torch.bfloat16), ("gelu_tanh", torch.float16),
@@ -318,7 +318,7 @@ def test_cuda_lowering_what_the_epilogue_fuses(kind, dtype, monkeypatch):
     for rows in (1, 64):   # measured: one GEMM kernel with the epilogue from 1 row up (torch 2.11, H200)
         x, w, b = (TensorMeta((rows, 8), dtype, (8, 1)), TensorMeta((16, 8), dtype, (8, 1)),
                    TensorMeta((16,), dtype, (1,)))
-        assert _choose_kernel(torch.device("cuda"), x, w, b, kind) == "cublaslt"
+        assert choose_kernel(torch.device("cuda"), x, w, b, kind) == "cublaslt"
 
 
 def test_a_linear_bound_by_its_weights_is_not_worth_fusing():
@@ -388,7 +388,7 @@ def test_fused_call_refuses_a_moved_model_clearly():
 
 
 def test_fused_call_with_autograd_recording_runs_unfused_and_warns_once():
-    from shapeprof.rewrites import fuse_linear_activation as mod
+    from shapeprof.rewrites import linear_kernels as mod
     mod._warned.clear()
     x = torch.randn(3, 4, requires_grad=True)
     w, b = torch.randn(5, 4), torch.randn(5)

@@ -42,7 +42,7 @@ STEPS = 2
 def profile_graph(model, report, *inputs, tmp: Path) -> tuple[dict, dict[str, float]]:
     """A measured run as shapeprof.profile makes it: the captured graph run on the real model under torch.profiler,
     one record_function range per node. Returns the trace and each node's median time (seconds)."""
-    gm = fx.GraphModule(model, report.captured.graph)
+    gm = fx.GraphModule(model, report.graph_capture.graph)
 
     class Ranges(fx.Interpreter):
         def run_node(self, n):

@@ -51,7 +51,7 @@ def gpt():
 @pytest.mark.parametrize("measured", [False, True], ids=["predicted", "measured"])
 def test_each_row_is_one_line_and_no_number_is_cropped(request, which, width, measured):
     report = request.getfixturevalue(which)[measured]
-    groups = report.twin_groups()[:13]
+    groups = report.repeat_groups()[:13]
     lines = _lines(report, width, top=13)
     assert max(len(line) for line in lines) <= width
     header, rows = top_rows(lines)

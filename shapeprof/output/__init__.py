@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
+from ..registry import Registry
 from ..report import Report
 
 __all__ = ["Format", "Results", "available", "get", "register"]
@@ -59,14 +60,12 @@ class Format(abc.ABC):
         raise NotImplementedError(f"the {self.name} format writes files, not text")
 
 
-_FORMATS: dict[str, Format] = {}
+_FORMATS: Registry[Format] = Registry("output format", article="an")
 
 
 def register(cls: type[Format]) -> type[Format]:
     """Class decorator: make a format available by its name. A name taken twice is an error."""
-    if cls.name in _FORMATS:
-        raise ValueError(f"an output format named {cls.name!r} is already registered")
-    _FORMATS[cls.name] = cls()
+    _FORMATS.add(cls.name, cls())
     return cls
 
 
@@ -76,15 +75,12 @@ def get(name: str) -> Format:
     Raises:
         KeyError: an unknown name; the message lists the known ones.
     """
-    try:
-        return _FORMATS[name]
-    except KeyError:
-        raise KeyError(f"unknown output format {name!r}; choose from: {', '.join(sorted(_FORMATS))}") from None
+    return _FORMATS.get(name)
 
 
 def available() -> list[tuple[str, str]]:
     """(name, description) of every registered format, sorted by name."""
-    return sorted((name, f.description) for name, f in _FORMATS.items())
+    return sorted((name, f.description) for name, f in _FORMATS)
 
 
 # the built-in formats register themselves

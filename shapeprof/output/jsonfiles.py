@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ..files import write_json
-from ..jsondata import ReportFormatError, json_kind, load_json
+from ..jsondata import ReportFormatError, json_kind, read_json_file
 from ..report import SCHEMA as REPORT_SCHEMA
 from ..report import Report
 from ..rundir import TRACE_SCHEMA
@@ -77,13 +77,7 @@ def read_saved(path: str | os.PathLike) -> Any:
         ReportFormatError: one line: unreadable, not JSON, another or no schema, or a field that is wrong.
     """
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as e:
-        raise ReportFormatError(f"cannot read report {path}: {e.strerror or e}") from e
-    except UnicodeDecodeError as e:
-        raise ReportFormatError(f"not JSON: not UTF-8 text ({e.reason} at byte {e.start})") from e
-    data = load_json(text, "file")
+    data = read_json_file(path)
     if not isinstance(data, dict):
         raise ReportFormatError(f"not a shapeprof report: the JSON is {json_kind(data)}, not an object")
     schema = data.get("schema")

@@ -58,7 +58,7 @@ def _top_nodes(r: Report, top: int) -> str:
     if measured:
         header += ["measured", "eff."]
     rows = []
-    for group in r.twin_groups()[:top]:
+    for group in r.repeat_groups()[:top]:
         n = group[0]
         seconds = sum(g.predicted_seconds for g in group)
         pattern = r.pattern_of(n)
@@ -70,7 +70,7 @@ def _top_nodes(r: Report, top: int) -> str:
             row += [fmt_seconds(ms) if ms else "-", f"{seconds / ms:.0%}" if ms else "-"]
         rows.append(row)
     title = (f"Top {len(rows)} nodes by predicted time "
-             f"(a node and its twins in repeated layers: one row)")
+             f"(a node and its repeats in repeated layers: one row)")
     return f"**{title}**\n\n" + _table(header, rows)
 
 
@@ -78,7 +78,7 @@ def _modules(r: Report) -> str:
     depth = r.module_depth()
     rows = [[f"`{m.key}`" if m.key else "(model)", str(m.nodes), fmt_flops(m.flops, unit=False), fmt_bytes(m.bytes),
              fmt_intensity(m.intensity), _bound(m.bound), fmt_seconds(m.predicted_seconds), f"{m.share:.1%}"]
-            for m in r.by_module(depth, twins=True)[:12]]
+            for m in r.by_module(depth, repeats=True)[:12]]
     return (f"**By module (depth {depth}, layers summed)**\n\n"
             + _table(["module", "nodes", "FLOPs", "bytes", "FLOP/B", "bound", "time", "share"], rows))
 

@@ -1,6 +1,6 @@
 """The terminal rendering of a Report (rich): header, top nodes, modules, findings, coverage.
 
-Nodes are shown grouped with their twins: in a model of 126 identical layers, `layers.*.attention.wq` is one
+Nodes are shown grouped with their repeats (`Report.repeat_groups`): in a model of 126 identical layers, `layers.*.attention.wq` is one
 row with "x126", its time the sum over all of them.
 
 The tables are laid out for the width they are printed at (COLUMNS, the terminal's width, or what the caller
@@ -227,7 +227,7 @@ def _bound_column(bounds: list[str]) -> _Column:
 
 def _top_table(r: Report, top: int, width: int) -> list:
     measured = r.total.measured_seconds is not None
-    groups = r.twin_groups()[:top]
+    groups = r.repeat_groups()[:top]
     firsts = [g[0] for g in groups]
     seconds = [sum(n.predicted_seconds for n in g) for g in groups]
     columns = [
@@ -249,14 +249,14 @@ def _top_table(r: Report, top: int, width: int) -> list:
         ms = [[n.measured_seconds for n in g if n.measured_seconds is not None] for g in groups]
         columns += [_numbers("measured", [fmt_seconds(sum(m)) if m else "-" for m in ms], tight_header="meas."),
                     _numbers("eff.", [f"{s / sum(m):.0%}" if m and sum(m) else "-" for s, m in zip(seconds, ms)])]
-    return _fit(f"Top {top} nodes by predicted time (a node and its twins in repeated layers: one row)",
-                f"Top {top} nodes by predicted time (twins: one row)", columns, width)
+    return _fit(f"Top {top} nodes by predicted time (a node and its repeats in repeated layers: one row)",
+                f"Top {top} nodes by predicted time (repeats: one row)", columns, width)
 
 
 def _module_table(r: Report, depth: int | None, width: int) -> list:
     if depth is None:
         depth = r.module_depth()
-    rows = r.by_module(depth, twins=True)[:12]
+    rows = r.by_module(depth, repeats=True)[:12]
     repeated = any(is_repeat(part) for row in rows for part in row.key.split("."))
     columns = [
         _Column("module", [row.key or "(model)" for row in rows], justify="left", shorten=_shorten_path, cap=40,

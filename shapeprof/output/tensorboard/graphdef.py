@@ -64,7 +64,7 @@ _KIND_OP = {"placeholder": "Placeholder", "get_attr": "GetAttr", "output": "Outp
 
 def _graph_entries(report: Report) -> list[_Entry]:
     from ...analysis import describe_meta
-    captured = report.captured
+    captured = report.graph_capture
     if captured is None:
         return [_Entry(n.name, n.kind, n.op, n.module_path, [], None, n.output) for n in report.nodes]
     stats = {n.name: n for n in report.nodes}

@@ -73,7 +73,7 @@ def points(report: Report, *, measured: bool = False) -> tuple[list[Point], int]
     """
     total = _total(report, measured)
     out, left_out = [], 0
-    for group in report.twin_groups():
+    for group in report.repeat_groups():
         n = group[0]
         # sums over the group: for twins the same as the first node times their count, and exact for any group
         seconds = sum(_seconds(g, measured) for g in group)
