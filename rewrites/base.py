@@ -36,6 +36,7 @@ import torch.fx as fx
 from shapeprof.capture import CapturedNode, source_location
 from shapeprof.costs import cost_of
 from shapeprof.hardware import DeviceSpec, get_spec
+from shapeprof.registry import Registry
 from shapeprof.records import OpRecord, TensorMeta
 from shapeprof.roofline import compute_dtype, op_time
 
@@ -215,3 +216,43 @@ class Rewrite(abc.ABC):
 
     def __repr__(self) -> str:
         return f"<rewrite {self.name}: {self.description}>"
+
+
+# ---------------------------------------------------------------------------------------------- the registry
+
+_REGISTRY: Registry[Rewrite] = Registry("rewrite")
+
+
+def register(rewrite):
+    """Add a rewrite to the registry; returns what it was given, so it works as a class decorator.
+
+    Raises:
+        ValueError: a rewrite of that name is already registered, or the rewrite has no name.
+        TypeError: not a Rewrite.
+    """
+    instance = rewrite() if isinstance(rewrite, type) else rewrite
+    if not isinstance(instance, Rewrite):
+        raise TypeError(f"register takes a shapeprof.rewrites.Rewrite, got {type(instance).__name__}")
+    if not instance.name:
+        raise ValueError(f"{type(instance).__name__} has no name")
+    _REGISTRY.add(instance.name, instance)
+    return rewrite
+
+
+def unregister(name: str) -> Rewrite:
+    """Remove a rewrite from the registry and return it (KeyError if there is none of that name)."""
+    return _REGISTRY.remove(name)
+
+
+def get(name: str) -> Rewrite:
+    """The registered rewrite called `name`.
+
+    Raises:
+        KeyError: no such rewrite; the message lists the registered ones.
+    """
+    return _REGISTRY.get(name)
+
+
+def available() -> list[tuple[str, str]]:
+    """(name, one-line description) of every registered rewrite, in the order `optimize` runs them."""
+    return [(r.name, r.description) for _, r in _REGISTRY]

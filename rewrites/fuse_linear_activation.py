@@ -54,8 +54,7 @@ from shapeprof.costs import cost_of
 from shapeprof.records import OpRecord
 from shapeprof.roofline import compute_dtype, op_time
 
-from . import register
-from .base import Match, Rewrite, RewriteContext, RewriteResult, Skip
+from .base import Match, Rewrite, RewriteContext, RewriteResult, Skip, register
 from .linear_kernels import (ACT_LABELS, ACTIVATIONS, Linear, as_linear, call_arg, choose_kernel,
                              fused_linear_activation, fused_record, global_hooks, has_hooks, kernel_name,
                              linear_metas, replace_linear)

@@ -19,8 +19,7 @@ import math
 import torch
 import torch.fx as fx
 
-from . import register
-from .base import Match, Rewrite, RewriteContext, RewriteResult, Skip
+from .base import Match, Rewrite, RewriteContext, RewriteResult, Skip, register
 from .linear_kernels import (as_linear, choose_kernel, fused_record, global_hooks, has_hooks, linear_metas,
                              lookup_attr, replace_linear)
 

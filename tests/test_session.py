@@ -76,7 +76,7 @@ def test_a_format_that_cannot_write_costs_only_its_own_files(tmp_path):
         assert result.warnings == ["the broken-test-format output could not be written: OSError: disk full"]
         assert (tmp_path / "Linear" / "report.json").exists()
     finally:
-        output._FORMATS.remove("broken-test-format")
+        output.base._FORMATS.remove("broken-test-format")
 
 
 def test_registering_a_name_twice_is_an_error():

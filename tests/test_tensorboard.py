@@ -436,7 +436,7 @@ def test_core_dashboards_list_our_summaries(server, exported):
                        tag="shapeprof/2-top-nodes/text_summary")[0]["text"]
     assert "<table>" in html and "blocks_0_0" in html
     images = server.json("/data/plugin/images/tags")
-    assert all("shapeprof/roofline" in images[r] for r in predicted)
+    assert predicted and all("shapeprof/roofline" in images[r] for r in predicted)
     (entry,) = server.json("/data/plugin/images/images", run="Transformer-predicted-a100-80gb-sxm",
                            tag="shapeprof/roofline")
     png = server.get("/data/plugin/images/individualImage?" + entry["query"])

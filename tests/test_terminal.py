@@ -135,11 +135,3 @@ def test_no_string_of_a_report_reaches_the_terminal_with_its_control_characters(
     assert not [c for c in coloured if (ord(c) < 32 and c not in "\n\t") or 0x7f <= ord(c) <= 0x9f]
     from shapeprof.text import without_control
     assert without_control(r) is r                   # a clean report is shown as it is, not copied
-
-
-def test_printable_keeps_text_newlines_and_tabs():
-    from shapeprof.text import printable
-    assert printable("layers.3.attn\tx\ny") == "layers.3.attn\tx\ny"
-    assert printable("a\x1b[31mred\x1b[0m b") == "ared b"
-    assert printable("unterminated \x1b]0;title") == "unterminated "
-    assert printable("é ü ‖ µs") == "é ü ‖ µs"        # not control: printed as they are

@@ -18,7 +18,7 @@ from ..jsondata import ReportFormatError, json_kind, read_json_file
 from ..report import SCHEMA as REPORT_SCHEMA
 from ..report import Report
 from ..rundir import TRACE_SCHEMA
-from . import Format, Results, register
+from .base import Format, Results, register
 
 __all__ = ["OPTIMIZE_SCHEMA", "OPTIMIZE_SCHEMA_VERSION", "SAVED_FILES", "JsonFormat", "optimize_document",
            "read_saved", "saved_files"]

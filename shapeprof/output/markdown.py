@@ -18,7 +18,7 @@ import re
 from ..files import write_atomic
 from ..report import Report
 from ..text import fmt_bytes, fmt_flops, fmt_intensity, fmt_seconds
-from . import Format, Results, register
+from .base import Format, Results, register
 
 
 def to_markdown(report: Report, top: int = 15) -> str:

@@ -27,7 +27,7 @@ from rich.text import Text
 from ..files import write_atomic
 from ..report import Report, is_repeat
 from ..text import fmt_bytes, fmt_flops, fmt_intensity, fmt_seconds, without_control
-from . import Format, Results, register
+from .base import Format, Results, register
 
 __all__ = ["BOUND_STYLE", "TerminalFormat", "render", "terminal_width", "to_text"]
 

@@ -42,7 +42,7 @@ from torch.utils import _pytree as pytree
 
 from ...report import Report
 from ...text import slug
-from .. import Format, Results, register
+from ..base import Format, Results, register
 from ..markdown import markdown_sections
 from . import kineto
 from .graphdef import graph_def
