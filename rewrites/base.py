@@ -38,7 +38,7 @@ from shapeprof.costs import cost_of
 from shapeprof.hardware import DeviceSpec, get_spec
 from shapeprof.registry import Registry
 from shapeprof.records import OpRecord, TensorMeta
-from shapeprof.roofline import compute_dtype, op_time
+from shapeprof.roofline import record_time
 
 CAPTURE_KEY = "shapeprof.captured"   # node.meta[CAPTURE_KEY]: the CapturedNode the capture made for this node
 
@@ -157,8 +157,7 @@ class RewriteContext:
         spec = self.roofline_spec
         total = 0.0
         for rec in records:
-            rec = self.as_dtype(rec)
-            total += op_time(cost_of(rec), compute_dtype(rec.input_metas(), rec.outputs), spec).seconds
+            total += record_time(self.as_dtype(rec), spec)[1].seconds
         return total
 
     def bytes(self, records: Iterable[OpRecord]) -> int:

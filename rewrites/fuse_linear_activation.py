@@ -50,9 +50,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from shapeprof.capture import target_name
-from shapeprof.costs import cost_of
 from shapeprof.records import OpRecord
-from shapeprof.roofline import compute_dtype, op_time
+from shapeprof.roofline import record_time
 
 from .base import Match, Rewrite, RewriteContext, RewriteResult, Skip, register
 from .linear_kernels import (ACT_LABELS, ACTIVATIONS, Linear, as_linear, call_arg, choose_kernel,
@@ -318,7 +317,7 @@ def _bound_by(ctx: RewriteContext, records) -> str:
     spec = ctx.roofline_spec
     main = max(records, key=lambda r: ctx.seconds([r]))
     rec = ctx.as_dtype(main)
-    t = op_time(cost_of(rec), compute_dtype(rec.input_metas(), rec.outputs), spec)
+    t = record_time(rec, spec)[1]
     if t.bound == "compute":
         return "its FLOPs"
     weights = max((m for m in rec.input_metas() if len(m.shape) == 2), key=lambda m: m.nbytes, default=None)

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .costs import OpCost
+from .costs import OpCost, cost_of
 from .hardware import DeviceSpec
 
 
@@ -49,6 +49,13 @@ def op_time(cost: OpCost, dtype: torch.dtype, spec: DeviceSpec, *, tf32: bool = 
     """Roofline time of one op whose FLOPs run in `dtype` on `spec`."""
     peak = spec.peak_for(dtype, matmul=cost.matmul, tf32=tf32)
     return OpTime(cost.flops / peak, (cost.bytes_read + cost.bytes_written) / spec.memory_bandwidth, peak)
+
+
+def record_time(record, spec: DeviceSpec, *, tf32: bool = False) -> tuple[OpCost, OpTime]:
+    """The cost of one recorded ATen op and its roofline on `spec`, computing in its inputs' number format: what
+    every caller that prices a record (a node, a rewrite's match, a profiler event) asks."""
+    cost = cost_of(record)
+    return cost, op_time(cost, compute_dtype(record.input_metas(), record.outputs), spec, tf32=tf32)
 
 
 @dataclass(frozen=True, slots=True)

@@ -29,11 +29,11 @@ from typing import Any, Iterable, Mapping
 
 import torch
 
-from ...costs import cost_of, has_formula
+from ...costs import has_formula
 from ...hardware import DeviceSpec
 from ...records import OpRecord, OpRecorder
 from ...report import AtenOp, NodeStats, Report
-from ...roofline import compute_dtype, node_time, op_time
+from ...roofline import node_time, record_time
 
 HOST_PID = 1          # the synthetic trace's host process and thread
 HOST_TID = 1
@@ -105,8 +105,8 @@ def records_args(records: Iterable[OpRecord], spec: DeviceSpec, *, tf32: bool = 
     flops = nbytes = 0
     ops, uncovered = [], []
     for rec in records:
-        cost = cost_of(rec)
-        ops.append((cost, op_time(cost, compute_dtype(rec.input_metas(), rec.outputs), spec, tf32=tf32)))
+        cost, t = record_time(rec, spec, tf32=tf32)
+        ops.append((cost, t))
         flops += cost.flops
         nbytes += cost.bytes
         if not cost.covered:
