@@ -28,10 +28,11 @@ from __future__ import annotations
 import abc
 import os
 from dataclasses import dataclass, field, replace
-from typing import Iterable
+from typing import Any, Iterable
 
 import torch
 import torch.fx as fx
+import torch.nn as nn
 
 from shapeprof.capture import CapturedNode, source_location
 from shapeprof.costs import cost_of
@@ -76,6 +77,8 @@ class RewriteResult:
     name: str
     applied: list[Match] = field(default_factory=list)
     skipped: list[Skip] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)   # what the report says besides the matches (a cache's size)
+    decoding: Any = None   # a rewrite that changes how the model is called step by step (kv_cache): its plan
 
     @property
     def changed(self) -> bool:
@@ -91,7 +94,8 @@ class RewriteResult:
 
     def merged(self, other: "RewriteResult") -> "RewriteResult":
         """The results of the same rewrite on two graphs (two submodules) as one."""
-        return RewriteResult(self.name, self.applied + other.applied, self.skipped + other.skipped)
+        return RewriteResult(self.name, self.applied + other.applied, self.skipped + other.skipped,
+                             self.notes + other.notes, self.decoding if self.decoding is not None else other.decoding)
 
 
 @dataclass(frozen=True)
@@ -108,6 +112,8 @@ class RewriteContext:
         pack_weights: when CPU kernels may keep a weight in oneDNN's packed layout, a copy that must not go stale:
             "frozen" (a weight that does not require grad, checked per call), "always" (the user promises the
             weights do not change behind PyTorch's back), "never".
+        sequence: for a rewrite whose capture is 'sequence', the `shapeprof.sequence.SequenceGraph` the graph came
+            from (which input the token ids are, their size symbols, the example).
     """
 
     spec: DeviceSpec | None = None
@@ -117,6 +123,7 @@ class RewriteContext:
     training: bool = False
     inputs_require_grad: bool = False
     pack_weights: str = "frozen"
+    sequence: Any = None
 
     @property
     def roofline_spec(self) -> DeviceSpec:
@@ -192,14 +199,21 @@ class Rewrite(abc.ABC):
     Attributes:
         name: registry key, snake_case ('fuse_linear_activation').
         description: one line for `shapeprof.rewrites.available()`.
-        capture: the graph level the pass matches. 'symbolic_trace' (module-level nodes: ``call_module`` Linear,
-            ``call_function`` F.relu) is what optimize captures today; a pass that needs ATen-level nodes or a
-            dynamic sequence length (KV caches) will ask for 'export'.
+        capture: the graph the pass runs on. 'symbolic_trace': each traced module's forward, module-level nodes
+            (``call_module`` Linear, ``call_function`` F.relu), one graph per call as the example made it;
+            'sequence': the whole forward as an ATen graph with the token ids' sizes symbolic
+            (`shapeprof.sequence`), for a pass that changes how the model is called step by step (a KV cache).
+            A 'sequence' pass sets ``result.decoding`` to the plan its runtime follows, and optimize verifies it
+            with a prefill and decode steps against the original, not with one call.
     """
 
     name: str = ""
     description: str = ""
     capture: str = "symbolic_trace"
+
+    def unsuitable(self, model: nn.Module) -> str | None:
+        """Why the pass cannot apply to `model` at all, said before anything is captured (None: try it)."""
+        return None
 
     @abc.abstractmethod
     def run(self, gm: fx.GraphModule, ctx: RewriteContext) -> RewriteResult:
