@@ -2,7 +2,7 @@
 
     >>> import shapeprof.rewrites as rewrites
     >>> [name for name, _ in rewrites.available()]
-    ['fuse_linear_activation', 'prepack_linear']
+    ['fuse_linear_activation', 'prepack_linear', 'kv_cache']
     >>> rewrites.get("fuse_linear_activation").capture
     'symbolic_trace'
 
@@ -18,6 +18,8 @@ from .base import (CAPTURE_KEY, Match, Rewrite, RewriteContext, RewriteResult, S
 __all__ = ["CAPTURE_KEY", "Match", "Rewrite", "RewriteContext", "RewriteResult", "Skip", "available", "get",
            "register", "unregister"]
 
-# registration order is the order optimize runs them: fusion first, then packing what fusion left
+# registration order is the order optimize runs them: fusion first, then packing what fusion left, then the
+# cache (whose graph gets the two before it too)
 from . import fuse_linear_activation as _fuse_linear_activation  # noqa: E402  (registers itself)
 from . import prepack_linear as _prepack_linear  # noqa: E402  (registers itself)
+from . import kv_cache as _kv_cache  # noqa: E402  (registers itself)

@@ -36,9 +36,10 @@ import torch.nn as nn
 from torch.utils import _pytree as pytree
 
 from .guards import Follow, SubtreeState
+from .kvcache import MISSING as _NOT_SERVED   # what a decoder returns for a call it does not serve
 
-__all__ = ["DropInError", "Installation", "MISSING", "graph_module_over", "install", "lookup", "quiet", "shared_copy",
-           "uninstall", "values_equal", "watch"]
+__all__ = ["DropInError", "Installation", "MISSING", "graph_module_over", "install", "install_decoder", "lookup",
+           "quiet", "shared_copy", "uninstall", "values_equal", "watch"]
 
 
 class DropInError(RuntimeError):
@@ -186,6 +187,32 @@ def install(module: nn.Module, gm: fx.GraphModule, example: tuple, current: Inst
     return Installation(gm, cls, adopted)
 
 
+def install_decoder(module: nn.Module, gm: fx.GraphModule, decoder: Any, original: nn.Module | None = None
+                    ) -> Installation:
+    """Make `module` serve calls through `decoder` (a `shapeprof.kvcache.IncrementalDecoder` running `gm`'s graph
+    on the module) before whatever forward it runs now (its class's own, or a rewritten graph installed before).
+
+    The decoder runs only while the module's subtree is as it is now (`shapeprof.guards`), like any rewritten
+    forward; a call it does not serve goes on to the forward installed before. What the graph reads of `gm` that
+    the module lacks (constants export lifted: get_attr targets, or the decoder's `attributes`) is adopted."""
+    adopted: list[tuple[nn.Module, str]] = []
+    cls = type(module)
+    reads = [n.target for n in gm.graph.nodes if n.op in ("get_attr", "call_module")]
+    try:
+        for target in reads + list(getattr(decoder, "attributes", ())):
+            if lookup(module, target) is MISSING:
+                adopted.append(_adopt(module, target, lookup(gm, target)))
+        follow = Follow(original, module) if original is not None else None
+        module.__class__ = _dropin_class(cls, cls.__dict__.get("_shapeprof_graph_module"),
+                                         cls.__dict__.get("_shapeprof_guard"), SubtreeState(module), follow, decoder)
+    except Exception:
+        for parent, name in adopted:
+            _drop(parent, name)
+        module.__class__ = cls
+        raise
+    return Installation(gm, cls, adopted)
+
+
 def uninstall(module: nn.Module, installation: Installation | None) -> None:
     """Give `module` back its own class and drop what `installation` put on it."""
     if installation is not None:
@@ -303,16 +330,16 @@ def watch(module: nn.Module) -> None:
 
 
 def _dropin_class(cls: type, gm: fx.GraphModule | None = None, guard: _Guard | None = None,
-                  state: SubtreeState | None = None, follow: Follow | None = None) -> type:
-    """A subclass of `cls` whose forward runs gm's graph on the instance itself when the guards allow (with no
-    `gm`: the class's own forward, and only the safe casting)."""
+                  state: SubtreeState | None = None, follow: Follow | None = None, decoder: Any = None) -> type:
+    """A subclass of `cls` whose forward runs gm's graph on the instance itself when the guards allow, after
+    offering the call to `decoder` (with neither: the class's own forward, and only the safe casting)."""
     base = getattr(cls, "_shapeprof_base", cls)
     own_forward = base.forward
     namespace = {"_shapeprof_base": base, "_apply": _apply_unshared,
                  "__reduce_ex__": _reduce_as_base, "__deepcopy__": _deepcopy_keeping_class,
                  "__module__": base.__module__, "__qualname__": base.__qualname__, "__doc__": base.__doc__}
-    if gm is not None:
-        graph_forward = type(gm).forward       # generated code; every attribute is looked up through `self`
+    if gm is not None or decoder is not None:
+        graph_forward = type(gm).forward if gm is not None else None   # generated code; attributes through `self`
 
         def forward(self, *args, **kwargs):
             if torch.compiler.is_compiling():
@@ -323,17 +350,50 @@ def _dropin_class(cls: type, gm: fx.GraphModule | None = None, guard: _Guard | N
                 follow.sync()
             why = state.violation(self)
             if why is not None:
+                if decoder is not None:
+                    decoder.reset()
                 _warn_fallback(base, why)
                 return own_forward(self, *args, **kwargs)
-            call = guard(self, args, kwargs)
+            if decoder is not None:
+                out = decoder(self, args, kwargs)
+                if out is not _NOT_SERVED:
+                    return out
+            call = guard(self, args, kwargs) if gm is not None else None
             if call is None:
                 return own_forward(self, *args, **kwargs)
             return graph_forward(self, *call)
 
         forward.__wrapped__ = own_forward      # inspect.signature and fx see the user's parameters
         forward.__qualname__ = f"{base.__qualname__}.forward"
-        namespace.update(forward=forward, _shapeprof_graph_module=gm, _shapeprof_guard=guard)
+        namespace.update(forward=forward, _shapeprof_graph_module=gm, _shapeprof_guard=guard,
+                         _shapeprof_state=state)
+    if decoder is not None:
+        namespace["_shapeprof_decoder"] = decoder
+        for name, method in (("prefill", _prefill), ("decode", _decode)):
+            if not hasattr(base, name):   # the user's own methods of these names stay theirs
+                namespace[name] = method
     return types.new_class(base.__name__, (base,), {}, lambda ns: ns.update(namespace))
+
+
+def _serving(self, what: str):
+    decoder = type(self).__dict__.get("_shapeprof_decoder")
+    why = type(self)._shapeprof_state.violation(self)
+    if why is not None:
+        from .kvcache import DecodeError
+        raise DecodeError(f"{what}: {why}; the cached graph no longer is this model's forward: call "
+                          f"shapeprof.optimize() again")
+    return decoder
+
+
+def _prefill(self, ids, max_tokens=None):
+    """Run the prompt `ids` and keep its keys and values: (the model's output for it, a DecodeState). `max_tokens`
+    sizes the cache up front (default: the model's maximum length when it has one). See shapeprof.kvcache."""
+    return _serving(self, "prefill").prefill(self, ids, max_tokens)
+
+
+def _decode(self, next_ids, state):
+    """Run `next_ids` (the new positions) after what `state` holds: (the model's output for them, the state)."""
+    return _serving(self, "decode").decode(self, next_ids, state)
 
 
 def _apply_unshared(self, fn, recurse=True):
@@ -384,6 +444,9 @@ def _deepcopy_keeping_class(self, memo):
     memo[id(self)] = new
     new.__dict__.update(copy.deepcopy(self.__dict__, memo))
     gm = cls.__dict__.get("_shapeprof_graph_module")
-    if gm is not None:
-        new.__class__ = _dropin_class(cls._shapeprof_base, gm, cls._shapeprof_guard, SubtreeState(new))
+    decoder = cls.__dict__.get("_shapeprof_decoder")
+    if gm is not None or decoder is not None:
+        new.__class__ = _dropin_class(cls._shapeprof_base, gm, cls.__dict__.get("_shapeprof_guard"),
+                                      SubtreeState(new), decoder=decoder.fresh() if decoder is not None else None)
     return new
+

@@ -63,7 +63,8 @@ from torch.utils import _pytree as pytree
 
 from .capture import CaptureError, InputShape, NodeError, capture, tensors_inside, unwrap
 from .text import one_line
-from .dropin import DropInError, graph_module_over, install, quiet, shared_copy, uninstall, values_equal, watch
+from .dropin import (DropInError, graph_module_over, install, install_decoder, quiet, shared_copy, uninstall,
+                     values_equal, watch)
 from .hardware import DeviceSpec, SpecError, get_spec
 from .snapshot import WriteSnapshot, copy_inputs, rng_kept
 
@@ -455,25 +456,34 @@ def _optimize(model, fast, args, kwargs, selected, registry, verify, tolerance, 
         candidates = [c for t in dropped for c in _submodule_targets(t.module, recorded, report.not_captured,
                                                                        prefix=t.path)]
     _describe(targets, report, registry, roofline_spec, dtype, device, inputs_require_grad)
-    if not targets:
+    if not targets and not any(r.capture == "sequence" for r in selected):
         report.refused = ("no captured graph reproduces its module's forward on the example inputs"
                           if any("does not reproduce" in w for _, w in report.not_captured)
                           else f"nothing could be captured: {why}")
         return _finish(fast, report)
 
     for rewrite in selected:
+        if rewrite.capture == "sequence":
+            report.outcomes.append(_apply_sequence(rewrite, model, fast, args, kwargs, selected, verify, tolerance,
+                                                   registry, snapshot, report, dict(
+                                                       spec=roofline_spec, dtype=dtype, device=device,
+                                                       training=fast.training,
+                                                       inputs_require_grad=inputs_require_grad,
+                                                       pack_weights=report.pack_weights)))
+            continue
         report.outcomes.append(_apply(rewrite, targets, fast, args, kwargs, reference, verify, tolerance, registry,
                                       snapshot, device if measure else None))
     for t in targets:
         if t.installed is not None:
             report.code[t.path] = t.gm.code
-    report.graphs = [replace(g, rewritten=g.path in report.code) for g in report.graphs]
+    report.graphs = [replace(g, rewritten=g.rewritten or g.path in report.code) for g in report.graphs]
     if measure:
         report.measurement = _measure(shared_copy(model), fast, args, kwargs, device, snapshot)   # copied before
     return _finish(fast, report)
 
 
 _PACK_POLICIES = ("frozen", "always", "never")
+SEQUENCE_CAPTURE = "export, sequence length symbolic"   # CapturedGraph.method of a kv_cache's whole-forward graph
 
 
 _MAX_DEPTH = 8
@@ -569,7 +579,8 @@ def _seeded(device: torch.device | None) -> Iterator[None]:
 def _run(module: nn.Module, args, kwargs, snapshot: WriteSnapshot, record_inputs: bool = False):
     """module(*args, **kwargs) under no_grad, quiet and seeded, on copies of the inputs, watched by `snapshot`
     and put back after it, so every run starts from the user's values; with record_inputs, also each
-    submodule's first call (positional and keyword arguments), by id(module)."""
+    submodule's first call (positional and keyword arguments), by id(module). What a drop-in's KV cache holds
+    from an earlier run is its own, not the user's: its writes are not undone."""
     recorded: dict[int, tuple[tuple, dict]] = {}
     device = next((t.device for t in module.parameters()), None)
     with ExitStack() as stack:
@@ -580,8 +591,10 @@ def _run(module: nn.Module, args, kwargs, snapshot: WriteSnapshot, record_inputs
             for m in module.modules():
                 m.register_forward_pre_hook(_recorder(recorded), with_kwargs=True)
         a, k = copy_inputs((args, kwargs))
+        decoder = getattr(type(module), "_shapeprof_decoder", None)
+        held = decoder.tensors() if decoder is not None else []
         try:
-            with snapshot.watch(ours=(a, k)):
+            with snapshot.watch(ours=(a, k, held)):
                 out = module(*a, **k)
         finally:
             snapshot.restore()
@@ -862,6 +875,142 @@ def _apply(rewrite, targets: list[_Target], fast, args, kwargs, reference, verif
                           measurement=timed)
 
 
+# ---------------------------------------------------------------------------------------------- step by step
+
+def _apply_sequence(rewrite, model, fast, args, kwargs, selected, verify, tolerance, registry, snapshot,
+                    report: OptimizeReport, ctx_args: dict) -> RewriteOutcome:
+    """A rewrite of the whole forward with the sequence length symbolic (a KV cache): captured with
+    `shapeprof.sequence`, given the other selected rewrites' passes on its graph too, installed in front of the
+    drop-in's forward and verified call by call (`shapeprof.stepwise`)."""
+    from .kvcache import IncrementalDecoder
+    from .sequence import SequenceCaptureError, attributes_as_input, capture_sequence
+
+    def skipped(why: str) -> RewriteOutcome:
+        return RewriteOutcome(rewrite.name, "no match",
+                              registry.RewriteResult(rewrite.name, skipped=[registry.Skip("the model", why)]))
+
+    why = rewrite.unsuitable(model) or _hooked(model)
+    if why:
+        return skipped(why)
+    try:
+        seq = capture_sequence(model, *args, **kwargs)
+        seq.gm = graph_module_over(fast, seq.gm.graph, seq.gm, class_name=f"{type(model).__name__}Sequence")
+    except (SequenceCaptureError, DropInError) as e:
+        return skipped(str(e))
+    _annotate(seq.gm, registry)
+    ctx = registry.RewriteContext(**ctx_args, sequence=seq)
+    gm = seq.gm
+    try:
+        result = rewrite(gm, ctx)
+    except Exception as e:
+        return RewriteOutcome(rewrite.name, "failed", error=one_line(e))
+    if not result.changed:
+        return RewriteOutcome(rewrite.name, "no match", result)
+    plain = fx.Graph()
+    plain.output(plain.graph_copy(gm.graph, {}))
+    plan = result.decoding
+    passes = []
+    for other in selected:   # the cached forward runs the same fused kernels as the rest of the drop-in
+        if other.capture != "symbolic_trace":
+            continue
+        try:
+            done = other(gm, ctx)
+        except Exception as e:
+            result.notes.append(f"{other.name} on the cached forward failed, left out: {one_line(e)}")
+            continue
+        if done.changed:
+            passes.append(done)
+
+    def installed() -> tuple[Any, Any]:
+        attributes = attributes_as_input(gm)
+        decoder = IncrementalDecoder(type(gm).forward, seq.signature, seq.bound, seq.ids_param, seq.ids_index,
+                                     seq.leaves, seq.out_spec, plan.seq_dim, plan.max_length, plan.outputs,
+                                     attributes)
+        return decoder, install_decoder(fast, gm, decoder, original=model)
+
+    try:
+        decoder, installation = installed()
+    except Exception as e:
+        return RewriteOutcome(rewrite.name, "failed", result, error=one_line(e))
+    check = None
+    if verify is not False:
+        check = _verify_steps(fast, model, decoder, seq, plan, tolerance, snapshot)
+        if not check.ok and passes:   # try the cache alone before giving up on it
+            uninstall(fast, installation)
+            gm.graph = plain
+            first = check
+            decoder, installation = installed()
+            check = _verify_steps(fast, model, decoder, seq, plan, tolerance, snapshot)
+            if check.ok:
+                result.notes.append(f"the cached forward runs without {', '.join(p.name for p in passes)}: with "
+                                    f"them it differed ({first.summary()})")
+                passes = []
+        if not check.ok:
+            uninstall(fast, installation)
+            return RewriteOutcome(rewrite.name, "rejected", result, check)
+    for p in passes:
+        result.notes.append(f"the cached forward also runs {p.name}: {len(p.applied)} matched")
+    report.graphs.append(CapturedGraph("", type(model).__name__, SEQUENCE_CAPTURE,
+                                       sum(1 for _ in gm.graph.nodes), rewritten=True))
+    report.code[f"{rewrite.name} (the cached forward)"] = gm.code
+    return RewriteOutcome(rewrite.name, "applied" if check is not None else "unverified", result, check)
+
+
+def _hooked(model: nn.Module) -> str:
+    """Why a whole-forward graph would drop the model's hooks ('' if it has none): it calls no submodule."""
+    hooked = [path or type(model).__name__ for path, m in model.named_modules()
+              if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks]
+    if hooked:
+        return (f"hooks are registered on {', '.join(hooked[:3])}{' ...' if len(hooked) > 3 else ''}, and the "
+                f"cached forward runs the whole model as one graph, where they would not run")
+    return ""
+
+
+def _annotate(gm: fx.GraphModule, registry) -> None:
+    """What the other rewrites read of each node (node.meta[CAPTURE_KEY]), at the example's sizes."""
+    from .capture import CapturedNode
+    from .sequence import example_records, hinted_meta, module_of
+    for node in gm.graph.nodes:
+        value = node.meta.get("val")
+        first = next((v for v in (value if isinstance(value, (list, tuple)) else [value])
+                      if isinstance(v, torch.Tensor)), None)
+        node.meta[registry.CAPTURE_KEY] = CapturedNode(node, *module_of(node), example_records(node),
+                                                       hinted_meta(first) if first is not None else None)
+
+
+def _verify_steps(fast, model, decoder, seq, plan, tolerance, snapshot) -> Verification:
+    """The cached drop-in against the original on `stepwise.schedule`'s calls: each output compared, and each
+    call checked to have used the cache when it should (a cache never used would pass every comparison)."""
+    from .sequence import call_args
+    from .stepwise import schedule
+    original = shared_copy(model)
+    steps = schedule(seq.bound[seq.ids_param], plan.seq_dim, plan.max_length)
+    decoder.reset()
+    checks: list[OutputCheck] = []
+    try:
+        for step in steps:
+            a, k = call_args(seq.signature, {**seq.bound, seq.ids_param: step.ids})
+            expected, _ = _run(original, a, k, snapshot)
+            before = dict(decoder.calls)
+            try:
+                actual, _ = _run(fast, a, k, snapshot)
+            except Exception as e:
+                return Verification(tuple(checks), error=f"{step.label}: the cached model raised {one_line(e)}")
+            served = {key: decoder.calls[key] - before[key] for key in before}
+            kind = "incremental" if step.reuses else "from scratch"
+            if not served[kind]:
+                return Verification(tuple(checks), error=f"{step.label}: the call should have run "
+                                                         f"{'on the cache' if step.reuses else 'from scratch'}, "
+                                                         f"but ran {next(k for k, v in served.items() if v)}")
+            v = _compare(expected, actual, tolerance)
+            checks.extend(replace(c, output=f"{step.label}: {c.output}") for c in v.checks)
+            if not v.ok:
+                return Verification(tuple(checks), error=f"{step.label}: {v.error}" if v.error else "")
+    finally:
+        decoder.reset()
+    return Verification(tuple(checks))
+
+
 # ---------------------------------------------------------------------------------------------- measuring
 
 _REPEATS = 15
@@ -876,6 +1025,7 @@ def _measure(baseline: nn.Module, fast: nn.Module, args, kwargs, device: torch.d
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     a, k = copy_inputs((args, kwargs))
     with torch.no_grad(), quiet(baseline), quiet(fast):
+        baseline, fast = _from_scratch(baseline), _from_scratch(fast)
         with snapshot.watch(ours=(a, k)):
             for _ in range(3):
                 baseline(*a, **k)
@@ -899,6 +1049,19 @@ def _measure(baseline: nn.Module, fast: nn.Module, args, kwargs, device: torch.d
     ratios = tuple(b / a for a, b in zip(times[0], times[1]) if a > 0)
     return Measurement(statistics.median(times[0]), statistics.median(times[1]), _REPEATS, calls, str(device),
                        ratios)
+
+
+def _from_scratch(module: nn.Module):
+    """`module`, or for a drop-in with a KV cache a callable that empties the cache before each call: a repeated
+    call with the same tokens would otherwise reuse it, and the timing would not be one call's."""
+    decoder = getattr(type(module), "_shapeprof_decoder", None)
+    if decoder is None:
+        return module
+
+    def call(*a, **k):
+        decoder.reset()
+        return module(*a, **k)
+    return call
 
 
 # ---------------------------------------------------------------------------------------------- rendering
@@ -927,7 +1090,7 @@ def render(report: OptimizeReport):
     captured = Text()
     for path, why in report.not_captured:
         captured.append(f"not traced: {path or report.model}: {why}\n", style="yellow")
-    rewritten = [g for g in report.graphs if g.rewritten]
+    rewritten = [g for g in report.graphs if g.rewritten and g.method != SEQUENCE_CAPTURE]
     if rewritten:
         names = ", ".join(g.path or f"{g.module_type} (the whole model)" for g in rewritten)
         captured.append(f"rewrote the traced forward of: {names}")
@@ -939,6 +1102,10 @@ def render(report: OptimizeReport):
             captured.append("\n")
         captured.append("traced, no rewrite kept: " + ", ".join(g.path or g.module_type for g in unchanged),
                         style="dim")
+    if any(g.method == SEQUENCE_CAPTURE and g.rewritten for g in report.graphs):
+        captured.append(f"{chr(10) if rewritten or unchanged else ''}cached decoding: {report.model}'s whole forward, "
+                        f"exported with the sequence length symbolic, runs with a KV cache for the calls it serves "
+                        f"(see kv_cache below); other calls run as above")
     parts.append(captured)
 
     for o in report.outcomes:
@@ -963,6 +1130,8 @@ def render(report: OptimizeReport):
         if o.error:
             line.append(f"  {o.error}", style="red")
         parts.append(line)
+        if o.result is not None and o.result.notes and o.kept:
+            parts.append(Text("\n".join(f"  {n}" for n in o.result.notes), style="dim"))
 
     if report.applied:
         table = Table(title=f"Applied (predicted on {report.spec.display_name})", title_justify="left",
@@ -971,8 +1140,9 @@ def render(report: OptimizeReport):
             table.add_column(col, overflow="fold")
         table.add_column("bytes saved", justify="right", no_wrap=True)
         table.add_column("time saved", justify="right", no_wrap=True)
-        for m in report.applied:
-            table.add_row(m.where, m.what, fmt_bytes(m.bytes_saved), fmt_seconds(m.seconds_saved))
+        for m in report.applied:   # '-': nothing the roofline of one call can see (a cache pays across calls)
+            table.add_row(m.where, m.what, fmt_bytes(m.bytes_saved) if m.bytes_saved else "-",
+                          fmt_seconds(m.seconds_saved) if m.seconds_saved else "-")
         parts.append(table)
     if report.skipped:
         table = Table(title="Skipped", title_justify="left", header_style="bold")

@@ -35,7 +35,7 @@ def fused_count(module: nn.Module, activation: bool = True) -> int:
     of `module` and its submodules."""
     return sum(sum(1 for n in type(m)._shapeprof_graph_module.graph.nodes if n.target is fused_linear_activation
                    and (n.kwargs["activation"] != "none") == activation)
-               for m in module.modules() if hasattr(type(m), "_shapeprof_graph_module"))
+               for m in module.modules() if getattr(type(m), "_shapeprof_graph_module", None) is not None)
 
 
 def snapshot(model: nn.Module) -> dict:
@@ -582,6 +582,7 @@ def test_gpt_generate_is_unchanged_with_every_rewrite():
     idx = torch.randint(0, 256, (2, 12))
     fast = optimize(model, idx)
     assert fused_count(fast) == 2 and fused_count(fast, activation=False) >= 4
+    assert next(o for o in fast.shapeprof_report.outcomes if o.name == "kv_cache").kept
     torch.testing.assert_close(fast.generate(idx, 10, greedy=True), model.generate(idx, 10, greedy=True))
 
 
