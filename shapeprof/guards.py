@@ -31,6 +31,7 @@ The checks are plain Python over the subtree, a few microseconds per module per 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from operator import is_
 from typing import Any
 
 import torch
@@ -67,6 +68,10 @@ class _Entry:
     hooks: tuple[tuple[str, tuple], ...]                                     # (dict name, hook ids)
     attrs: tuple[tuple[str, Any], ...]
     n_attrs: int
+    # the same, for the fast check (`SubtreeState.unchanged`): every value of the module's __dict__ the checks read
+    n_dict: int = 0
+    watched: tuple[str, ...] = ()
+    values: tuple = ()
 
 
 class SubtreeState:
@@ -84,15 +89,42 @@ class SubtreeState:
         tensors = tuple((group, name, tuple(t.shape), t.dtype, t.device)
                         for group in ("_parameters", "_buffers") for name, t in d[group].items() if t is not None)
         attrs = tuple((k, v) for k, v in d.items() if k not in _INTERNAL and k not in _HOOKS)
+        watched = tuple(k for k, _ in attrs)
         return _Entry(m, label, m.training, tuple(d["_modules"].items()), tensors,
-                      tuple((name, tuple(d[name])) for name in _HOOKS if name in d), attrs, len(attrs))
+                      tuple((name, tuple(d[name])) for name in _HOOKS if name in d), attrs, len(attrs),
+                      len(d), watched, tuple(d[k] for k in watched))
 
     @staticmethod
     def _global_hooks() -> tuple:
         return tuple(tuple(getattr(_module_globals, name, {})) for name in _GLOBAL_HOOKS)
 
+    def unchanged(self, module: nn.Module) -> bool:
+        """True when every value the checks read is the very object it was (and every tensor has its shape,
+        dtype and device): then `violation` is None. A decode step is short, so this runs at C speed where it can
+        (identity over tuples); False only means: ask `violation`."""
+        if module is not self.root or self._global_hooks() != self.global_hooks:
+            return False
+        for e in self.entries:
+            d = vars(e.module)
+            if len(d) != e.n_dict or d["training"] is not e.training:
+                return False
+            if not all(map(is_, map(d.__getitem__, e.watched), e.values)):
+                return False
+            for name, ids in e.hooks:
+                if len(d[name]) != len(ids) or (ids and tuple(d[name]) != ids):
+                    return False
+            if tuple(d["_modules"].items()) != e.children:   # modules compare by identity
+                return False
+            for group, name, shape, dtype, device in e.tensors:
+                t = d[group].get(name)
+                if t is None or t.dtype is not dtype or t.shape != shape or t.device != device:
+                    return False
+        return True
+
     def violation(self, module: nn.Module) -> str | None:
         """Why `module` (the one the state was taken of) no longer runs as its graph, or None."""
+        if self.unchanged(module):
+            return None
         if module is not self.root:
             return "this is a copy of the optimized module (copy.deepcopy): its graph was checked on the original"
         if self._global_hooks() != self.global_hooks:
