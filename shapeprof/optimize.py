@@ -274,6 +274,7 @@ class OptimizeReport:
             return {"name": o.name, "status": o.status, "error": o.error,
                     "applied": [asdict(m) for m in o.result.applied] if o.result is not None else [],
                     "skipped": [asdict(s) for s in o.result.skipped] if o.result is not None else [],
+                    "notes": list(o.result.notes) if o.result is not None else [],
                     "verification": None if o.verification is None else {
                         "ok": o.verification.ok, "error": o.verification.error,
                         "checks": [asdict(c) for c in o.verification.checks]},
@@ -328,11 +329,14 @@ class OptimizeReport:
                        for j, m in enumerate(checked(o.pop("applied", []), list, f"{where}.applied"))]
             skipped = [from_plain(Skip, k, f"{where}.skipped[{j}]")
                        for j, k in enumerate(checked(o.pop("skipped", []), list, f"{where}.skipped"))]
+            notes = checked(o.pop("notes", []), list, f"{where}.notes")
+            if not all(isinstance(n, str) for n in notes):
+                raise ReportFormatError(f"{where}.notes: expected a list of strings")
             outcome = from_plain(RewriteOutcome, o, where)
             if outcome.status == "rejected" and outcome.verification is None:   # rejected by its verification
                 raise ReportFormatError(f"{where}: a rejected rewrite without its verification")
             if applied or skipped or outcome.status not in ("not run", "failed"):   # those two never ran
-                outcome.result = RewriteResult(outcome.name, applied, skipped)
+                outcome.result = RewriteResult(outcome.name, applied, skipped, notes)
             outcomes.append(outcome)
         report = from_plain(cls, data)
         report.outcomes = outcomes

@@ -540,6 +540,24 @@ def test_optimize_shows_the_verified_rewrites_before_and_after(tmp_path):
     assert saved == opt
 
 
+def test_optimize_of_the_generate_example_shows_the_kv_cache(tmp_path):
+    """The decoder of examples/generate_gpt.py has no cache: trace --optimize inserts one and says what it holds;
+    optimize.json keeps it, and `shapeprof report` prints it again."""
+    script = str(REPO / "examples" / "generate_gpt.py")
+    trace = run(["trace", "--optimize", "--no-tensorboard", "--logdir", "logs", script, "--max-new-tokens", "2",
+                 "--n-layer", "2", "--n-embd", "64"], tmp_path, timeout=300)
+    assert trace.returncode == 0, trace.stderr
+    out = " ".join(trace.stdout.split())       # rich wraps lines
+    assert "kv_cache: applied (2 matched" in out and "cached decoding: GPT's whole forward" in out
+    assert "KV cache: 4 tensors (keys and values of 2 attentions), 1.02 kB per position per sequence" in out
+    assert "one more token" in out and "back to" in out     # verified over decode steps and a rewind
+    saved = run_dir(tmp_path / "logs") / "GPT" / "optimize.json"
+    (kv,) = [o for o in json.loads(saved.read_text())["outcomes"] if o["name"] == "kv_cache"]
+    assert kv["status"] == "applied" and any(n.startswith("KV cache: 4 tensors") for n in kv["notes"])
+    again = run(["report", str(saved)], tmp_path)
+    assert again.returncode == 0 and "KV cache: 4 tensors" in " ".join(again.stdout.split()), again.stderr
+
+
 def test_report_shows_every_saved_report_of_a_run_directory(tmp_path):
     write(tmp_path / "small.py", SMALL)
     trace = run(["trace", "--optimize", "--profile", "--steps", "2", "--no-tensorboard", "--logdir", "logs",

@@ -322,6 +322,7 @@ def test_report_says_what_is_cached_and_what_it_costs():
     text = " ".join(kv.result.notes)
     assert f"{fmt_bytes(per_position)} per position" in text
     assert f"{fmt_bytes(per_position * 64)} per sequence" in text        # block_size 64
+    assert f"{fmt_bytes(per_position * 64)} for the example's batch of 1" in text
     buf = io.StringIO()
     Console(file=buf, width=200).print(report)
     out = buf.getvalue()
