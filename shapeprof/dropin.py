@@ -28,7 +28,7 @@ import types
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.fx as fx
@@ -170,21 +170,8 @@ def install(module: nn.Module, gm: fx.GraphModule, example: tuple, current: Inst
     one shares its tensors with: the drop-in follows it when it gets new tensor objects.
     """
     uninstall(module, current)
-    adopted: list[tuple[nn.Module, str]] = []
-    cls = type(module)
-    try:
-        for node in gm.graph.nodes:
-            if node.op in ("get_attr", "call_module") and lookup(module, node.target) is MISSING:
-                adopted.append(_adopt(module, node.target, lookup(gm, node.target)))
-        follow = Follow(original, module) if original is not None else None
-        module.__class__ = _dropin_class(cls, gm, _Guard(cls, example, module.training), SubtreeState(module),
-                                         follow)
-    except Exception:
-        for parent, name in adopted:
-            _drop(parent, name)
-        module.__class__ = cls
-        raise
-    return Installation(gm, cls, adopted)
+    return _install_class(module, gm, _reads(gm), original, lambda cls, follow: _dropin_class(
+        cls, gm, _Guard(cls, example, module.training), SubtreeState(module), follow))
 
 
 def install_decoder(module: nn.Module, gm: fx.GraphModule, decoder: Any, original: nn.Module | None = None
@@ -195,16 +182,27 @@ def install_decoder(module: nn.Module, gm: fx.GraphModule, decoder: Any, origina
     The decoder runs only while the module's subtree is as it is now (`shapeprof.guards`), like any rewritten
     forward; a call it does not serve goes on to the forward installed before. What the graph reads of `gm` that
     the module lacks (constants export lifted: get_attr targets, or the decoder's `attributes`) is adopted."""
+    return _install_class(module, gm, _reads(gm) + list(getattr(decoder, "attributes", ())), original,
+                          lambda cls, follow: _dropin_class(cls, cls.__dict__.get("_shapeprof_graph_module"),
+                                                            cls.__dict__.get("_shapeprof_guard"),
+                                                            SubtreeState(module), follow, decoder))
+
+
+def _reads(gm: fx.GraphModule) -> list[str]:
+    return [n.target for n in gm.graph.nodes if n.op in ("get_attr", "call_module")]
+
+
+def _install_class(module: nn.Module, gm: fx.GraphModule, targets: list[str], original: nn.Module | None,
+                   make_class: Callable[[type, Follow | None], type]) -> Installation:
+    """Adopt each of `targets` (attributes of gm) that `module` lacks, then give module the class
+    ``make_class(its class, a Follow of original)``; on any error, undo both."""
     adopted: list[tuple[nn.Module, str]] = []
     cls = type(module)
-    reads = [n.target for n in gm.graph.nodes if n.op in ("get_attr", "call_module")]
     try:
-        for target in reads + list(getattr(decoder, "attributes", ())):
+        for target in targets:
             if lookup(module, target) is MISSING:
                 adopted.append(_adopt(module, target, lookup(gm, target)))
-        follow = Follow(original, module) if original is not None else None
-        module.__class__ = _dropin_class(cls, cls.__dict__.get("_shapeprof_graph_module"),
-                                         cls.__dict__.get("_shapeprof_guard"), SubtreeState(module), follow, decoder)
+        module.__class__ = make_class(cls, Follow(original, module) if original is not None else None)
     except Exception:
         for parent, name in adopted:
             _drop(parent, name)
