@@ -82,6 +82,8 @@ class KVCache:
             buf = self._allocate(slot, x, dim, end, keep=None)
         elif buf.shape[dim] < end:
             buf = self._allocate(slot, x, dim, end, keep=buf)
+        elif _frozen(buf):
+            buf = self.buffers[slot] = buf.clone()
         buf.narrow(dim, self.start, t).copy_(x)
         return buf.narrow(dim, 0, end)
 
@@ -117,6 +119,12 @@ class KVCache:
 
     def __repr__(self) -> str:
         return f"<KVCache: {len(self.buffers)} buffers, {self.length} positions, {fmt_bytes(self.nbytes)}>"
+
+
+def _frozen(buf: torch.Tensor) -> bool:
+    """A buffer made under torch.inference_mode cannot be written outside it: it is copied once (the cache a
+    prefill under inference_mode made, a decode under no_grad extends)."""
+    return buf.is_inference() and not torch.is_inference_mode_enabled()
 
 
 def _fits(buf: torch.Tensor, x: torch.Tensor, dim: int) -> bool:
@@ -367,7 +375,7 @@ class IncrementalDecoder:
         d = self.outputs[i].dim
         old = self._history.get(i)
         if old is None or keep == 0 or keep < self._history_lengths.get(i, 0) or not _fits(old, out, d) \
-                or old.shape[d] < length:
+                or old.shape[d] < length or _frozen(old):
             size = max(length, 2 * old.shape[d] if old is not None and keep else 0,
                        min(_FIRST_CAPACITY, self.max_length or _FIRST_CAPACITY))
             shape = list(out.shape)
@@ -378,6 +386,11 @@ class IncrementalDecoder:
             self._history[i] = old = buf
         old.narrow(d, keep, length - keep).copy_(out)
         self._history_lengths[i] = length
+        if old.is_inference():
+            # an inference tensor keeps no version counter, so a write into what we return could not be seen:
+            # return a copy (the original writes a whole new output every call too)
+            self._history_versions.pop(i, None)
+            return old.narrow(d, 0, length).clone()
         self._history_versions[i] = old._version
         return old.narrow(d, 0, length)
 
@@ -449,7 +462,8 @@ def _equal(a: Any, b: Any) -> bool:
 class _Weights:
     """What a cache was computed with: every parameter and buffer object of the model and its version counter
     (in-place writes, an optimizer step, load_state_dict bump it; a new object replaces it). A write PyTorch does
-    not see (through ``.data`` or numpy) is not detected, as for any cached computation."""
+    not see (through ``.data`` or numpy, or into a parameter made under inference_mode) is not detected, as for
+    any cached computation."""
 
     @staticmethod
     def of(module: nn.Module) -> list:
@@ -458,12 +472,18 @@ class _Weights:
             for group in (m._parameters, m._buffers):
                 for name, t in group.items():
                     if t is not None:
-                        seen.append((group, name, t, t._version))
+                        seen.append((group, name, t, _version(t)))
         return seen
 
     @staticmethod
     def unchanged(seen: list) -> bool:
-        return all(group.get(name) is t and t._version == v for group, name, t, v in seen)
+        return all(group.get(name) is t and _version(t) == v for group, name, t, v in seen)
+
+
+def _version(t: torch.Tensor) -> int | None:
+    """The version counter; None for an inference tensor, which keeps none (and cannot be written outside
+    torch.inference_mode)."""
+    return None if t.is_inference() else t._version
 
 
 def kv_bytes_per_token(shapes: list[tuple[tuple[int, ...], torch.dtype, int]]) -> int:

@@ -492,3 +492,42 @@ def test_huggingface_model_with_its_own_cache_is_left_alone():
     fast = optimize(model, ids(t=8, vocab=128), rewrites=CACHE)
     o = outcome(fast)
     assert o.status == "no match" and "has a KV cache of its own" in o.result.skipped[0].reason
+
+
+def test_torch_compile_of_the_drop_in_gives_the_same_tokens():
+    """torch.compile traces the user's own forward (the cache's bookkeeping is Python it would break on): the
+    compiled drop-in decodes as the original does, uncached, never wrongly."""
+    model = nanogpt()
+    prompt = ids(b=2, t=5)
+    fast = optimize(model, prompt, rewrites=CACHE)
+    compiled = torch.compile(fast, backend="eager")
+    out = prompt
+    with torch.no_grad():
+        for _ in range(6):
+            logits, _ = compiled(out)
+            out = torch.cat([out, logits[:, -1].argmax(-1, keepdim=True)], 1)
+    assert torch.equal(out, model.generate(prompt, 6, greedy=True))
+
+
+def test_a_cache_filled_under_inference_mode_is_extended_outside_it():
+    """torch.inference_mode makes inference tensors, which cannot be written in place outside it: a prefill under
+    inference_mode and decode steps under no_grad (or the other way round) must still be right."""
+    model = MHADecoder().eval()                    # a full-sequence output: its history buffer too
+    seq = ids(b=2, t=12)
+    fast = optimize(model, seq[:, :5], rewrites=CACHE)
+    with torch.inference_mode():
+        fast(seq[:, :6])
+    with torch.no_grad():
+        close(fast(seq[:, :7]), model(seq[:, :7]))
+    close(fast(seq[:, :8]).detach(), model(seq[:, :8]).detach())
+    with torch.inference_mode():
+        close(fast(seq[:, :9]), model(seq[:, :9]))
+    with torch.inference_mode():
+        _, state = fast.prefill(seq[:, :4])
+    with torch.no_grad():
+        logits, state = fast.decode(seq[:, 4:5], state)
+        close(logits, model(seq[:, :5])[:, -1:])   # decode returns the new positions' outputs
+    with torch.inference_mode():
+        out = fast(seq[:, :10])
+        out.mul_(0)                                 # written in place, where no version counter sees it
+        close(fast(seq[:, :11]), model(seq[:, :11]))
