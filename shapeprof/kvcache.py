@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -204,6 +205,7 @@ class DecodeState:
     batch: tuple[int, ...] = ()          # the ids' sizes other than the sequence dimension
     length: int = 0                      # positions in the cache
     weights: list = field(default_factory=list)   # what the cache was computed with (see _Weights)
+    failed: str = ""                     # why a step on it raised part-way (its cache is then not to be trusted)
 
     @property
     def nbytes(self) -> int:
@@ -247,6 +249,7 @@ class IncrementalDecoder:
         self.ids_dtype = example[ids_param].dtype
         self.ids_ndim = example[ids_param].dim()
         self.calls = {"incremental": 0, "from scratch": 0, "not served": 0}
+        self._lock = threading.Lock()
         self.reset()
 
     def fresh(self) -> "IncrementalDecoder":
@@ -274,7 +277,20 @@ class IncrementalDecoder:
 
     # ------------------------------------------------------------------ the transparent forward
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> Any:
-        """The output for this call, or MISSING when this call is not one the cache may serve."""
+        """The output for this call, or MISSING when this call is not one the cache may serve (a call from
+        another thread while one runs is not: the original forward is pure, the cache is one sequence's)."""
+        if not self._lock.acquire(blocking=False):
+            self.calls["not served"] += 1
+            return MISSING
+        try:
+            return self._serve(module, args, kwargs)
+        except BaseException:
+            self.reset()   # a call that raised part-way may have written some layers' keys: trust none
+            raise
+        finally:
+            self._lock.release()
+
+    def _serve(self, module: nn.Module, args: tuple, kwargs: dict) -> Any:
         ids = self._ids_of(module, args, kwargs)
         if ids is None:
             self.calls["not served"] += 1
@@ -418,6 +434,9 @@ class IncrementalDecoder:
         positions, the same state, extended)."""
         if not isinstance(state, DecodeState) or state.length == 0:
             raise DecodeError("decode: pass the DecodeState that prefill returned")
+        if state.failed:
+            raise DecodeError(f"decode: an earlier step on this state raised part-way ({state.failed}), so its "
+                              f"cache may hold some layers' keys of that step: prefill again")
         ids = self._explicit_ids(module, next_ids, "decode")
         if _batch(ids, self.seq_dim) != state.batch:
             raise DecodeError(f"decode: next_ids has batch {list(_batch(ids, self.seq_dim))}, the state "
@@ -428,8 +447,15 @@ class IncrementalDecoder:
         if not _Weights.unchanged(state.weights):
             raise DecodeError("decode: the model's weights changed since prefill, so the cached keys and values "
                               "are stale: prefill again")
+        if state.cache.capacity is not None and total > state.cache.capacity:
+            raise CacheFull(f"decode: {total} positions do not fit the cache's max_tokens={state.cache.capacity}: "
+                            f"prefill again with a larger max_tokens (this state is unchanged)")
         with torch.no_grad():
-            flat = self._run(module, ids, state, state.length)
+            try:
+                flat = self._run(module, ids, state, state.length)
+            except BaseException as e:
+                state.failed = f"{type(e).__name__}: {e}"[:200]
+                raise
         return pytree.tree_unflatten(list(flat), self.out_spec), state
 
     def _explicit_ids(self, module: nn.Module, ids: Any, what: str) -> torch.Tensor:

@@ -531,3 +531,60 @@ def test_a_cache_filled_under_inference_mode_is_extended_outside_it():
         out = fast(seq[:, :10])
         out.mul_(0)                                 # written in place, where no version counter sees it
         close(fast(seq[:, :11]), model(seq[:, :11]))
+
+
+def test_a_call_that_raises_part_way_leaves_nothing_half_written(monkeypatch):
+    """A step that fails after some layers wrote their keys (an out-of-memory, a KeyboardInterrupt) must not leave
+    them to a later call: the transparent path forgets the cache, an explicit state refuses to decode."""
+    model = nanogpt()
+    seq = ids(b=1, t=20)
+    fast = optimize(model, seq[:, :8], rewrites=CACHE)
+    real = KVCache.append
+
+    def failing(self, slot, x, dim):
+        if slot == 2:                                  # the second layer's keys: the first layer has written
+            raise MemoryError("out of memory (simulated)")
+        return real(self, slot, x, dim)
+
+    with torch.no_grad():
+        fast(seq[:, :10])
+        other = seq.clone()
+        other[0, 5:] = (other[0, 5:] + 1) % 256        # a rewind to 5, with other tokens
+        monkeypatch.setattr(KVCache, "append", failing)
+        with pytest.raises(MemoryError):
+            fast(other[:, :12])
+        monkeypatch.setattr(KVCache, "append", real)
+        close(fast(seq[:, :11]), model(seq[:, :11]))   # extends the last good call: must not reuse layer 0's keys
+        _, state = fast.prefill(seq[:, :6])
+        monkeypatch.setattr(KVCache, "append", failing)
+        with pytest.raises(MemoryError):
+            fast.decode(seq[:, 6:7], state)
+        monkeypatch.setattr(KVCache, "append", real)
+        with pytest.raises(DecodeError, match="raised part-way"):
+            fast.decode(seq[:, 6:7], state)
+
+
+def test_calls_from_two_threads_at_once_are_each_right():
+    """The cache holds one sequence: a call from a second thread while one runs takes the uncached forward."""
+    import threading
+    model = nanogpt()
+    fast = optimize(model, ids(b=1, t=8), rewrites=CACHE)
+    seqs = [ids(b=1, t=40), ids(b=1, t=40)]
+    expected = [[model(s[:, :t])[0] for t in range(8, 40)] for s in seqs]
+    errors = []
+
+    def decode(which):
+        try:
+            with torch.no_grad():
+                for i, t in enumerate(range(8, 40)):
+                    torch.testing.assert_close(fast(seqs[which][:, :t])[0], expected[which][i], rtol=1e-5,
+                                               atol=2e-5)
+        except Exception as e:   # reported below: an assert in a thread does not fail the test
+            errors.append(e)
+
+    threads = [threading.Thread(target=decode, args=(w,)) for w in (0, 1)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert not errors, errors[0]
