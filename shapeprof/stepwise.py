@@ -46,7 +46,8 @@ def schedule(ids: torch.Tensor, seq_dim: int, max_length: int | None, decode_ste
         seq = ids
     out = [Step(f"the example ({t} positions)", ids, False)]
     if first < t:
-        out.append(Step(f"a prefix of the example ({first} positions)", seq.narrow(d, 0, first), False))
+        # a prefix of the last call: the cache keeps it (all but its last position), like any rewind
+        out.append(Step(f"a prefix of the example ({first} positions)", seq.narrow(d, 0, first), first > 1))
     for n in range(first + 1, seq.shape[d] + 1):
         out.append(Step(f"one more token ({n})", seq.narrow(d, 0, n), True))
     end = seq.shape[d]

@@ -588,3 +588,14 @@ def test_calls_from_two_threads_at_once_are_each_right():
     for th in threads:
         th.join()
     assert not errors, errors[0]
+
+
+@pytest.mark.parametrize("t", [1, 2, 7, 8])
+def test_examples_at_or_near_the_context_limit_are_verified_and_applied(t):
+    """With no room to grow past the example, the verification starts from a prefix of it (a rewind)."""
+    model = nanogpt(block_size=8)
+    prompt = ids(t=t)
+    fast = optimize(model, prompt, rewrites=CACHE)
+    o = outcome(fast)
+    assert o.status == "applied", (o.error, o.verification and o.verification.error)
+    assert torch.equal(fast.generate(prompt, 12, greedy=True), model.generate(prompt, 12, greedy=True))
