@@ -229,12 +229,17 @@ class IncrementalDecoder:
         outputs: an `OutputKind` per flat output.
         attributes: the module attributes (dotted paths: parameters, buffers, constants) the forward takes as
             one trailing tuple instead of reading them through the module (`attributes_as_input`); empty: none.
+        graph_module, bytes_per_position: the cached graph `forward` runs and the cache bytes one position of one
+            sequence takes (for `shapeprof.batching`, which runs a variant of the graph on paged memory).
     """
 
     def __init__(self, forward: Callable, signature: inspect.Signature, example: dict[str, Any], ids_param: str,
                  ids_index: int, leaves: list[Any], out_spec: Any, seq_dim: int, max_length: int | None,
-                 outputs: list[OutputKind], attributes: tuple[str, ...] = ()):
+                 outputs: list[OutputKind], attributes: tuple[str, ...] = (), graph_module: Any = None,
+                 bytes_per_position: int = 0):
         self.forward = forward
+        self.graph_module = graph_module
+        self.bytes_per_position = bytes_per_position
         self.attributes = tuple(attributes)
         self._slots: tuple[nn.Module | None, list[tuple[dict, str]]] = (None, [])
         self.signature = signature
@@ -256,7 +261,7 @@ class IncrementalDecoder:
         """The same decoder with an empty cache (for a copy of the drop-in)."""
         return IncrementalDecoder(self.forward, self.signature, self.example, self.ids_param, self.ids_index,
                                   self.leaves, self.out_spec, self.seq_dim, self.max_length, self.outputs,
-                                  self.attributes)
+                                  self.attributes, self.graph_module, self.bytes_per_position)
 
     def reset(self) -> None:
         """Forget what the cache holds (the next call runs from scratch)."""
@@ -360,14 +365,14 @@ class IncrementalDecoder:
         leaves[self.ids_index] = new
         leaves.append(cache)
         if self.attributes:
-            leaves.append(self._read(module))
+            leaves.append(self.attributes_of(module))
         flat = self.forward(module, *leaves)
         cache.length = state.length = keep + new.shape[self.seq_dim]
         if keep == 0:
             state.weights = _Weights.of(module)
         return flat
 
-    def _read(self, module: nn.Module) -> tuple:
+    def attributes_of(self, module: nn.Module) -> tuple:
         """The current value of each of `attributes`. Where each lives (which parameter, buffer or attribute dict
         of which submodule) is found once per module: the drop-in's guards keep its submodules the same objects
         while the decoder runs, and a parameter replaced in its dict is read anew."""

@@ -929,7 +929,7 @@ def _apply_sequence(rewrite, model, fast, args, kwargs, selected, verify, tolera
         attributes = attributes_as_input(gm)
         decoder = IncrementalDecoder(type(gm).forward, seq.signature, seq.bound, seq.ids_param, seq.ids_index,
                                      seq.leaves, seq.out_spec, plan.seq_dim, plan.max_length, plan.outputs,
-                                     attributes)
+                                     attributes, gm, plan.bytes_per_position)
         return decoder, install_decoder(fast, gm, decoder, original=model)
 
     try:

@@ -234,14 +234,16 @@ def attributes_as_input(gm: fx.GraphModule) -> tuple[str, ...]:
     with graph.inserting_after(last):
         table = graph.placeholder("attributes")
     paths = []
-    for node in reads:
-        with graph.inserting_before(node):
-            item = graph.call_function(operator.getitem, (table, len(paths)))
+    anchor = table
+    for node in reads:   # right after the new input (a get_attr may come before the placeholders)
+        with graph.inserting_after(anchor):
+            item = anchor = graph.call_function(operator.getitem, (table, len(paths)))
         item.meta.update(node.meta)
         node.replace_all_uses_with(item)
         graph.erase_node(node)
         item._rename(node.name)   # the generated code keeps naming it after the attribute
         paths.append(str(node.target))
+    graph.lint()
     gm.recompile()
     return tuple(paths)
 

@@ -1,0 +1,355 @@
+"""Batched generation of many requests on paged KV memory: sequences of different lengths decode in one step.
+
+`shapeprof.optimize` gives a decoder without a cache a cached forward (`rewrites.kv_cache`) whose calls share one
+start position. `generate_batch` runs a variant of that graph (`ragged_graph`) in which every row of the batch has a
+position of its own: its positions come from the cache (``arange(start, start + T)`` becomes the rows' own), its
+keys and values are written to and read from a `paging.BlockAllocator`'s blocks through its block table, and its
+attention sees its own keys only (a mask per row, bottom-right causal). The loop around it is continuous batching:
+
+- a waiting request is admitted (its prompt prefilled on its own) when the blocks for it are free;
+- every step decodes one token for each running request, in one batched call;
+- when a step needs a block and none is free, the request admitted last is preempted: its blocks are freed and it
+  waits again, to be prefilled later on its prompt and the tokens it has so far (recomputed, nothing lost);
+- a request that cannot fit even alone is refused with the budget it needs.
+
+What it records (`BatchOutputs.stats`): per step the running requests, blocks in use and the waste (slots reserved
+and holding no token); the peak number of concurrent requests, preemptions and tokens/s.
+
+Supported: models whose positions come from ``arange`` (learned absolute positions, as nanoGPT's) and whose
+attention is SDPA or the manual chain with a causal mask; a table sliced per position (rotary cos/sin) is not yet
+(`RaggedUnsupported` says so).
+"""
+from __future__ import annotations
+
+import operator
+import time
+from dataclasses import dataclass, field
+from typing import Any, Hashable, Sequence
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .kvcache import causal_attention, causal_mask, kv_start
+from .paging import BlockAllocator, PagedStore, blocks_in_budget, parse_bytes
+
+__all__ = ["BatchOutputs", "BatchStats", "RaggedUnsupported", "generate_batch", "ragged_graph"]
+
+aten = torch.ops.aten
+
+
+class RaggedUnsupported(RuntimeError):
+    """The model's cached graph cannot run rows at different positions (one line naming why)."""
+
+
+# ---------------------------------------------------------------------------------------------- the paged cache
+
+class RaggedCache:
+    """What the ragged graph calls for one step: each row's new slots and every slot it holds, as index tensors."""
+
+    def __init__(self, allocator: BlockAllocator, device: torch.device):
+        self.allocator = allocator
+        self.device = device
+        self.stores: dict[int, PagedStore] = {}
+        self.rows: list[Hashable] = []
+        self.starts = torch.zeros(0, dtype=torch.long)
+        self.new = 0
+
+    def begin(self, rows: list[Hashable], new: int) -> None:
+        """A step of `new` tokens for each of `rows`, whose slots the allocator has reserved (`append`)."""
+        a = self.allocator
+        self.rows, self.new = rows, new
+        lengths = [a.lengths[r] for r in rows]
+        self.starts = torch.tensor([n - new for n in lengths], dtype=torch.long, device=self.device)
+        width = max(lengths)
+        pad = a.num_blocks                          # an extra, all-zero block: padding reads finite values
+        blocks = torch.full((len(rows), width), pad, dtype=torch.long)
+        offsets = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            slots = torch.tensor(a.slots(r), dtype=torch.long).reshape(-1, 2)
+            blocks[i, :len(slots)], offsets[i, :len(slots)] = slots[:, 0], slots[:, 1]
+        self.blocks, self.offsets = blocks.to(self.device), offsets.to(self.device)
+        self.lengths = torch.tensor(lengths, dtype=torch.long, device=self.device)
+
+    def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
+        for store in self.stores.values():
+            store.copy_blocks(copies)
+
+    def append(self, slot: int, x: torch.Tensor, dim: int) -> torch.Tensor:
+        """Write each row's new positions of `x` (batch first, sequence along `dim`) to its slots; return every
+        row's positions so far, padded to the longest: (B, ..., max length along `dim`, ...)."""
+        rows = x.movedim(dim, 1)                                   # (B, T, *inner)
+        store = self.stores.get(slot)
+        if store is None:
+            store = self.stores[slot] = PagedStore(self.allocator.num_blocks + 1, self.allocator.block_size,
+                                                   tuple(rows.shape[2:]), x.dtype, x.device)
+        width = self.blocks.shape[1]
+        new_cols = self.starts[:, None] + torch.arange(self.new, device=self.device)   # (B, T)
+        b = self.blocks.gather(1, new_cols)
+        o = self.offsets.gather(1, new_cols)
+        store.data[b, o] = rows.to(store.data.dtype)
+        held = store.data[self.blocks, self.offsets]               # (B, width, *inner)
+        assert held.shape[1] == width
+        return held.movedim(1, dim)
+
+    def positions(self) -> torch.Tensor:
+        """(B, T): each row's new positions."""
+        return self.starts[:, None] + torch.arange(self.new, device=self.device)
+
+    def keep(self, ndim: int) -> torch.Tensor:
+        """(B, 1.., T, width) booleans: True where a row's query may see a key (its own, up to itself)."""
+        q = self.positions()[:, :, None]                                              # (B, T, 1)
+        k = torch.arange(self.blocks.shape[1], device=self.device)[None, None, :]     # (1, 1, width)
+        keep = k <= q
+        return keep.view(keep.shape[0], *([1] * (ndim - 3)), *keep.shape[1:])
+
+
+def ragged_positions(cache: RaggedCache, dtype: torch.dtype) -> torch.Tensor:
+    """The graph's ``arange(start, start + T)`` for rows at positions of their own: (B, T)."""
+    return cache.positions().to(dtype)
+
+
+def ragged_attention(q, k, v, cache: RaggedCache, dropout_p: float = 0.0, scale: float | None = None,
+                     enable_gqa: bool = False) -> torch.Tensor:
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=cache.keep(q.dim()), dropout_p=dropout_p,
+                                          scale=scale, enable_gqa=enable_gqa)
+
+
+def ragged_mask(q, cache: RaggedCache, form: str, fill: float, dtype: torch.dtype, ndim: int) -> torch.Tensor:
+    keep = cache.keep(ndim)
+    if form == "keep":
+        return keep
+    if form == "drop":
+        return ~keep
+    return torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill_(~keep, fill)
+
+
+def ragged_graph(gm: fx.GraphModule, ids_index: int) -> fx.GraphModule:
+    """The cached graph (rewrites.kv_cache, weights as an input tuple; the token ids its `ids_index`-th input)
+    with each row of the batch at its own position.
+
+    Raises:
+        RaggedUnsupported: the graph uses the shared start in a way rows of their own cannot (a table slice), or
+            caches tensors whose first dimension is not the batch (heads folded into it, as nn.MultiheadAttention
+            does).
+    """
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    out = graph.graph_copy(gm.graph, env)
+    graph.output(out)
+    nodes = list(graph.nodes)
+    cache = next((n for n in nodes if n.op == "placeholder" and n.name == "kv_cache"), None)
+    start = [n for n in nodes if n.op == "call_function" and n.target is kv_start]
+    if cache is None or len(start) != 1:
+        raise RaggedUnsupported("the graph has no KV cache input")
+    (start,) = start
+    ids = [n for n in nodes if n.op == "placeholder"][ids_index]
+    batch = ids.meta["val"].shape[0] if isinstance(ids.meta.get("val"), torch.Tensor) else None
+    for n in nodes:
+        if n.op == "call_function" and getattr(n.target, "__name__", "") == "kv_append":
+            x = n.args[2].meta.get("val")
+            if not isinstance(x, torch.Tensor) or batch is None or str(x.shape[0]) != str(batch):
+                raise RaggedUnsupported(f"'{n.name}' caches {list(x.shape) if isinstance(x, torch.Tensor) else x}: "
+                                        f"its first dimension is not the batch ({batch}), so rows cannot have "
+                                        f"positions of their own")
+        if n.op == "call_function" and n.target is causal_mask and n.args[5] < 3:
+            raise RaggedUnsupported(f"'{n.name}': the model's mask is {n.args[5]}-D, shared by the batch; rows at "
+                                    f"positions of their own need a mask per row")
+    for n in nodes:
+        if n.op != "call_function":
+            continue
+        if n.target is aten.arange.start and n.args[0] is start:
+            with graph.inserting_before(n):
+                new = graph.call_function(ragged_positions, (cache, n.kwargs.get("dtype") or torch.long))
+            n.replace_all_uses_with(new)
+            graph.erase_node(n)
+        elif n.target is causal_mask:
+            with graph.inserting_before(n):
+                new = graph.call_function(ragged_mask, (n.args[0], cache) + tuple(n.args[2:]))
+            n.replace_all_uses_with(new)
+            graph.erase_node(n)
+        elif n.target is causal_attention:
+            with graph.inserting_before(n):
+                new = graph.call_function(ragged_attention, tuple(n.args[:3]) + (cache,), dict(n.kwargs))
+            n.replace_all_uses_with(new)
+            graph.erase_node(n)
+    graph.eliminate_dead_code()
+    for n in graph.nodes:   # what still reads the shared start: positions the rows cannot have
+        if n.op == "call_function" and start in n.all_input_nodes and n.target is not operator.add:
+            raise RaggedUnsupported(f"'{n.name}' ({n.target}) reads the shared start position: rows at positions "
+                                    f"of their own need it per row (a position table slice?)")
+        if n.op == "call_function" and n.target is operator.add and start in n.all_input_nodes and n.users:
+            raise RaggedUnsupported(f"'{n.name}' (start + T) is used by {', '.join(u.name for u in n.users)}: "
+                                    f"rows at positions of their own need it per row")
+    graph.lint()
+    return fx.GraphModule(nn.Module(), graph, class_name="RaggedDecoder")
+
+
+# ---------------------------------------------------------------------------------------------- the loop
+
+@dataclass
+class BatchStats:
+    """What a generate_batch run did."""
+
+    steps: list[dict] = field(default_factory=list)   # per step: running, blocks_in_use, waste, new_tokens
+    preemptions: int = 0
+    peak_concurrent: int = 0
+    seconds: float = 0.0
+    new_tokens: int = 0
+    num_blocks: int = 0
+    block_size: int = 0
+
+    @property
+    def waste(self) -> float:
+        """Reserved KV slots holding no token, averaged over the steps."""
+        return sum(s["waste"] for s in self.steps) / len(self.steps) if self.steps else 0.0
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.new_tokens / self.seconds if self.seconds else 0.0
+
+
+class BatchOutputs(list):
+    """One 1-D tensor per request (its prompt, then its new tokens), and `.stats`."""
+
+    stats: BatchStats
+
+
+@dataclass
+class _Request:
+    index: int
+    tokens: list[int]
+    prompt_length: int
+    max_new: int
+    generator: torch.Generator | None
+    temperature: float
+    top_k: int | None
+
+    @property
+    def done(self) -> bool:
+        return len(self.tokens) - self.prompt_length >= self.max_new
+
+
+def generate_batch(fast: nn.Module, prompts: Sequence[torch.Tensor], max_new_tokens: int | Sequence[int] = 32,
+                   kv_budget: int | str = "1GiB", block_size: int = 16, temperature: float | Sequence[float] = 0.0,
+                   top_k: int | None = None, seed: int = 0) -> BatchOutputs:
+    """Generate for every prompt, many at once, on paged KV memory of `kv_budget` bytes.
+
+    Args:
+        fast: a drop-in from ``shapeprof.optimize(model, ids)`` with the kv_cache rewrite applied.
+        prompts: 1-D token tensors of any lengths; max_new_tokens: one count, or one per request.
+        kv_budget: bytes of KV memory (an int or "2GiB"); block_size: tokens per block.
+        temperature: 0 (greedy, the default) or > 0 to sample, one value or one per request; top_k: sample among
+            the k most likely; seed: sampling is seeded per request (seed + its index), so it does not depend on
+            what else runs.
+    Raises:
+        ValueError: a request that cannot fit the budget even alone (naming the budget it needs), bad arguments.
+    """
+    decoder = type(fast).__dict__.get("_shapeprof_decoder")
+    if decoder is None or decoder.graph_module is None:
+        raise ValueError(f"{type(fast).__name__} has no cached forward: call shapeprof.optimize(model, ids) with the "
+                         f"kv_cache rewrite first (its report says why it did not apply)")
+    if decoder.ids_ndim != 2 or decoder.seq_dim != 1:
+        raise RaggedUnsupported("generate_batch takes models whose token ids are (batch, sequence)")
+    why = type(fast)._shapeprof_state.violation(fast)
+    if why is not None:
+        raise RaggedUnsupported(f"{why}: the cached forward is not this model's any more; optimize it again")
+    ragged = ragged_graph(decoder.graph_module, decoder.ids_index)
+    n = len(prompts)
+    news = [max_new_tokens] * n if isinstance(max_new_tokens, int) else list(max_new_tokens)
+    temps = [float(temperature)] * n if isinstance(temperature, (int, float)) else [float(t) for t in temperature]
+    if len(news) != n or len(temps) != n:
+        raise ValueError("max_new_tokens and temperature take one value, or one per prompt")
+    per_token = decoder.bytes_per_position
+    num_blocks = blocks_in_budget(kv_budget, per_token, block_size)
+    limit = decoder.max_length
+    requests = []
+    for i, (p, m, t) in enumerate(zip(prompts, news, temps)):
+        if not isinstance(p, torch.Tensor) or p.dim() != 1 or p.numel() == 0:
+            raise ValueError(f"prompt {i}: expected a non-empty 1-D tensor of token ids")
+        total = p.numel() + m
+        if limit is not None and total > limit:
+            raise ValueError(f"prompt {i}: {p.numel()} + {m} new tokens exceed the model's {limit} positions")
+        need = -(-total // block_size)
+        if need > num_blocks:
+            raise ValueError(f"prompt {i} needs {need} blocks of {block_size} tokens ({need * block_size * per_token:,}"
+                             f" bytes of KV memory) even alone; kv_budget={kv_budget!r} holds {num_blocks}")
+        g = torch.Generator().manual_seed(seed + i) if t > 0 else None
+        requests.append(_Request(i, p.tolist(), p.numel(), m, g, t, top_k))
+
+    device = next((t.device for t in fast.parameters()), torch.device("cpu"))
+    allocator = BlockAllocator(num_blocks, block_size)
+    cache = RaggedCache(allocator, device)
+    stats = BatchStats(num_blocks=num_blocks, block_size=block_size)
+    waiting = list(requests)
+    running: list[_Request] = []
+    attrs = decoder.attributes_of(fast) if decoder.attributes else None
+    started = time.perf_counter()
+
+    def run(rows: list[_Request], ids: torch.Tensor) -> torch.Tensor:
+        cache.begin([r.index for r in rows], ids.shape[1])
+        leaves = list(decoder.leaves)
+        leaves[decoder.ids_index] = ids
+        leaves.append(cache)
+        if attrs is not None:
+            leaves.append(attrs)
+        flat = ragged(*leaves)
+        logits = next(o for o in flat if isinstance(o, torch.Tensor) and o.is_floating_point())
+        return logits[:, -1] if logits.dim() == 3 else logits   # (B, vocab): the last position
+
+    with torch.no_grad():
+        while waiting or running:
+            # admit: prefill the waiting requests, in order, while their blocks are free
+            while waiting and allocator.blocks_in_use + -(-(len(waiting[0].tokens) + 1) // block_size) \
+                    <= num_blocks:
+                r = waiting.pop(0)
+                allocator.add(r.index)
+                allocator.append(r.index, len(r.tokens))
+                logits = run([r], torch.tensor([r.tokens], device=device))
+                r.tokens.append(_pick(logits[0], r))
+                stats.new_tokens += 1
+                running.append(r)
+                if r.done:
+                    running.remove(r)
+                    allocator.free(r.index)
+            if not running:
+                if waiting:   # every block is free and the first waiting request fits alone (checked up front)
+                    raise RuntimeError("generate_batch: nothing runs and nothing can be admitted (blocks leaked?)")
+                continue
+            # a slot each for the next step; preempt the newest while the blocks fall short
+            while sum(allocator.blocks_needed(r.index, 1) for r in running) > len(allocator.free_blocks):
+                victim = running.pop()
+                allocator.free(victim.index)
+                waiting.insert(0, victim)
+                stats.preemptions += 1
+            if not running:
+                continue
+            for r in running:
+                _, copies = allocator.append(r.index, 1)
+                cache.copy_blocks(copies)
+            stats.peak_concurrent = max(stats.peak_concurrent, len(running))
+            stats.steps.append({"running": len(running), "blocks_in_use": allocator.blocks_in_use,
+                                "waste": allocator.waste(), "waiting": len(waiting)})
+            ids = torch.tensor([[r.tokens[-1]] for r in running], device=device)
+            logits = run(running, ids)
+            for r, row in zip(list(running), logits):
+                r.tokens.append(_pick(row, r))
+                stats.new_tokens += 1
+                if r.done:
+                    running.remove(r)
+                    allocator.free(r.index)
+    stats.seconds = time.perf_counter() - started
+    outputs = BatchOutputs(torch.tensor(r.tokens) for r in requests)
+    outputs.stats = stats
+    return outputs
+
+
+def _pick(logits: torch.Tensor, r: _Request) -> int:
+    if r.temperature <= 0:
+        return int(logits.argmax())
+    scaled = logits.float() / r.temperature
+    if r.top_k is not None:
+        kth = scaled.topk(min(r.top_k, scaled.numel())).values[-1]
+        scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+    return int(torch.multinomial(scaled.softmax(-1), 1, generator=r.generator))

@@ -1,0 +1,92 @@
+"""Tests for shapeprof/batching.py: many requests of different lengths decoded together on paged KV memory give
+each request exactly the tokens it gives alone, with and without preemption."""
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+
+from shapeprof.batching import RaggedUnsupported, generate_batch
+from shapeprof.optimize import optimize
+from examples.llama import LlamaConfig, Transformer
+from examples.nanogpt import GPT, GPTConfig
+
+BYTES_PER_TOKEN = 2 * 2 * 64 * 4     # GPTConfig.tiny: 2 layers x (keys, values) x 64 wide x fp32
+
+
+@pytest.fixture(autouse=True)
+def _quiet():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        torch.manual_seed(0)
+        yield
+
+
+def alone(model, prompt, new):
+    return model.generate(prompt[None], new, greedy=True)[0]
+
+
+@pytest.fixture(scope="module", params=[True, False], ids=["sdpa", "manual"])
+def gpt(request):
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.tiny(flash=request.param, block_size=128)).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        fast = optimize(model, torch.randint(0, 256, (1, 8)), rewrites=["kv_cache"])
+    return model, fast
+
+
+PROMPTS = [3, 9, 17, 5, 30, 1]
+NEW = [10, 4, 20, 7, 12, 15]
+
+
+@pytest.mark.parametrize("blocks", [256, 16, 11], ids=["roomy", "tight", "tighter"])
+def test_each_request_gets_the_tokens_it_gets_alone(gpt, blocks):
+    model, fast = gpt
+    prompts = [torch.randint(0, 256, (n,)) for n in PROMPTS]
+    outs = generate_batch(fast, prompts, max_new_tokens=NEW, kv_budget=blocks * 4 * BYTES_PER_TOKEN, block_size=4)
+    for out, prompt, new in zip(outs, prompts, NEW):
+        assert torch.equal(out, alone(model, prompt, new))
+    s = outs.stats
+    assert s.num_blocks == blocks and s.new_tokens == sum(NEW)
+    if blocks == 256:
+        assert s.peak_concurrent == len(PROMPTS) and s.preemptions == 0
+    else:   # the requests do not all fit: some waited or were preempted, and nothing was lost
+        assert s.peak_concurrent < len(PROMPTS) and (s.preemptions > 0 or blocks == 16)
+    assert all(step["blocks_in_use"] <= blocks for step in s.steps)
+    assert 0 <= s.waste < 0.25 and s.tokens_per_second > 0
+
+
+def test_preemption_happens_and_is_recomputed_exactly(gpt):
+    model, fast = gpt
+    prompts = [torch.randint(0, 256, (n,)) for n in (6, 6, 6)]
+    outs = generate_batch(fast, prompts, max_new_tokens=30, kv_budget=20 * 4 * BYTES_PER_TOKEN, block_size=4)
+    assert outs.stats.preemptions > 0
+    for out, prompt in zip(outs, prompts):
+        assert torch.equal(out, alone(model, prompt, 30))
+
+
+def test_seeded_sampling_does_not_depend_on_the_other_requests(gpt):
+    _, fast = gpt
+    prompts = [torch.randint(0, 256, (n,)) for n in (4, 11, 7)]
+    together = generate_batch(fast, prompts, max_new_tokens=8, temperature=0.8, top_k=20, seed=3)
+    first = generate_batch(fast, prompts[:1], max_new_tokens=8, temperature=0.8, top_k=20, seed=3)
+    assert torch.equal(together[0], first[0])
+    assert not torch.equal(together[0][4:], generate_batch(fast, prompts[:1], 8, temperature=0.8, seed=4)[0][4:])
+
+
+def test_a_request_that_cannot_fit_alone_names_the_budget_it_needs(gpt):
+    _, fast = gpt
+    with pytest.raises(ValueError, match=r"prompt 1 needs 5 blocks of 4 tokens \(20,480 bytes of KV memory\)"):
+        generate_batch(fast, [torch.tensor([1]), torch.arange(10)], max_new_tokens=10,
+                       kv_budget=4 * 4 * BYTES_PER_TOKEN, block_size=4)
+
+
+def test_models_it_cannot_batch_yet_say_why():
+    torch.manual_seed(0)
+    llama = Transformer(LlamaConfig.tiny()).eval()
+    fast = optimize(llama, torch.randint(0, 256, (1, 8)), rewrites=["kv_cache"])
+    with pytest.raises(RaggedUnsupported, match="start \\+ T"):
+        generate_batch(fast, [torch.tensor([1, 2, 3])], max_new_tokens=2)
+    with pytest.raises(ValueError, match="no cached forward"):
+        generate_batch(nn.Linear(2, 2), [torch.tensor([1])])
