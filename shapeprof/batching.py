@@ -218,7 +218,7 @@ class BatchOutputs(list):
 
 @dataclass
 class _Request:
-    index: int
+    index: Hashable              # (request, sample)
     tokens: list[int]
     prompt_length: int
     max_new: int
@@ -233,7 +233,7 @@ class _Request:
 
 def generate_batch(fast: nn.Module, prompts: Sequence[torch.Tensor], max_new_tokens: int | Sequence[int] = 32,
                    kv_budget: int | str = "1GiB", block_size: int = 16, temperature: float | Sequence[float] = 0.0,
-                   top_k: int | None = None, seed: int = 0) -> BatchOutputs:
+                   top_k: int | None = None, seed: int = 0, n: int = 1) -> BatchOutputs:
     """Generate for every prompt, many at once, on paged KV memory of `kv_budget` bytes.
 
     Args:
@@ -241,8 +241,10 @@ def generate_batch(fast: nn.Module, prompts: Sequence[torch.Tensor], max_new_tok
         prompts: 1-D token tensors of any lengths; max_new_tokens: one count, or one per request.
         kv_budget: bytes of KV memory (an int or "2GiB"); block_size: tokens per block.
         temperature: 0 (greedy, the default) or > 0 to sample, one value or one per request; top_k: sample among
-            the k most likely; seed: sampling is seeded per request (seed + its index), so it does not depend on
-            what else runs.
+            the k most likely; seed: sampling is seeded per request and sample, so it does not depend on what else
+            runs.
+        n: samples per prompt (parallel sampling): the prompt is prefilled once and its blocks shared by the n
+            samples until they diverge (copy-on-write). ``outs[i]`` is then (n, length), else 1-D.
     Raises:
         ValueError: a request that cannot fit the budget even alone (naming the budget it needs), bad arguments.
     """
@@ -256,10 +258,10 @@ def generate_batch(fast: nn.Module, prompts: Sequence[torch.Tensor], max_new_tok
     if why is not None:
         raise RaggedUnsupported(f"{why}: the cached forward is not this model's any more; optimize it again")
     ragged = ragged_graph(decoder.graph_module, decoder.ids_index)
-    n = len(prompts)
-    news = [max_new_tokens] * n if isinstance(max_new_tokens, int) else list(max_new_tokens)
-    temps = [float(temperature)] * n if isinstance(temperature, (int, float)) else [float(t) for t in temperature]
-    if len(news) != n or len(temps) != n:
+    count = len(prompts)
+    news = [max_new_tokens] * count if isinstance(max_new_tokens, int) else list(max_new_tokens)
+    temps = [float(temperature)] * count if isinstance(temperature, (int, float)) else [float(t) for t in temperature]
+    if len(news) != count or len(temps) != count:
         raise ValueError("max_new_tokens and temperature take one value, or one per prompt")
     per_token = decoder.bytes_per_position
     num_blocks = blocks_in_budget(kv_budget, per_token, block_size)
@@ -275,14 +277,16 @@ def generate_batch(fast: nn.Module, prompts: Sequence[torch.Tensor], max_new_tok
         if need > num_blocks:
             raise ValueError(f"prompt {i} needs {need} blocks of {block_size} tokens ({need * block_size * per_token:,}"
                              f" bytes of KV memory) even alone; kv_budget={kv_budget!r} holds {num_blocks}")
-        g = torch.Generator().manual_seed(seed + i) if t > 0 else None
-        requests.append(_Request(i, p.tolist(), p.numel(), m, g, t, top_k))
+        requests.append([_Request((i, j), p.tolist(), p.numel(), m, _generator(seed, i, j) if t > 0 else None, t,
+                                  top_k) for j in range(n)])
 
     device = next((t.device for t in fast.parameters()), torch.device("cpu"))
     allocator = BlockAllocator(num_blocks, block_size)
     cache = RaggedCache(allocator, device)
     stats = BatchStats(num_blocks=num_blocks, block_size=block_size)
-    waiting = list(requests)
+    if n < 1:
+        raise ValueError(f"n must be at least 1, got {n}")
+    waiting: list[list[_Request]] = list(requests)   # a prompt's samples are admitted together, sharing it
     running: list[_Request] = []
     attrs = decoder.attributes_of(fast) if decoder.attributes else None
     started = time.perf_counter()
@@ -301,18 +305,21 @@ def generate_batch(fast: nn.Module, prompts: Sequence[torch.Tensor], max_new_tok
     with torch.no_grad():
         while waiting or running:
             # admit: prefill the waiting requests, in order, while their blocks are free
-            while waiting and allocator.blocks_in_use + -(-(len(waiting[0].tokens) + 1) // block_size) \
-                    <= num_blocks:
-                r = waiting.pop(0)
-                allocator.add(r.index)
-                allocator.append(r.index, len(r.tokens))
-                logits = run([r], torch.tensor([r.tokens], device=device))
-                r.tokens.append(_pick(logits[0], r))
-                stats.new_tokens += 1
-                running.append(r)
-                if r.done:
-                    running.remove(r)
-                    allocator.free(r.index)
+            while waiting and allocator.blocks_in_use + _admission_blocks(waiting[0], block_size) <= num_blocks:
+                group = waiting.pop(0)
+                first = group[0]
+                allocator.add(first.index)
+                allocator.append(first.index, len(first.tokens))
+                logits = run([first], torch.tensor([first.tokens], device=device))
+                for r in group[1:]:   # the other samples share the prompt's blocks
+                    allocator.fork(first.index, r.index)
+                for r in group:
+                    r.tokens.append(_pick(logits[0], r))
+                    stats.new_tokens += 1
+                    running.append(r)
+                    if r.done:
+                        running.remove(r)
+                        allocator.free(r.index)
             if not running:
                 if waiting:   # every block is free and the first waiting request fits alone (checked up front)
                     raise RuntimeError("generate_batch: nothing runs and nothing can be admitted (blocks leaked?)")
@@ -321,7 +328,7 @@ def generate_batch(fast: nn.Module, prompts: Sequence[torch.Tensor], max_new_tok
             while sum(allocator.blocks_needed(r.index, 1) for r in running) > len(allocator.free_blocks):
                 victim = running.pop()
                 allocator.free(victim.index)
-                waiting.insert(0, victim)
+                waiting.insert(0, [victim])   # alone now: it is recomputed from its own tokens
                 stats.preemptions += 1
             if not running:
                 continue
@@ -340,9 +347,22 @@ def generate_batch(fast: nn.Module, prompts: Sequence[torch.Tensor], max_new_tok
                     running.remove(r)
                     allocator.free(r.index)
     stats.seconds = time.perf_counter() - started
-    outputs = BatchOutputs(torch.tensor(r.tokens) for r in requests)
+    outputs = BatchOutputs(torch.tensor(group[0].tokens) if n == 1 else torch.tensor([r.tokens for r in group])
+                           for group in requests)
     outputs.stats = stats
     return outputs
+
+
+def _admission_blocks(group: list[_Request], block_size: int) -> int:
+    """Blocks a waiting prompt's samples take to be prefilled and make their first step: the prompt's, shared,
+    then a new block each when it ends on a block boundary, else a copy of the part-filled last block for all but
+    one of them (copy-on-write)."""
+    length, samples = len(group[0].tokens), len(group)
+    return -(-length // block_size) + (samples if length % block_size == 0 else samples - 1)
+
+
+def _generator(seed: int, request: int, sample: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed * 1_000_003 + request * 1009 + sample)
 
 
 def _pick(logits: torch.Tensor, r: _Request) -> int:

@@ -90,3 +90,24 @@ def test_models_it_cannot_batch_yet_say_why():
         generate_batch(fast, [torch.tensor([1, 2, 3])], max_new_tokens=2)
     with pytest.raises(ValueError, match="no cached forward"):
         generate_batch(nn.Linear(2, 2), [torch.tensor([1])])
+
+
+def test_samples_of_one_prompt_share_its_blocks_until_they_diverge(gpt):
+    model, fast = gpt
+    prompts = [torch.randint(0, 256, (n,)) for n in (13, 8)]
+    budget = 256 * 4 * BYTES_PER_TOKEN
+    greedy = generate_batch(fast, prompts, max_new_tokens=6, kv_budget=budget, block_size=4, n=3)
+    for out, prompt in zip(greedy, prompts):
+        assert out.shape == (3, len(prompt) + 6)
+        assert all(torch.equal(row, alone(model, prompt, 6)) for row in out)
+    first = greedy.stats.steps[0]
+    # two prompts (4 and 2 blocks) shared by their 3 samples, plus the blocks they diverged into: not 3 copies
+    assert first["blocks_in_use"] == 4 + 2 + 2 + 3 < 3 * (4 + 2)
+    sampled = generate_batch(fast, prompts, max_new_tokens=6, temperature=1.0, seed=1, n=2)
+    again = generate_batch(fast, prompts, max_new_tokens=6, temperature=1.0, seed=1, n=2)
+    assert all(torch.equal(a, b) for a, b in zip(sampled, again))
+    assert torch.equal(sampled[0][0], generate_batch(fast, prompts[:1], 6, temperature=1.0, seed=1)[0])
+    tight = generate_batch(fast, prompts, max_new_tokens=20, kv_budget=14 * 4 * BYTES_PER_TOKEN, block_size=4, n=3)
+    assert tight.stats.preemptions > 0
+    for out, prompt in zip(tight, prompts):
+        assert all(torch.equal(row, alone(model, prompt, 20)) for row in out)
