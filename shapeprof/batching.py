@@ -233,7 +233,7 @@ class _Request:
 
 def generate_batch(fast: nn.Module, prompts: Sequence[torch.Tensor], max_new_tokens: int | Sequence[int] = 32,
                    kv_budget: int | str = "1GiB", block_size: int = 16, temperature: float | Sequence[float] = 0.0,
-                   top_k: int | None = None, seed: int = 0, n: int = 1) -> BatchOutputs:
+                   top_k: int | None = None, seed: int = 0, n: int = 1, reserve: str = "paged") -> BatchOutputs:
     """Generate for every prompt, many at once, on paged KV memory of `kv_budget` bytes.
 
     Args:
@@ -245,6 +245,9 @@ def generate_batch(fast: nn.Module, prompts: Sequence[torch.Tensor], max_new_tok
             runs.
         n: samples per prompt (parallel sampling): the prompt is prefilled once and its blocks shared by the n
             samples until they diverge (copy-on-write). ``outs[i]`` is then (n, length), else 1-D.
+        reserve: "paged" (blocks taken as tokens come) or "contiguous": what a cache without paging does, each
+            sequence admitted only with room for the model's maximum length (or its own prompt and new tokens if
+            the model has none) reserved up front; the same kernels, to compare the two on one model.
     Raises:
         ValueError: a request that cannot fit the budget even alone (naming the budget it needs), bad arguments.
     """
@@ -258,6 +261,10 @@ def generate_batch(fast: nn.Module, prompts: Sequence[torch.Tensor], max_new_tok
     if why is not None:
         raise RaggedUnsupported(f"{why}: the cached forward is not this model's any more; optimize it again")
     ragged = ragged_graph(decoder.graph_module, decoder.ids_index)
+    if n < 1:
+        raise ValueError(f"n must be at least 1, got {n}")
+    if reserve not in ("paged", "contiguous"):
+        raise ValueError(f"reserve must be 'paged' or 'contiguous', got {reserve!r}")
     count = len(prompts)
     news = [max_new_tokens] * count if isinstance(max_new_tokens, int) else list(max_new_tokens)
     temps = [float(temperature)] * count if isinstance(temperature, (int, float)) else [float(t) for t in temperature]
@@ -284,8 +291,25 @@ def generate_batch(fast: nn.Module, prompts: Sequence[torch.Tensor], max_new_tok
     allocator = BlockAllocator(num_blocks, block_size)
     cache = RaggedCache(allocator, device)
     stats = BatchStats(num_blocks=num_blocks, block_size=block_size)
-    if n < 1:
-        raise ValueError(f"n must be at least 1, got {n}")
+    reserved: dict[Hashable, int] = {}   # reserve="contiguous": blocks each running sequence holds room for
+
+    def room(r: _Request) -> int:
+        return -(-(limit or r.prompt_length + r.max_new) // block_size)
+
+    def admissible(group: list[_Request]) -> bool:
+        if reserve == "contiguous":
+            return sum(reserved.values()) + len(group) * room(group[0]) <= num_blocks
+        return allocator.blocks_in_use + _admission_blocks(group, block_size) <= num_blocks
+
+    def finish(r: _Request) -> None:
+        running.remove(r)
+        allocator.free(r.index)
+        reserved.pop(r.index, None)
+
+    widest = max((room(group[0]) for group in requests), default=0)
+    if reserve == "contiguous" and widest > num_blocks:
+        raise ValueError(f"reserve='contiguous' holds {widest * block_size * per_token:,} bytes for a sequence; "
+                         f"kv_budget={kv_budget!r} holds {num_blocks * block_size * per_token:,}")
     waiting: list[list[_Request]] = list(requests)   # a prompt's samples are admitted together, sharing it
     running: list[_Request] = []
     attrs = decoder.attributes_of(fast) if decoder.attributes else None
@@ -305,7 +329,7 @@ def generate_batch(fast: nn.Module, prompts: Sequence[torch.Tensor], max_new_tok
     with torch.no_grad():
         while waiting or running:
             # admit: prefill the waiting requests, in order, while their blocks are free
-            while waiting and allocator.blocks_in_use + _admission_blocks(waiting[0], block_size) <= num_blocks:
+            while waiting and admissible(waiting[0]):
                 group = waiting.pop(0)
                 first = group[0]
                 allocator.add(first.index)
@@ -317,17 +341,20 @@ def generate_batch(fast: nn.Module, prompts: Sequence[torch.Tensor], max_new_tok
                     r.tokens.append(_pick(logits[0], r))
                     stats.new_tokens += 1
                     running.append(r)
+                    if reserve == "contiguous":
+                        reserved[r.index] = room(r)
                     if r.done:
-                        running.remove(r)
-                        allocator.free(r.index)
+                        finish(r)
             if not running:
-                if waiting:   # every block is free and the first waiting request fits alone (checked up front)
+                if waiting and len(waiting[0]) > 1:   # its samples do not fit together: one by one, unshared
+                    waiting[:1] = [[r] for r in waiting[0]]
+                elif waiting:   # every block is free and one sequence fits alone (checked up front)
                     raise RuntimeError("generate_batch: nothing runs and nothing can be admitted (blocks leaked?)")
                 continue
             # a slot each for the next step; preempt the newest while the blocks fall short
             while sum(allocator.blocks_needed(r.index, 1) for r in running) > len(allocator.free_blocks):
-                victim = running.pop()
-                allocator.free(victim.index)
+                victim = running[-1]
+                finish(victim)
                 waiting.insert(0, [victim])   # alone now: it is recomputed from its own tokens
                 stats.preemptions += 1
             if not running:
@@ -336,16 +363,21 @@ def generate_batch(fast: nn.Module, prompts: Sequence[torch.Tensor], max_new_tok
                 _, copies = allocator.append(r.index, 1)
                 cache.copy_blocks(copies)
             stats.peak_concurrent = max(stats.peak_concurrent, len(running))
-            stats.steps.append({"running": len(running), "blocks_in_use": allocator.blocks_in_use,
-                                "waste": allocator.waste(), "waiting": len(waiting)})
+            if reserve == "contiguous":
+                slots = sum(reserved.values()) * block_size
+                waste = 1 - sum(allocator.lengths[r.index] for r in running) / slots
+                in_use = sum(reserved.values())
+            else:
+                waste, in_use = allocator.waste(), allocator.blocks_in_use
+            stats.steps.append({"running": len(running), "blocks_in_use": in_use, "waste": waste,
+                                "waiting": len(waiting)})
             ids = torch.tensor([[r.tokens[-1]] for r in running], device=device)
             logits = run(running, ids)
             for r, row in zip(list(running), logits):
                 r.tokens.append(_pick(row, r))
                 stats.new_tokens += 1
                 if r.done:
-                    running.remove(r)
-                    allocator.free(r.index)
+                    finish(r)
     stats.seconds = time.perf_counter() - started
     outputs = BatchOutputs(torch.tensor(group[0].tokens) if n == 1 else torch.tensor([r.tokens for r in group])
                            for group in requests)

@@ -111,3 +111,19 @@ def test_samples_of_one_prompt_share_its_blocks_until_they_diverge(gpt):
     assert tight.stats.preemptions > 0
     for out, prompt in zip(tight, prompts):
         assert all(torch.equal(row, alone(model, prompt, 20)) for row in out)
+
+
+def test_contiguous_reservation_gives_the_same_tokens_and_wastes_what_it_reserves(gpt):
+    model, fast = gpt
+    prompts = [torch.randint(0, 256, (n,)) for n in PROMPTS]
+    budget = 4 * 128 * BYTES_PER_TOKEN                  # room for 4 sequences at the model's 128 positions
+    paged = generate_batch(fast, prompts, max_new_tokens=NEW, kv_budget=budget, block_size=4)
+    contiguous = generate_batch(fast, prompts, max_new_tokens=NEW, kv_budget=budget, block_size=4,
+                                reserve="contiguous")
+    for a, b, prompt, new in zip(paged, contiguous, prompts, NEW):
+        assert torch.equal(a, b) and torch.equal(a, alone(model, prompt, new))
+    assert contiguous.stats.peak_concurrent == 4 and paged.stats.peak_concurrent == len(PROMPTS)
+    assert contiguous.stats.waste > 0.7 > 0.25 > paged.stats.waste
+    assert contiguous.stats.preemptions == 0
+    with pytest.raises(ValueError, match="reserve='contiguous' holds 131,072 bytes for a sequence"):
+        generate_batch(fast, prompts, 4, kv_budget=budget // 8, block_size=4, reserve="contiguous")
