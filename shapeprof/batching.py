@@ -58,19 +58,26 @@ class RaggedCache:
 
     def begin(self, rows: list[Hashable], new: int) -> None:
         """A step of `new` tokens for each of `rows`, whose slots the allocator has reserved (`append`)."""
-        a = self.allocator
+        a, size = self.allocator, self.allocator.block_size
         self.rows, self.new = rows, new
         lengths = [a.lengths[r] for r in rows]
-        self.starts = torch.tensor([n - new for n in lengths], dtype=torch.long, device=self.device)
         width = max(lengths)
+        per_row = -(-width // size)
         pad = a.num_blocks                          # an extra, all-zero block: padding reads finite values
-        blocks = torch.full((len(rows), width), pad, dtype=torch.long)
-        offsets = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, r in enumerate(rows):
-            slots = torch.tensor(a.slots(r), dtype=torch.long).reshape(-1, 2)
-            blocks[i, :len(slots)], offsets[i, :len(slots)] = slots[:, 0], slots[:, 1]
-        self.blocks, self.offsets = blocks.to(self.device), offsets.to(self.device)
-        self.lengths = torch.tensor(lengths, dtype=torch.long, device=self.device)
+        flat = []                                   # the block tables, padded: Python work per block, not token
+        for r in rows:
+            table = a.tables[r]
+            flat.extend(table)
+            flat.extend([pad] * (per_row - len(table)))
+        tables = torch.tensor(flat, dtype=torch.long).view(len(rows), per_row)
+        self.lengths = torch.tensor(lengths, dtype=torch.long)
+        self.starts = self.lengths - new
+        cols = torch.arange(width)
+        blocks = tables[:, cols // size]                                           # (B, width)
+        blocks = blocks.masked_fill(cols[None, :] >= self.lengths[:, None], pad)
+        self.blocks = blocks.to(self.device)
+        self.offsets = (cols % size).expand(len(rows), width).to(self.device)
+        self.starts, self.lengths = self.starts.to(self.device), self.lengths.to(self.device)
 
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         for store in self.stores.values():
@@ -192,7 +199,8 @@ def ragged_graph(gm: fx.GraphModule, ids_index: int) -> fx.GraphModule:
 class BatchStats:
     """What a generate_batch run did."""
 
-    steps: list[dict] = field(default_factory=list)   # per step: running, blocks_in_use, waste, new_tokens
+    steps: list[dict] = field(default_factory=list)   # per decode step: running, blocks_in_use, waste, waiting,
+    #                                                     seconds (the batched call)
     preemptions: int = 0
     peak_concurrent: int = 0
     seconds: float = 0.0
@@ -372,7 +380,9 @@ def generate_batch(fast: nn.Module, prompts: Sequence[torch.Tensor], max_new_tok
             stats.steps.append({"running": len(running), "blocks_in_use": in_use, "waste": waste,
                                 "waiting": len(waiting)})
             ids = torch.tensor([[r.tokens[-1]] for r in running], device=device)
+            began = time.perf_counter()
             logits = run(running, ids)
+            stats.steps[-1]["seconds"] = time.perf_counter() - began   # the batched call (no sampling)
             for r, row in zip(list(running), logits):
                 r.tokens.append(_pick(row, r))
                 stats.new_tokens += 1
