@@ -6,6 +6,7 @@
     'compute'
 """
 from .analysis import META_KEY, UncoveredOpError, analyze
+from .batching import generate_batch
 from .calibration import calibrate
 from .capture import CaptureError, InputShape, NodeError, capture
 from .costs import FLOP_CONVENTION
@@ -19,7 +20,7 @@ __all__ = [
     "FLOP_CONVENTION", "META_KEY", "CaptureError", "DeviceSpec", "ExportError", "InputShape", "NodeError",
     "OptimizeError", "OptimizeReport", "ProfileError", "ProfileResult", "Report", "ReportFormatError", "SpecError",
     "Tolerance", "UncoveredOpError", "analyze", "calibrate", "capture", "export_tensorboard", "get_spec",
-    "list_specs", "load_spec", "optimize", "profile", "tensorboard_trace_handler",
+    "generate_batch", "list_specs", "load_spec", "optimize", "profile", "tensorboard_trace_handler",
 ]
 
 from . import rewrites  # noqa: E402  (the rewrite registry, `shapeprof.rewrites`, right after `import shapeprof`)

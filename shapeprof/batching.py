@@ -22,8 +22,11 @@ attention is SDPA or the manual chain with a causal mask; a table sliced per pos
 from __future__ import annotations
 
 import operator
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Hashable, Sequence
 
 import torch
@@ -216,6 +219,37 @@ class BatchStats:
     @property
     def tokens_per_second(self) -> float:
         return self.new_tokens / self.seconds if self.seconds else 0.0
+
+    def write_tensorboard(self, logdir: str | Path, run: str = "generate_batch") -> Path:
+        """Each step's running sequences, blocks in use, waste, waiting requests and step time as TensorBoard
+        scalars (``generate_batch/...``, step = the decode step), in a new run folder `logdir`/`run` (`run`-1,
+        -2, ... if taken), written whole: into a hidden folder first, renamed when done. -> the run folder."""
+        from torch.utils.tensorboard import SummaryWriter
+        logdir = Path(logdir)
+        logdir.mkdir(parents=True, exist_ok=True)
+        target, i = logdir / run, 0
+        while target.exists():
+            i += 1
+            target = logdir / f"{run}-{i}"
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=logdir))
+        try:
+            writer = SummaryWriter(log_dir=str(staging))
+            try:
+                for step, record in enumerate(self.steps):
+                    for key in ("running", "blocks_in_use", "waste", "waiting"):
+                        writer.add_scalar(f"generate_batch/{key}", record[key], step)
+                    if "seconds" in record:
+                        writer.add_scalar("generate_batch/step_ms", record["seconds"] * 1e3, step)
+                writer.add_scalar("generate_batch/tokens_per_second", self.tokens_per_second, len(self.steps))
+                writer.add_scalar("generate_batch/preemptions", self.preemptions, len(self.steps))
+                writer.add_scalar("generate_batch/peak_concurrent", self.peak_concurrent, len(self.steps))
+            finally:
+                writer.close()
+            staging.rename(target)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        return target
 
 
 class BatchOutputs(list):

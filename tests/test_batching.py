@@ -127,3 +127,18 @@ def test_contiguous_reservation_gives_the_same_tokens_and_wastes_what_it_reserve
     assert contiguous.stats.preemptions == 0
     with pytest.raises(ValueError, match="reserve='contiguous' holds 131,072 bytes for a sequence"):
         generate_batch(fast, prompts, 4, kv_budget=budget // 8, block_size=4, reserve="contiguous")
+
+
+def test_stats_go_to_tensorboard_as_scalars_in_a_new_run_each_time(gpt, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    _, fast = gpt
+    outs = generate_batch(fast, [torch.randint(0, 256, (n,)) for n in (3, 9)], max_new_tokens=5)
+    first = outs.stats.write_tensorboard(tmp_path)
+    second = outs.stats.write_tensorboard(tmp_path)
+    assert (first.name, second.name) == ("generate_batch", "generate_batch-1")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["generate_batch", "generate_batch-1"]   # nothing else
+    acc = EventAccumulator(str(first), size_guidance={"scalars": 0})
+    acc.Reload()
+    running = [e.value for e in acc.Scalars("generate_batch/running")]
+    assert running == [s["running"] for s in outs.stats.steps] and len(running) == 4
+    assert "generate_batch/waste" in acc.Tags()["scalars"]
