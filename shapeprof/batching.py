@@ -58,6 +58,9 @@ class RaggedCache:
         self.rows: list[Hashable] = []
         self.starts = torch.zeros(0, dtype=torch.long)
         self.new = 0
+        self.width = 0                                   # the longest row's positions, this step
+        self.unmasked = False
+        self.tables = torch.zeros(0, 0, dtype=torch.long)
 
     def begin(self, rows: list[Hashable], new: int) -> None:
         """A step of `new` tokens for each of `rows`, whose slots the allocator has reserved (`append`)."""
@@ -75,11 +78,12 @@ class RaggedCache:
         tables = torch.tensor(flat, dtype=torch.long).view(len(rows), per_row)
         self.lengths = torch.tensor(lengths, dtype=torch.long)
         self.starts = self.lengths - new
-        cols = torch.arange(width)
-        blocks = tables[:, cols // size]                                           # (B, width)
-        blocks = blocks.masked_fill(cols[None, :] >= self.lengths[:, None], pad)
-        self.blocks = blocks.to(self.device)
-        self.offsets = (cols % size).expand(len(rows), width).to(self.device)
+        self.tables = tables.to(self.device)
+        self.width = width
+        self.unmasked = new == 1 and min(lengths) == width   # one new token per row, no padding: it sees all
+        new_cols = self.starts[:, None] + torch.arange(new)                        # (B, T): the new positions
+        self.new_blocks = tables.gather(1, new_cols // size).to(self.device)
+        self.new_offsets = (new_cols % size).to(self.device)
         self.starts, self.lengths = self.starts.to(self.device), self.lengths.to(self.device)
 
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
@@ -94,13 +98,12 @@ class RaggedCache:
         if store is None:
             store = self.stores[slot] = PagedStore(self.allocator.num_blocks + 1, self.allocator.block_size,
                                                    tuple(rows.shape[2:]), x.dtype, x.device)
-        width = self.blocks.shape[1]
-        new_cols = self.starts[:, None] + torch.arange(self.new, device=self.device)   # (B, T)
-        b = self.blocks.gather(1, new_cols)
-        o = self.offsets.gather(1, new_cols)
-        store.data[b, o] = rows.to(store.data.dtype)
-        held = store.data[self.blocks, self.offsets]               # (B, width, *inner)
-        assert held.shape[1] == width
+        store.data[self.new_blocks, self.new_offsets] = rows.to(store.data.dtype)
+        # whole blocks, in table order (a copy of contiguous block rows), then the first `width` positions; what
+        # lies past a row's length (the rest of its last block, the padding block) is masked by `keep`
+        b, per_row = self.tables.shape
+        held = store.data.index_select(0, self.tables.flatten())
+        held = held.view(b, per_row * store.data.shape[1], *store.data.shape[2:])[:, :self.width]
         return held.movedim(1, dim)
 
     def positions(self) -> torch.Tensor:
@@ -110,7 +113,7 @@ class RaggedCache:
     def keep(self, ndim: int) -> torch.Tensor:
         """(B, 1.., T, width) booleans: True where a row's query may see a key (its own, up to itself)."""
         q = self.positions()[:, :, None]                                              # (B, T, 1)
-        k = torch.arange(self.blocks.shape[1], device=self.device)[None, None, :]     # (1, 1, width)
+        k = torch.arange(self.width, device=self.device)[None, None, :]               # (1, 1, width)
         keep = k <= q
         return keep.view(keep.shape[0], *([1] * (ndim - 3)), *keep.shape[1:])
 
@@ -122,8 +125,8 @@ def ragged_positions(cache: RaggedCache, dtype: torch.dtype) -> torch.Tensor:
 
 def ragged_attention(q, k, v, cache: RaggedCache, dropout_p: float = 0.0, scale: float | None = None,
                      enable_gqa: bool = False) -> torch.Tensor:
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=cache.keep(q.dim()), dropout_p=dropout_p,
-                                          scale=scale, enable_gqa=enable_gqa)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=None if cache.unmasked else cache.keep(q.dim()),
+                                          dropout_p=dropout_p, scale=scale, enable_gqa=enable_gqa)
 
 
 def ragged_mask(q, cache: RaggedCache, form: str, fill: float, dtype: torch.dtype, ndim: int) -> torch.Tensor:
@@ -341,7 +344,10 @@ def generate_batch(fast: nn.Module, prompts: Sequence[torch.Tensor], max_new_tok
     def admissible(group: list[_Request]) -> bool:
         if reserve == "contiguous":
             return sum(reserved.values()) + len(group) * room(group[0]) <= num_blocks
-        return allocator.blocks_in_use + _admission_blocks(group, block_size) <= num_blocks
+        # a request is admitted only with a few blocks to spare (vLLM's watermark, 1%): admitted into the last
+        # free block, it would be preempted at once, its prefill wasted
+        spare = max(1, num_blocks // 100) if running else 0
+        return allocator.blocks_in_use + _admission_blocks(group, block_size) + spare <= num_blocks
 
     def finish(r: _Request) -> None:
         running.remove(r)
@@ -413,11 +419,16 @@ def generate_batch(fast: nn.Module, prompts: Sequence[torch.Tensor], max_new_tok
                 waste, in_use = allocator.waste(), allocator.blocks_in_use
             stats.steps.append({"running": len(running), "blocks_in_use": in_use, "waste": waste,
                                 "waiting": len(waiting)})
-            ids = torch.tensor([[r.tokens[-1]] for r in running], device=device)
             began = time.perf_counter()
-            logits = run(running, ids)
-            stats.steps[-1]["seconds"] = time.perf_counter() - began   # the batched call (no sampling)
-            for r, row in zip(list(running), logits):
+            picked = []
+            groups = _by_length(running, allocator)
+            calls = len(groups)
+            for group in groups:
+                logits = run(group, torch.tensor([[r.tokens[-1]] for r in group], device=device))
+                picked.extend(zip(group, logits))
+            stats.steps[-1]["seconds"] = time.perf_counter() - began   # the batched calls (no sampling)
+            stats.steps[-1]["calls"] = calls
+            for r, row in picked:
                 r.tokens.append(_pick(row, r))
                 stats.new_tokens += 1
                 if r.done:
@@ -427,6 +438,24 @@ def generate_batch(fast: nn.Module, prompts: Sequence[torch.Tensor], max_new_tok
                            for group in requests)
     outputs.stats = stats
     return outputs
+
+
+def _by_length(running: list[_Request], allocator: BlockAllocator, slack: float = 1.5) -> list[list[_Request]]:
+    """The running sequences in groups of similar length, one batched call each: a call pads every row's keys to
+    its longest, so one long sequence in a batch of short ones would make the whole batch read and attend over
+    its length. A group grows while its padded size stays within `slack` times its real size."""
+    ordered = sorted(running, key=lambda r: allocator.lengths[r.index])
+    groups: list[list[_Request]] = []
+    total = 0
+    for r in ordered:
+        length = allocator.lengths[r.index]
+        if groups and (len(groups[-1]) + 1) * length <= slack * (total + length):
+            groups[-1].append(r)
+            total += length
+        else:
+            groups.append([r])
+            total = length
+    return groups
 
 
 def _admission_blocks(group: list[_Request], block_size: int) -> int:
