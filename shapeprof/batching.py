@@ -33,6 +33,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils import _pytree as pytree
 
 from .kvcache import causal_attention, causal_mask, kv_start
 from .paging import BlockAllocator, PagedStore, blocks_in_budget, parse_bytes
@@ -59,7 +60,7 @@ class RaggedCache:
         self.starts = torch.zeros(0, dtype=torch.long)
         self.new = 0
         self.width = 0                                   # the longest row's positions, this step
-        self.unmasked = False
+        self.unmasked = self.same_start = False
         self.tables = torch.zeros(0, 0, dtype=torch.long)
 
     def begin(self, rows: list[Hashable], new: int) -> None:
@@ -81,6 +82,7 @@ class RaggedCache:
         self.tables = tables.to(self.device)
         self.width = width
         self.unmasked = new == 1 and min(lengths) == width   # one new token per row, no padding: it sees all
+        self.same_start = min(lengths) == width
         new_cols = self.starts[:, None] + torch.arange(new)                        # (B, T): the new positions
         self.new_blocks = tables.gather(1, new_cols // size).to(self.device)
         self.new_offsets = (new_cols % size).to(self.device)
@@ -121,6 +123,19 @@ class RaggedCache:
 def ragged_positions(cache: RaggedCache, dtype: torch.dtype) -> torch.Tensor:
     """The graph's ``arange(start, start + T)`` for rows at positions of their own: (B, T)."""
     return cache.positions().to(dtype)
+
+
+def ragged_rows(table: torch.Tensor, dim: int, cache: RaggedCache) -> torch.Tensor:
+    """The graph's ``table[start:start + T]`` (along `dim`): the same slice when every row starts at one position;
+    else, for one new position per row, each row's table row with the batch where the positions were and a
+    sequence dimension of 1 after it. Whether the model then broadcasts it per row is not assumed:
+    `generate_batch` checks the ragged step against the model before it runs."""
+    starts = cache.starts
+    if cache.same_start:
+        return table.narrow(dim, int(starts[0]), cache.new)
+    if cache.new != 1:
+        raise RaggedUnsupported("rows at different positions take one new token each")
+    return table.index_select(dim, starts).unsqueeze(dim + 1)
 
 
 def ragged_attention(q, k, v, cache: RaggedCache, dropout_p: float = 0.0, scale: float | None = None,
@@ -175,6 +190,11 @@ def ragged_graph(gm: fx.GraphModule, ids_index: int) -> fx.GraphModule:
         if n.target is aten.arange.start and n.args[0] is start:
             with graph.inserting_before(n):
                 new = graph.call_function(ragged_positions, (cache, n.kwargs.get("dtype") or torch.long))
+            n.replace_all_uses_with(new)
+            graph.erase_node(n)
+        elif n.target is aten.slice.Tensor and len(n.args) >= 3 and n.args[2] is start:
+            with graph.inserting_before(n):   # a position table (rotary cos/sin) sliced [start:start + T]
+                new = graph.call_function(ragged_rows, (n.args[0], n.args[1], cache))
             n.replace_all_uses_with(new)
             graph.erase_node(n)
         elif n.target is causal_mask:
@@ -361,18 +381,12 @@ def generate_batch(fast: nn.Module, prompts: Sequence[torch.Tensor], max_new_tok
     waiting: list[list[_Request]] = list(requests)   # a prompt's samples are admitted together, sharing it
     running: list[_Request] = []
     attrs = decoder.attributes_of(fast) if decoder.attributes else None
+    with torch.no_grad():
+        _check_ragged(fast, decoder, ragged, attrs, device)
     started = time.perf_counter()
 
     def run(rows: list[_Request], ids: torch.Tensor) -> torch.Tensor:
-        cache.begin([r.index for r in rows], ids.shape[1])
-        leaves = list(decoder.leaves)
-        leaves[decoder.ids_index] = ids
-        leaves.append(cache)
-        if attrs is not None:
-            leaves.append(attrs)
-        flat = ragged(*leaves)
-        logits = next(o for o in flat if isinstance(o, torch.Tensor) and o.is_floating_point())
-        return logits[:, -1] if logits.dim() == 3 else logits   # (B, vocab): the last position
+        return _step(ragged, decoder, cache, attrs, [r.index for r in rows], ids)
 
     with torch.no_grad():
         while waiting or running:
@@ -438,6 +452,53 @@ def generate_batch(fast: nn.Module, prompts: Sequence[torch.Tensor], max_new_tok
                            for group in requests)
     outputs.stats = stats
     return outputs
+
+
+def _step(ragged: fx.GraphModule, decoder, cache: RaggedCache, attrs, rows: list, ids: torch.Tensor) -> torch.Tensor:
+    """One ragged call: `ids` (B, T) the new tokens of `rows`, whose slots are reserved -> (B, vocab) logits of
+    each row's last position."""
+    cache.begin(rows, ids.shape[1])
+    leaves = list(decoder.leaves)
+    leaves[decoder.ids_index] = ids
+    leaves.append(cache)
+    if attrs is not None:
+        leaves.append(attrs)
+    return _last_logits(ragged(*leaves))
+
+
+def _last_logits(outputs) -> torch.Tensor:
+    logits = next(o for o in pytree.tree_leaves(outputs) if isinstance(o, torch.Tensor) and o.is_floating_point())
+    return logits[:, -1] if logits.dim() == 3 else logits
+
+
+def _check_ragged(fast: nn.Module, decoder, ragged: fx.GraphModule, attrs, device) -> None:
+    """Two sequences of different lengths, prefilled one by one, then one batched step of both: each row must
+    give what the model gives for it alone, or the model is not run this way (`RaggedUnsupported`)."""
+    example = decoder.leaves[decoder.ids_index].flatten().tolist()
+    lengths = (3, 6) if decoder.max_length is None or decoder.max_length >= 7 else (1, 2)
+    seqs = [(example * 8)[:n + 1] for n in lengths]
+    allocator = BlockAllocator(num_blocks=8, block_size=4)
+    cache = RaggedCache(allocator, device)
+    try:
+        for i, sq in enumerate(seqs):
+            allocator.add(i)
+            allocator.append(i, len(sq) - 1)
+            _step(ragged, decoder, cache, attrs, [i], torch.tensor([sq[:-1]], device=device))
+        for i in range(len(seqs)):
+            allocator.append(i, 1)
+        got = _step(ragged, decoder, cache, attrs, [0, 1], torch.tensor([[sq[-1]] for sq in seqs], device=device))
+    except RaggedUnsupported:
+        raise
+    except Exception as e:
+        raise RaggedUnsupported(f"a batched step of rows at different positions fails on this model: "
+                                f"{type(e).__name__}: {e}") from e
+    for i, sq in enumerate(seqs):
+        expected = _last_logits(decoder.prefill(fast, torch.tensor([sq], device=device))[0])[0]
+        tol = 1e-4 if expected.dtype == torch.float32 else 3e-2
+        if not torch.allclose(got[i], expected, rtol=tol, atol=tol * float(expected.abs().max())):
+            raise RaggedUnsupported(f"a batched step of rows at different positions differs from the model's own "
+                                    f"output (max abs diff {float((got[i] - expected).abs().max()):.3g}): the "
+                                    f"model does not take per-row positions the way this rewrite gives them")
 
 
 def _by_length(running: list[_Request], allocator: BlockAllocator, slack: float = 1.5) -> list[list[_Request]]:

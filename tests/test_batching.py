@@ -82,11 +82,40 @@ def test_a_request_that_cannot_fit_alone_names_the_budget_it_needs(gpt):
                        kv_budget=4 * 4 * BYTES_PER_TOKEN, block_size=4)
 
 
-def test_models_it_cannot_batch_yet_say_why():
+def test_a_llama_with_rotary_tables_and_gqa_batches_too():
     torch.manual_seed(0)
     llama = Transformer(LlamaConfig.tiny()).eval()
     fast = optimize(llama, torch.randint(0, 256, (1, 8)), rewrites=["kv_cache"])
-    with pytest.raises(RaggedUnsupported, match="start \\+ T"):
+    prompts = [torch.randint(0, 256, (n,)) for n in (3, 9, 5, 14)]
+    outs = generate_batch(fast, prompts, max_new_tokens=9, kv_budget="1MiB", block_size=4)
+    for out, prompt in zip(outs, prompts):
+        assert torch.equal(out, llama.generate(prompt[None], 9)[0])
+    assert outs.stats.peak_concurrent == 4
+
+
+class TablePositions(nn.Module):
+    """Positions from a sliced table, used through .t(): per-row table rows would be 3-D, where .t() raises."""
+
+    def __init__(self, vocab=64, d=32, ctx=64):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d)
+        self.register_buffer("table", torch.randn(ctx, d))
+        self.qkv = nn.Linear(d, 3 * d)
+        self.head = nn.Linear(d, vocab)
+
+    def forward(self, ids):
+        b, t = ids.shape
+        x = self.emb(ids) + self.table[:t].t().t()
+        q, k, v = self.qkv(x).view(b, t, 3, 2, 16).permute(2, 0, 3, 1, 4)
+        y = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.head(x + y.transpose(1, 2).reshape(b, t, 32))
+
+
+def test_models_it_cannot_batch_say_why():
+    torch.manual_seed(0)
+    fast = optimize(TablePositions().eval(), torch.randint(0, 64, (1, 8)), rewrites=["kv_cache"])
+    assert next(o for o in fast.shapeprof_report.outcomes if o.name == "kv_cache").kept
+    with pytest.raises(RaggedUnsupported, match="a batched step of rows at different positions fails"):
         generate_batch(fast, [torch.tensor([1, 2, 3])], max_new_tokens=2)
     with pytest.raises(ValueError, match="no cached forward"):
         generate_batch(nn.Linear(2, 2), [torch.tensor([1])])
