@@ -2,7 +2,7 @@
 
     >>> import shapeprof.rewrites as rewrites
     >>> [name for name, _ in rewrites.available()]
-    ['fuse_linear_activation', 'prepack_linear', 'kv_cache']
+    ['fuse_linear_activation', 'prepack_linear', 'kv_cache', 'paged_kv_cache']
     >>> rewrites.get("fuse_linear_activation").capture
     'symbolic_trace'
 
@@ -19,7 +19,8 @@ __all__ = ["CAPTURE_KEY", "Match", "Rewrite", "RewriteContext", "RewriteResult",
            "register", "unregister"]
 
 # registration order is the order optimize runs them: fusion first, then packing what fusion left, then the
-# cache (whose graph gets the two before it too)
+# cache (whose graph gets the two before it too), then its paged variant
 from . import fuse_linear_activation as _fuse_linear_activation  # noqa: E402  (registers itself)
 from . import prepack_linear as _prepack_linear  # noqa: E402  (registers itself)
 from . import kv_cache as _kv_cache  # noqa: E402  (registers itself)
+from . import paged_kv_cache as _paged_kv_cache  # noqa: E402  (registers itself)

@@ -114,6 +114,8 @@ class RewriteContext:
             weights do not change behind PyTorch's back), "never".
         sequence: for a rewrite whose capture is 'sequence', the `shapeprof.sequence.SequenceGraph` the graph came
             from (which input the token ids are, their size symbols, the example).
+        decoder: for a rewrite whose capture is 'cached', the `shapeprof.kvcache.IncrementalDecoder` that runs the
+            cached forward a 'sequence' rewrite installed.
     """
 
     spec: DeviceSpec | None = None
@@ -124,6 +126,7 @@ class RewriteContext:
     inputs_require_grad: bool = False
     pack_weights: str = "frozen"
     sequence: Any = None
+    decoder: Any = None
 
     @property
     def roofline_spec(self) -> DeviceSpec:
@@ -204,7 +207,9 @@ class Rewrite(abc.ABC):
             'sequence': the whole forward as an ATen graph with the token ids' sizes symbolic
             (`shapeprof.sequence`), for a pass that changes how the model is called step by step (a KV cache).
             A 'sequence' pass sets ``result.decoding`` to the plan its runtime follows, and optimize verifies it
-            with a prefill and decode steps against the original, not with one call.
+            with a prefill and decode steps against the original, not with one call. 'cached': the cached forward
+            a 'sequence' pass installed (``ctx.decoder``), for a pass that changes how that forward is run (paged
+            memory); optimize checks it against the model.
     """
 
     name: str = ""

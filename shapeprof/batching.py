@@ -38,7 +38,7 @@ from torch.utils import _pytree as pytree
 from .kvcache import causal_attention, causal_mask, kv_start
 from .paging import BlockAllocator, PagedStore, blocks_in_budget, parse_bytes
 
-__all__ = ["BatchOutputs", "BatchStats", "RaggedUnsupported", "generate_batch", "ragged_graph"]
+__all__ = ["BatchOutputs", "BatchStats", "RaggedUnsupported", "check_ragged", "generate_batch", "ragged_graph"]
 
 aten = torch.ops.aten
 
@@ -382,7 +382,7 @@ def generate_batch(fast: nn.Module, prompts: Sequence[torch.Tensor], max_new_tok
     running: list[_Request] = []
     attrs = decoder.attributes_of(fast) if decoder.attributes else None
     with torch.no_grad():
-        _check_ragged(fast, decoder, ragged, attrs, device)
+        check_ragged(fast, decoder, ragged, attrs, device)
     started = time.perf_counter()
 
     def run(rows: list[_Request], ids: torch.Tensor) -> torch.Tensor:
@@ -471,9 +471,10 @@ def _last_logits(outputs) -> torch.Tensor:
     return logits[:, -1] if logits.dim() == 3 else logits
 
 
-def _check_ragged(fast: nn.Module, decoder, ragged: fx.GraphModule, attrs, device) -> None:
+def check_ragged(fast: nn.Module, decoder, ragged: fx.GraphModule, attrs, device) -> list[tuple[str, float, float]]:
     """Two sequences of different lengths, prefilled one by one, then one batched step of both: each row must
-    give what the model gives for it alone, or the model is not run this way (`RaggedUnsupported`)."""
+    give what the model gives for it alone, or the model is not run this way (`RaggedUnsupported`).
+    -> (what, max abs diff, tolerance) per row."""
     example = decoder.leaves[decoder.ids_index].flatten().tolist()
     lengths = (3, 6) if decoder.max_length is None or decoder.max_length >= 7 else (1, 2)
     seqs = [(example * 8)[:n + 1] for n in lengths]
@@ -492,13 +493,17 @@ def _check_ragged(fast: nn.Module, decoder, ragged: fx.GraphModule, attrs, devic
     except Exception as e:
         raise RaggedUnsupported(f"a batched step of rows at different positions fails on this model: "
                                 f"{type(e).__name__}: {e}") from e
+    checks = []
     for i, sq in enumerate(seqs):
         expected = _last_logits(decoder.prefill(fast, torch.tensor([sq], device=device))[0])[0]
         tol = 1e-4 if expected.dtype == torch.float32 else 3e-2
+        diff = float((got[i] - expected).abs().max())
         if not torch.allclose(got[i], expected, rtol=tol, atol=tol * float(expected.abs().max())):
             raise RaggedUnsupported(f"a batched step of rows at different positions differs from the model's own "
-                                    f"output (max abs diff {float((got[i] - expected).abs().max()):.3g}): the "
-                                    f"model does not take per-row positions the way this rewrite gives them")
+                                    f"output (max abs diff {diff:.3g}): the model does not take per-row positions "
+                                    f"the way this rewrite gives them")
+        checks.append((f"row {i} of a batched step, at position {len(sq) - 1}", diff, tol))
+    return checks
 
 
 def _by_length(running: list[_Request], allocator: BlockAllocator, slack: float = 1.5) -> list[list[_Request]]:

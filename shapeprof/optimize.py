@@ -467,6 +467,9 @@ def _optimize(model, fast, args, kwargs, selected, registry, verify, tolerance, 
         return _finish(fast, report)
 
     for rewrite in selected:
+        if rewrite.capture == "cached":
+            report.outcomes.append(_apply_cached(rewrite, fast, registry, verify))
+            continue
         if rewrite.capture == "sequence":
             report.outcomes.append(_apply_sequence(rewrite, model, fast, args, kwargs, selected, verify, tolerance,
                                                    registry, snapshot, report, dict(
@@ -958,6 +961,34 @@ def _apply_sequence(rewrite, model, fast, args, kwargs, selected, verify, tolera
                                        sum(1 for _ in gm.graph.nodes), rewritten=True))
     report.code[f"{rewrite.name} (the cached forward)"] = gm.code
     return RewriteOutcome(rewrite.name, "applied" if check is not None else "unverified", result, check)
+
+
+def _apply_cached(rewrite, fast, registry, verify) -> RewriteOutcome:
+    """A rewrite of how the cached forward a 'sequence' rewrite installed is run (paged memory), checked against
+    the model by `batching.check_ragged`."""
+    from .batching import RaggedUnsupported, check_ragged
+    decoder = type(fast).__dict__.get("_shapeprof_decoder")
+    if decoder is None or decoder.graph_module is None:
+        return RewriteOutcome(rewrite.name, "no match", registry.RewriteResult(rewrite.name, skipped=[registry.Skip(
+            "the model", "it runs the cache kv_cache inserts, and kv_cache was not applied (see above)")]))
+    try:
+        result = rewrite(decoder.graph_module, registry.RewriteContext(decoder=decoder))
+    except Exception as e:
+        return RewriteOutcome(rewrite.name, "failed", error=one_line(e))
+    if not result.changed:
+        return RewriteOutcome(rewrite.name, "no match", result)
+    if verify is False:
+        return RewriteOutcome(rewrite.name, "unverified", result)
+    attrs = decoder.attributes_of(fast) if decoder.attributes else None
+    try:
+        with torch.no_grad():
+            rows = check_ragged(fast, decoder, result.decoding, attrs,
+                                next((p.device for p in fast.parameters()), None))
+    except RaggedUnsupported as e:
+        return RewriteOutcome(rewrite.name, "rejected", result, Verification(error=one_line(e)))
+    dtype = str(next((p.dtype for p in fast.parameters()), torch.float32)).removeprefix("torch.")
+    return RewriteOutcome(rewrite.name, "applied", result, Verification(tuple(
+        OutputCheck(what, dtype, diff, tol, tol, True) for what, diff, tol in rows)))
 
 
 def _hooked(model: nn.Module) -> str:

@@ -171,3 +171,18 @@ def test_stats_go_to_tensorboard_as_scalars_in_a_new_run_each_time(gpt, tmp_path
     running = [e.value for e in acc.Scalars("generate_batch/running")]
     assert running == [s["running"] for s in outs.stats.steps] and len(running) == 4
     assert "generate_batch/waste" in acc.Tags()["scalars"]
+
+
+def test_optimize_names_the_paged_swap_and_the_pool_or_says_why_not():
+    torch.manual_seed(0)
+    fast = optimize(GPT(GPTConfig.tiny()).eval(), torch.randint(0, 256, (1, 8)))
+    (paged,) = [o for o in fast.shapeprof_report.outcomes if o.name == "paged_kv_cache"]
+    assert paged.status == "applied" and len(paged.verification.checks) == 2
+    assert "1 GiB budget holds 65,536 blocks of 16 (1,048,576 tokens)" in " ".join(paged.result.notes)
+    assert "fits 16,384 sequences" in " ".join(paged.result.notes)   # 1 GiB / (1,024 bytes x 64 positions)
+    refused = optimize(TablePositions().eval(), torch.randint(0, 64, (1, 8)))
+    (paged,) = [o for o in refused.shapeprof_report.outcomes if o.name == "paged_kv_cache"]
+    assert paged.status == "rejected" and "fails on this model" in paged.verification.error
+    alone = optimize(GPT(GPTConfig.tiny()).eval(), torch.randint(0, 256, (1, 8)), rewrites=["paged_kv_cache"])
+    (paged,) = alone.shapeprof_report.outcomes
+    assert paged.status == "no match" and "kv_cache was not applied" in paged.result.skipped[0].reason
