@@ -27,7 +27,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Hashable, Sequence
+from typing import Hashable, Sequence
 
 import torch
 import torch.fx as fx
@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch.utils import _pytree as pytree
 
 from .kvcache import causal_attention, causal_mask, kv_start
-from .paging import BlockAllocator, PagedStore, blocks_in_budget, parse_bytes
+from .paging import BlockAllocator, PagedStore, blocks_in_budget
 
 __all__ = ["BatchOutputs", "BatchStats", "RaggedUnsupported", "check_ragged", "generate_batch", "ragged_graph"]
 
