@@ -21,13 +21,14 @@ attention is SDPA or the manual chain with a causal mask; a table sliced per pos
 """
 from __future__ import annotations
 
+import contextlib
 import operator
 import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Hashable, Sequence
+from typing import Callable, Hashable, Iterator, Sequence
 
 import torch
 import torch.fx as fx
@@ -41,6 +42,21 @@ from .paging import BlockAllocator, PagedStore, blocks_in_budget
 __all__ = ["BatchOutputs", "BatchStats", "RaggedUnsupported", "check_ragged", "generate_batch", "ragged_graph"]
 
 aten = torch.ops.aten
+
+
+_observers: list[Callable[["BatchStats"], None]] = []   # each is given the stats of every generate_batch run
+
+
+@contextlib.contextmanager
+def observe_batches() -> Iterator[list["BatchStats"]]:
+    """While active, the stats of every `generate_batch` run are appended to the list it yields (`shapeprof trace`
+    writes them into its run directory as TensorBoard scalars)."""
+    seen: list[BatchStats] = []
+    _observers.append(seen.append)
+    try:
+        yield seen
+    finally:
+        _observers.remove(seen.append)
 
 
 class RaggedUnsupported(RuntimeError):
@@ -451,6 +467,8 @@ def generate_batch(fast: nn.Module, prompts: Sequence[torch.Tensor], max_new_tok
     outputs = BatchOutputs(torch.tensor(group[0].tokens) if n == 1 else torch.tensor([r.tokens for r in group])
                            for group in requests)
     outputs.stats = stats
+    for observer in list(_observers):
+        observer(stats)
     return outputs
 
 
@@ -463,7 +481,7 @@ def _step(ragged: fx.GraphModule, decoder, cache: RaggedCache, attrs, rows: list
     leaves.append(cache)
     if attrs is not None:
         leaves.append(attrs)
-    return _last_logits(ragged(*leaves))
+    return _last_logits(ragged.forward(*leaves))   # not ragged(...): no module hooks (a trace records none)
 
 
 def _last_logits(outputs) -> torch.Tensor:

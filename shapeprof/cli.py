@@ -274,6 +274,7 @@ def _cmd_trace(ns: argparse.Namespace) -> int:
                             f"{_display_path(run_dir.path / 'trace.json')} lists the {len(results)} of "
                             f"{len(analysed)} models finished"), file=sys.stderr)
             return 130
+    batch_lines = _write_batches(run, run_dir)
     if config.json:
         out = sys.stdout
         out.write(json.dumps(summary(run, results, skipped, config, spec, run_dir, inline=True), indent=1) + "\n")
@@ -282,12 +283,31 @@ def _cmd_trace(ns: argparse.Namespace) -> int:
             print(printable(f"shapeprof: {message}"), file=sys.stderr)
     else:
         _print_results(run, results, skipped, config, run_dir)
+    for line in batch_lines:
+        print(printable(line), file=sys.stderr if config.json else sys.stdout)
     sys.stdout.flush()
     if run.exception is not None:   # as python would: the traceback of the user's code, on stderr
         sys.excepthook(type(run.exception), run.exception, run.exception.__traceback__)
     elif run.exit_message is not None:
         print(run.exit_message, file=sys.stderr)
     return run.exit_code
+
+
+def _write_batches(run: ScriptRun, run_dir: RunDir | None) -> list[str]:
+    """Each shapeprof.generate_batch the script ran: its per-step stats as TensorBoard scalars in the run
+    directory; a line saying so (or why not) for each."""
+    lines = []
+    for stats in run.batches:
+        head = (f"generate_batch: {len(stats.steps)} decode steps, peak {stats.peak_concurrent} sequences, KV waste "
+                f"{stats.waste:.1%}, {stats.preemptions} preemptions, {stats.tokens_per_second:.1f} tokens/s")
+        if run_dir is None:
+            lines.append(head)
+            continue
+        try:
+            lines.append(f"{head}; per-step scalars in {_display_path(stats.write_tensorboard(run_dir.path))}")
+        except OSError as e:
+            lines.append(f"{head}; its scalars could not be written: {one_line(e)}")
+    return lines
 
 
 def _spec(text: str) -> DeviceSpec:

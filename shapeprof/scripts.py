@@ -56,6 +56,7 @@ import torch.nn as nn
 from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
 from torch.utils import _pytree as pytree
 
+from .batching import observe_batches
 from .capture import meta_shadow, unwrap
 from .text import one_line
 
@@ -287,6 +288,7 @@ class ScriptRun:
     models: list[TracedModel] = field(default_factory=list)   # in order of first call
     recorder_errors: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    batches: list = field(default_factory=list)   # BatchStats of each shapeprof.generate_batch the script ran
 
     @property
     def name(self) -> str:
@@ -356,7 +358,8 @@ def run_script(target: str, args: list[str] | tuple[str, ...] = (), *, is_module
     namespace = None   # the script's globals: kept until the recorder has looked at its models a last time
     try:
         sys.argv = [target, *args]
-        with (_stdout_to_stderr() if stdout_to_stderr else contextlib.nullcontext()), recorder:
+        with (_stdout_to_stderr() if stdout_to_stderr else contextlib.nullcontext()), recorder, \
+                observe_batches() as run.batches:
             if is_module:
                 sys.path.insert(0, os.getcwd())
                 namespace = runpy.run_module(target, run_name="__main__", alter_sys=True)

@@ -186,3 +186,25 @@ def test_optimize_names_the_paged_swap_and_the_pool_or_says_why_not():
     alone = optimize(GPT(GPTConfig.tiny()).eval(), torch.randint(0, 256, (1, 8)), rewrites=["paged_kv_cache"])
     (paged,) = alone.shapeprof_report.outcomes
     assert paged.status == "no match" and "kv_cache was not applied" in paged.result.skipped[0].reason
+
+
+def test_poisoning_every_free_block_before_each_step_changes_no_output(gpt, monkeypatch):
+    """What a sequence reads is its own blocks only: free blocks (a finished or preempted sequence's, reused next)
+    filled with garbage before every step change nothing. (Garbage, not NaN: a masked slot's weight is 0, and
+    0 * NaN is NaN; the values a model writes are finite.)"""
+    from shapeprof.batching import RaggedCache
+    model, fast = gpt
+    real = RaggedCache.begin
+
+    def poisoned(self, rows, new):
+        free = torch.tensor(self.allocator.free_blocks, dtype=torch.long)
+        for store in self.stores.values():
+            store.data[free] = 1e4
+        return real(self, rows, new)
+
+    monkeypatch.setattr(RaggedCache, "begin", poisoned)
+    prompts = [torch.randint(0, 256, (n,)) for n in PROMPTS]
+    outs = generate_batch(fast, prompts, max_new_tokens=NEW, kv_budget=12 * 4 * BYTES_PER_TOKEN, block_size=4)
+    assert outs.stats.preemptions > 0
+    for out, prompt, new in zip(outs, prompts, NEW):
+        assert torch.equal(out, alone(model, prompt, new))

@@ -558,6 +558,18 @@ def test_optimize_of_the_generate_example_shows_the_kv_cache(tmp_path):
     assert again.returncode == 0 and "KV cache: 4 tensors" in " ".join(again.stdout.split()), again.stderr
 
 
+def test_trace_of_a_script_running_generate_batch_writes_its_steps_for_tensorboard(tmp_path):
+    script = str(REPO / "examples" / "serve_gpt.py")
+    trace = run(["trace", "--no-tensorboard", "--logdir", "logs", script, "--requests", "4", "--max-new-tokens",
+                 "4"], tmp_path, timeout=300)
+    assert trace.returncode == 0, trace.stderr
+    assert "4 requests, 16 tokens" in trace.stdout            # the script's own line
+    (line,) = [x for x in trace.stdout.splitlines() if x.startswith("generate_batch:")]
+    assert "3 decode steps" in line and "per-step scalars in" in line
+    (events,) = (run_dir(tmp_path / "logs") / "generate_batch").glob("events.out.tfevents.*")
+    assert events.stat().st_size > 0
+
+
 def test_report_shows_every_saved_report_of_a_run_directory(tmp_path):
     write(tmp_path / "small.py", SMALL)
     trace = run(["trace", "--optimize", "--profile", "--steps", "2", "--no-tensorboard", "--logdir", "logs",
