@@ -14,12 +14,7 @@ from examples.nanogpt import GPT, GPTConfig
 BYTES_PER_TOKEN = 2 * 2 * 64 * 4     # GPTConfig.tiny: 2 layers x (keys, values) x 64 wide x fp32
 
 
-@pytest.fixture(autouse=True)
-def _quiet():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        torch.manual_seed(0)
-        yield
+pytestmark = pytest.mark.usefixtures("seeded_quiet")
 
 
 def alone(model, prompt, new):

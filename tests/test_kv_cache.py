@@ -28,12 +28,7 @@ from examples.nanogpt import GPT, GPTConfig
 CACHE = ["kv_cache"]
 
 
-@pytest.fixture(autouse=True)
-def _quiet():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        torch.manual_seed(0)
-        yield
+pytestmark = pytest.mark.usefixtures("seeded_quiet")
 
 
 def outcome(fast, name="kv_cache"):
