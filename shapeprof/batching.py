@@ -356,8 +356,11 @@ def generate_batch(fast: nn.Module, prompts: Sequence[torch.Tensor], max_new_tok
     limit = decoder.max_length
     requests = []
     for i, (p, m, t) in enumerate(zip(prompts, news, temps)):
-        if not isinstance(p, torch.Tensor) or p.dim() != 1 or p.numel() == 0:
-            raise ValueError(f"prompt {i}: expected a non-empty 1-D tensor of token ids")
+        if not isinstance(p, torch.Tensor) or p.dim() != 1 or p.numel() == 0 or p.is_floating_point() \
+                or p.is_complex() or p.dtype == torch.bool:
+            raise ValueError(f"prompt {i}: expected a non-empty 1-D tensor of integer token ids")
+        if not isinstance(m, int) or m < 0:
+            raise ValueError(f"prompt {i}: max_new_tokens must be a non-negative int, got {m!r}")
         total = p.numel() + m
         if limit is not None and total > limit:
             raise ValueError(f"prompt {i}: {p.numel()} + {m} new tokens exceed the model's {limit} positions")
@@ -394,7 +397,8 @@ def generate_batch(fast: nn.Module, prompts: Sequence[torch.Tensor], max_new_tok
     if reserve == "contiguous" and widest > num_blocks:
         raise ValueError(f"reserve='contiguous' holds {widest * block_size * per_token:,} bytes for a sequence; "
                          f"kv_budget={kv_budget!r} holds {num_blocks * block_size * per_token:,}")
-    waiting: list[list[_Request]] = list(requests)   # a prompt's samples are admitted together, sharing it
+    # a prompt's samples are admitted together, sharing it; one with no new tokens to make is done already
+    waiting: list[list[_Request]] = [group for group in requests if group[0].max_new > 0]
     running: list[_Request] = []
     attrs = decoder.attributes_of(fast) if decoder.attributes else None
     with torch.no_grad():

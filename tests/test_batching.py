@@ -203,3 +203,15 @@ def test_poisoning_every_free_block_before_each_step_changes_no_output(gpt, monk
     assert outs.stats.preemptions > 0
     for out, prompt, new in zip(outs, prompts, NEW):
         assert torch.equal(out, alone(model, prompt, new))
+
+
+def test_no_new_tokens_and_bad_prompts(gpt):
+    _, fast = gpt
+    outs = generate_batch(fast, [torch.tensor([5, 6, 7]), torch.tensor([1])], max_new_tokens=[0, 2])
+    assert torch.equal(outs[0], torch.tensor([5, 6, 7])) and outs[1].shape == (3,)
+    for bad, why in (([torch.tensor([1.0, 2.0])], "integer token ids"), ([torch.zeros(2, 3, dtype=torch.long)], "1-D"),
+                     ([torch.tensor([], dtype=torch.long)], "non-empty")):
+        with pytest.raises(ValueError, match=why):
+            generate_batch(fast, bad, max_new_tokens=2)
+    with pytest.raises(ValueError, match="non-negative"):
+        generate_batch(fast, [torch.tensor([1])], max_new_tokens=-1)
