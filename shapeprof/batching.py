@@ -565,4 +565,5 @@ def _pick(logits: torch.Tensor, r: _Request) -> int:
     if r.top_k is not None:
         kth = scaled.topk(min(r.top_k, scaled.numel())).values[-1]
         scaled = scaled.masked_fill(scaled < kth, float("-inf"))
-    return int(torch.multinomial(scaled.softmax(-1), 1, generator=r.generator))
+    # sampled on the CPU, where the request's generator is: the same draws whatever device the model is on
+    return int(torch.multinomial(scaled.softmax(-1).cpu(), 1, generator=r.generator))
