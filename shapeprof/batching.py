@@ -78,6 +78,8 @@ class RaggedCache:
         self.width = 0                                   # the longest row's positions, this step
         self.unmasked = self.same_start = False
         self.tables = torch.zeros(0, 0, dtype=torch.long)
+        self.groups: list[tuple] = []   # (rows, their blocks, their longest length, mask or None): see `attend`
+        self.dims: dict[int, int] = {}
 
     def begin(self, rows: list[Hashable], new: int) -> None:
         """A step of `new` tokens for each of `rows`, whose slots the allocator has reserved (`append`)."""
@@ -103,6 +105,16 @@ class RaggedCache:
         self.new_blocks = tables.gather(1, new_cols // size).to(self.device)
         self.new_offsets = (new_cols % size).to(self.device)
         self.starts, self.lengths = self.starts.to(self.device), self.lengths.to(self.device)
+        self.groups = []   # per group: its rows (in row order: one group is all of them), blocks, width, mask
+        for rows_of, w in _length_groups(lengths):
+            rows_of = sorted(rows_of)
+            index = torch.tensor(rows_of, dtype=torch.long, device=self.device)
+            blocks = self.tables.index_select(0, index)[:, :-(-w // size)]
+            mask = None
+            if not (new == 1 and all(lengths[i] == w for i in rows_of)):   # else each row sees all it holds
+                positions = self.starts.index_select(0, index)[:, None] + torch.arange(new, device=self.device)
+                mask = torch.arange(w, device=self.device)[None, None, :] <= positions[:, :, None]   # (g, T, w)
+            self.groups.append((index, blocks, w, mask))
 
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         for store in self.stores.values():
@@ -123,6 +135,45 @@ class RaggedCache:
         held = store.data.index_select(0, self.tables.flatten())
         held = held.view(b, per_row * store.data.shape[1], *store.data.shape[2:])[:, :self.width]
         return held.movedim(1, dim)
+
+    def write(self, slot: int, x: torch.Tensor, dim: int) -> int:
+        """Write each row's new positions of `x` to its slots, and read nothing back (`attend` reads them, per
+        group of rows of similar length): -> `slot`."""
+        rows = x.movedim(dim, 1)
+        store = self.stores.get(slot)
+        if store is None:
+            store = self.stores[slot] = PagedStore(self.allocator.num_blocks + 1, self.allocator.block_size,
+                                                   tuple(rows.shape[2:]), x.dtype, x.device)
+        store.data[self.new_blocks, self.new_offsets] = rows.to(store.data.dtype)
+        self.dims[slot] = dim
+        return slot
+
+    def attend(self, q: torch.Tensor, k_slot: int, v_slot: int, **sdpa) -> torch.Tensor:
+        """Attention of each row's new queries over its own keys and values, in groups of rows of similar length:
+        each group gathers its blocks up to its own longest row, so one long sequence does not make every row of
+        the batch read and attend over its length."""
+        k_store, v_store = self.stores[k_slot], self.stores[v_slot]
+        out = None
+        for rows, blocks, width, keep in self.groups:
+            keys, values = (self._gather(store, blocks, width, self.dims[slot])
+                            for store, slot in ((k_store, k_slot), (v_store, v_slot)))
+            q_rows = q if len(self.groups) == 1 else q.index_select(0, rows)
+            mask = None if keep is None else keep.view(keep.shape[0], *([1] * (q.dim() - 3)), *keep.shape[1:])
+            res = F.scaled_dot_product_attention(q_rows, keys, values, attn_mask=mask, **sdpa)
+            if len(self.groups) == 1:
+                return res
+            if out is None:   # in the queries' memory layout, as SDPA's own output: the graph may view its
+                #               transpose without a copy
+                shape = (*q.shape[:-1], res.shape[-1])
+                order = sorted(range(q.dim()), key=lambda d: (-q.stride(d), d))
+                out = res.new_empty([shape[d] for d in order]).permute([order.index(d) for d in range(q.dim())])
+            out.index_copy_(0, rows, res)
+        return out
+
+    def _gather(self, store: PagedStore, blocks: torch.Tensor, width: int, dim: int) -> torch.Tensor:
+        g, n = blocks.shape
+        held = store.data.index_select(0, blocks.flatten())
+        return held.view(g, n * store.data.shape[1], *store.data.shape[2:])[:, :width].movedim(1, dim)
 
     def positions(self) -> torch.Tensor:
         """(B, T): each row's new positions."""
@@ -152,6 +203,15 @@ def ragged_rows(table: torch.Tensor, dim: int, cache: RaggedCache) -> torch.Tens
     if cache.new != 1:
         raise RaggedUnsupported("rows at different positions take one new token each")
     return table.index_select(dim, starts).unsqueeze(dim + 1)
+
+
+def ragged_write(cache: RaggedCache, slot: int, x: torch.Tensor, dim: int) -> int:
+    return cache.write(slot, x, dim)
+
+
+def paged_attention(q, cache: RaggedCache, k_slot: int, v_slot: int, dropout_p: float = 0.0,
+                    scale: float | None = None, enable_gqa: bool = False) -> torch.Tensor:
+    return cache.attend(q, k_slot, v_slot, dropout_p=dropout_p, scale=scale, enable_gqa=enable_gqa)
 
 
 def ragged_attention(q, k, v, cache: RaggedCache, dropout_p: float = 0.0, scale: float | None = None,
@@ -188,6 +248,7 @@ def ragged_graph(gm: fx.GraphModule, ids_index: int) -> fx.GraphModule:
     if cache is None or len(start) != 1:
         raise RaggedUnsupported("the graph has no KV cache input")
     (start,) = start
+    whole_batch = True   # every attention reads the cache itself (paged_attention): one call for all rows
     ids = [n for n in nodes if n.op == "placeholder"][ids_index]
     batch = ids.meta["val"].shape[0] if isinstance(ids.meta.get("val"), torch.Tensor) else None
     for n in nodes:
@@ -214,15 +275,34 @@ def ragged_graph(gm: fx.GraphModule, ids_index: int) -> fx.GraphModule:
             n.replace_all_uses_with(new)
             graph.erase_node(n)
         elif n.target is causal_mask:
+            whole_batch = False
             with graph.inserting_before(n):
                 new = graph.call_function(ragged_mask, (n.args[0], cache) + tuple(n.args[2:]))
             n.replace_all_uses_with(new)
             graph.erase_node(n)
         elif n.target is causal_attention:
+            k, v = n.args[1], n.args[2]
+            direct = all(isinstance(x, fx.Node) and getattr(x.target, "__name__", "") == "kv_append"
+                         and len(x.users) == 1 for x in (k, v))
             with graph.inserting_before(n):
-                new = graph.call_function(ragged_attention, tuple(n.args[:3]) + (cache,), dict(n.kwargs))
+                if direct:   # keys and values straight from the cache: read per group of similar length
+                    slots = []
+                    for x in (k, v):
+                        with graph.inserting_before(x):
+                            w = graph.call_function(ragged_write, (cache,) + tuple(x.args[1:]))
+                        slots.append(w)
+                    new = graph.call_function(paged_attention, (n.args[0], cache, *slots), dict(n.kwargs))
+                else:
+                    new = graph.call_function(ragged_attention, tuple(n.args[:3]) + (cache,), dict(n.kwargs))
+                    whole_batch = False
             n.replace_all_uses_with(new)
             graph.erase_node(n)
+            if direct:
+                for x in (k, v):
+                    graph.erase_node(x)
+        elif getattr(n.target, "__name__", "") == "kv_append" and any(
+                getattr(u.target, "__name__", "") != "causal_attention" for u in n.users):
+            whole_batch = False   # keys read by the model's own ops: gathered for the whole call, padded
     graph.eliminate_dead_code()
     for n in graph.nodes:   # what still reads the shared start: positions the rows cannot have
         if n.op == "call_function" and start in n.all_input_nodes and n.target is not operator.add:
@@ -232,7 +312,9 @@ def ragged_graph(gm: fx.GraphModule, ids_index: int) -> fx.GraphModule:
             raise RaggedUnsupported(f"'{n.name}' (start + T) is used by {', '.join(u.name for u in n.users)}: "
                                     f"rows at positions of their own need it per row")
     graph.lint()
-    return fx.GraphModule(nn.Module(), graph, class_name="RaggedDecoder")
+    module = fx.GraphModule(nn.Module(), graph, class_name="RaggedDecoder")
+    module.whole_batch = whole_batch
+    return module
 
 
 # ---------------------------------------------------------------------------------------------- the loop
@@ -455,7 +537,7 @@ def generate_batch(fast: nn.Module, prompts: Sequence[torch.Tensor], max_new_tok
                                 "waiting": len(waiting)})
             began = time.perf_counter()
             picked = []
-            groups = _by_length(running, allocator)
+            groups = [running] if ragged.whole_batch else _by_length(running, allocator)
             calls = len(groups)
             for group in groups:
                 logits = run(group, torch.tensor([[r.tokens[-1]] for r in group], device=device))
@@ -494,11 +576,11 @@ def _last_logits(outputs) -> torch.Tensor:
 
 
 def check_ragged(fast: nn.Module, decoder, ragged: fx.GraphModule, attrs, device) -> list[tuple[str, float, float]]:
-    """Two sequences of different lengths, prefilled one by one, then one batched step of both: each row must
-    give what the model gives for it alone, or the model is not run this way (`RaggedUnsupported`).
-    -> (what, max abs diff, tolerance) per row."""
+    """Sequences of different lengths (the longest first, so that rows are grouped out of order), prefilled one
+    by one, then one batched step of all: each row must give what the model gives for it alone, or the model is
+    not run this way (`RaggedUnsupported`). -> (what, max abs diff, tolerance) per row."""
     example = decoder.leaves[decoder.ids_index].flatten().tolist()
-    lengths = (3, 6) if decoder.max_length is None or decoder.max_length >= 7 else (1, 2)
+    lengths = (6, 1, 3) if decoder.max_length is None or decoder.max_length >= 7 else (2, 1)
     seqs = [(example * 8)[:n + 1] for n in lengths]
     allocator = BlockAllocator(num_blocks=8, block_size=4)
     cache = RaggedCache(allocator, device)
@@ -509,7 +591,8 @@ def check_ragged(fast: nn.Module, decoder, ragged: fx.GraphModule, attrs, device
             _step(ragged, decoder, cache, attrs, [i], torch.tensor([sq[:-1]], device=device))
         for i in range(len(seqs)):
             allocator.append(i, 1)
-        got = _step(ragged, decoder, cache, attrs, [0, 1], torch.tensor([[sq[-1]] for sq in seqs], device=device))
+        got = _step(ragged, decoder, cache, attrs, list(range(len(seqs))),
+                    torch.tensor([[sq[-1]] for sq in seqs], device=device))
     except RaggedUnsupported:
         raise
     except Exception as e:
@@ -528,22 +611,28 @@ def check_ragged(fast: nn.Module, decoder, ragged: fx.GraphModule, attrs, device
     return checks
 
 
-def _by_length(running: list[_Request], allocator: BlockAllocator, slack: float = 1.5) -> list[list[_Request]]:
-    """The running sequences in groups of similar length, one batched call each: a call pads every row's keys to
-    its longest, so one long sequence in a batch of short ones would make the whole batch read and attend over
-    its length. A group grows while its padded size stays within `slack` times its real size."""
-    ordered = sorted(running, key=lambda r: allocator.lengths[r.index])
-    groups: list[list[_Request]] = []
+def _length_groups(lengths: list[int], slack: float = 1.5) -> list[tuple[list[int], int]]:
+    """Indices of `lengths` in groups of similar length, and each group's longest: a group's keys are padded to
+    its longest, so one long sequence among short ones would make them all read and attend over its length. A
+    group grows while its padded size stays within `slack` times its real size."""
+    groups: list[tuple[list[int], int]] = []
     total = 0
-    for r in ordered:
-        length = allocator.lengths[r.index]
-        if groups and (len(groups[-1]) + 1) * length <= slack * (total + length):
-            groups[-1].append(r)
+    for i in sorted(range(len(lengths)), key=lengths.__getitem__):
+        length = lengths[i]
+        if groups and (len(groups[-1][0]) + 1) * length <= slack * (total + length):
+            groups[-1][0].append(i)
             total += length
+            groups[-1] = (groups[-1][0], length)
         else:
-            groups.append([r])
+            groups.append(([i], length))
             total = length
     return groups
+
+
+def _by_length(running: list[_Request], allocator: BlockAllocator) -> list[list[_Request]]:
+    """The running sequences in groups of similar length, one call each (for a model whose attention reads the
+    padded keys through its own ops, where `RaggedCache.attend` cannot group them inside one call)."""
+    return [[running[i] for i in rows] for rows, _ in _length_groups([allocator.lengths[r.index] for r in running])]
 
 
 def _admission_blocks(group: list[_Request], block_size: int) -> int:

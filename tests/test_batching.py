@@ -172,7 +172,7 @@ def test_optimize_names_the_paged_swap_and_the_pool_or_says_why_not():
     torch.manual_seed(0)
     fast = optimize(GPT(GPTConfig.tiny()).eval(), torch.randint(0, 256, (1, 8)))
     (paged,) = [o for o in fast.shapeprof_report.outcomes if o.name == "paged_kv_cache"]
-    assert paged.status == "applied" and len(paged.verification.checks) == 2
+    assert paged.status == "applied" and len(paged.verification.checks) == 3
     assert "1 GiB budget holds 65,536 blocks of 16 (1,048,576 tokens)" in " ".join(paged.result.notes)
     assert "fits 16,384 sequences" in " ".join(paged.result.notes)   # 1 GiB / (1,024 bytes x 64 positions)
     refused = optimize(TablePositions().eval(), torch.randint(0, 64, (1, 8)))
