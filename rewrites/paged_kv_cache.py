@@ -4,7 +4,7 @@ The contiguous cache of `kv_cache` serves one sequence batch at one position. Th
 into its ragged variant (`shapeprof.batching.ragged_graph`): every row of a batch at a position of its own, its
 keys and values in blocks of a shared pool (`shapeprof.paging`), so that `shapeprof.generate_batch` decodes many
 requests of different lengths in one step under a memory budget. Plain calls of the drop-in keep the contiguous
-cache. `shapeprof.optimize` checks the ragged step against the model (two sequences of different lengths, one
+cache. `shapeprof.optimize` checks the ragged step against the model (three sequences of different lengths, one
 batched step) before it keeps the pass.
 """
 from __future__ import annotations
