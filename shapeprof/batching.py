@@ -15,9 +15,11 @@ attention sees its own keys only (a mask per row, bottom-right causal). The loop
 What it records (`BatchOutputs.stats`): per step the running requests, blocks in use and the waste (slots reserved
 and holding no token); the peak number of concurrent requests, preemptions and tokens/s.
 
-Supported: models whose positions come from ``arange`` (learned absolute positions, as nanoGPT's) and whose
-attention is SDPA or the manual chain with a causal mask; a table sliced per position (rotary cos/sin) is not yet
-(`RaggedUnsupported` says so).
+Supported: positions from ``arange`` (learned absolute positions, as nanoGPT's) or from a table sliced per step
+(rotary cos/sin, as Llama's), attention by SDPA (its keys gathered per group of rows of similar length, in one call)
+or the manual chain with a causal mask. Whatever the graph, the ragged step is checked against the model before it
+runs (`check_ragged`); a model it does not match, or one that folds heads into the batch or shares a 2-D mask, is
+refused with `RaggedUnsupported`, never run wrong.
 """
 from __future__ import annotations
 
