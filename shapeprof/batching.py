@@ -80,7 +80,8 @@ class RaggedCache:
         self.width = 0                                   # the longest row's positions, this step
         self.unmasked = self.same_start = False
         self.tables = torch.zeros(0, 0, dtype=torch.long)
-        self.groups: list[tuple] = []   # (rows, their blocks, their longest length, mask or None): see `attend`
+        self._groups: list[tuple] | None = None   # see `groups`
+        self._row_lengths: list[int] = []
         self.dims: dict[int, int] = {}
 
     def begin(self, rows: list[Hashable], new: int) -> None:
@@ -107,16 +108,24 @@ class RaggedCache:
         self.new_blocks = tables.gather(1, new_cols // size).to(self.device)
         self.new_offsets = (new_cols % size).to(self.device)
         self.starts, self.lengths = self.starts.to(self.device), self.lengths.to(self.device)
-        self.groups = []   # per group: its rows (in row order: one group is all of them), blocks, width, mask
-        for rows_of, w in _length_groups(lengths):
-            rows_of = sorted(rows_of)
-            index = torch.tensor(rows_of, dtype=torch.long, device=self.device)
-            blocks = self.tables.index_select(0, index)[:, :-(-w // size)]
-            mask = None
-            if not (new == 1 and all(lengths[i] == w for i in rows_of)):   # else each row sees all it holds
-                positions = self.starts.index_select(0, index)[:, None] + torch.arange(new, device=self.device)
-                mask = torch.arange(w, device=self.device)[None, None, :] <= positions[:, :, None]   # (g, T, w)
-            self.groups.append((index, blocks, w, mask))
+        self._row_lengths = lengths
+        self._groups: list[tuple] | None = None
+
+    @property
+    def groups(self) -> list[tuple]:
+        """The rows in groups of similar length, made at the first `attend` of the step: per group its rows (in
+        row order, so one group is all of them), their blocks, their longest length and the mask (None when every
+        row sees all it holds)."""
+        if self._groups is None:
+            size, lengths, self._groups = self.allocator.block_size, self._row_lengths, []
+            for rows_of, w in _length_groups(lengths):
+                rows_of = sorted(rows_of)
+                index = torch.tensor(rows_of, dtype=torch.long, device=self.device)
+                blocks = self.tables.index_select(0, index)[:, :-(-w // size)]
+                unmasked = self.new == 1 and all(lengths[i] == w for i in rows_of)
+                self._groups.append((index, blocks, w, None if unmasked else
+                                     self._keep(self.starts.index_select(0, index), w)))
+        return self._groups
 
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         for store in self.stores.values():
@@ -125,23 +134,13 @@ class RaggedCache:
     def append(self, slot: int, x: torch.Tensor, dim: int) -> torch.Tensor:
         """Write each row's new positions of `x` (batch first, sequence along `dim`) to its slots; return every
         row's positions so far, padded to the longest: (B, ..., max length along `dim`, ...)."""
-        rows = x.movedim(dim, 1)                                   # (B, T, *inner)
-        store = self.stores.get(slot)
-        if store is None:
-            store = self.stores[slot] = PagedStore(self.allocator.num_blocks + 1, self.allocator.block_size,
-                                                   tuple(rows.shape[2:]), x.dtype, x.device)
-        store.data[self.new_blocks, self.new_offsets] = rows.to(store.data.dtype)
-        # whole blocks, in table order (a copy of contiguous block rows), then the first `width` positions; what
-        # lies past a row's length (the rest of its last block, the padding block) is masked by `keep`
-        b, per_row = self.tables.shape
-        held = store.data.index_select(0, self.tables.flatten())
-        held = held.view(b, per_row * store.data.shape[1], *store.data.shape[2:])[:, :self.width]
-        return held.movedim(1, dim)
+        self.write(slot, x, dim)
+        return self._gather(self.stores[slot], self.tables, self.width, dim)
 
     def write(self, slot: int, x: torch.Tensor, dim: int) -> int:
-        """Write each row's new positions of `x` to its slots, and read nothing back (`attend` reads them, per
-        group of rows of similar length): -> `slot`."""
-        rows = x.movedim(dim, 1)
+        """Write each row's new positions of `x` (batch first, sequence along `dim`) to its slots, and read
+        nothing back (`attend` reads them, per group of rows of similar length): -> `slot`."""
+        rows = x.movedim(dim, 1)                                   # (B, T, *inner)
         store = self.stores.get(slot)
         if store is None:
             store = self.stores[slot] = PagedStore(self.allocator.num_blocks + 1, self.allocator.block_size,
@@ -173,6 +172,9 @@ class RaggedCache:
         return out
 
     def _gather(self, store: PagedStore, blocks: torch.Tensor, width: int, dim: int) -> torch.Tensor:
+        """The positions [0, width) of the rows whose block tables are `blocks`, with the sequence along `dim`:
+        whole blocks copied in table order, then cut. What lies past a row's length (the rest of its last block,
+        the all-zero padding block) is for the mask to hide."""
         g, n = blocks.shape
         held = store.data.index_select(0, blocks.flatten())
         return held.view(g, n * store.data.shape[1], *store.data.shape[2:])[:, :width].movedim(1, dim)
@@ -183,10 +185,13 @@ class RaggedCache:
 
     def keep(self, ndim: int) -> torch.Tensor:
         """(B, 1.., T, width) booleans: True where a row's query may see a key (its own, up to itself)."""
-        q = self.positions()[:, :, None]                                              # (B, T, 1)
-        k = torch.arange(self.width, device=self.device)[None, None, :]               # (1, 1, width)
-        keep = k <= q
+        keep = self._keep(self.starts, self.width)
         return keep.view(keep.shape[0], *([1] * (ndim - 3)), *keep.shape[1:])
+
+    def _keep(self, starts: torch.Tensor, width: int) -> torch.Tensor:
+        """(rows, T, width): the bottom-right causal mask of rows whose new positions start at `starts`."""
+        positions = starts[:, None] + torch.arange(self.new, device=self.device)     # (rows, T)
+        return torch.arange(width, device=self.device)[None, None, :] <= positions[:, :, None]
 
 
 def ragged_positions(cache: RaggedCache, dtype: torch.dtype) -> torch.Tensor:

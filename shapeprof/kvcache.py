@@ -28,7 +28,6 @@ keys written into them, and are never registered on the model: ``state_dict()`` 
 from __future__ import annotations
 
 import inspect
-import math
 import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -69,7 +68,6 @@ class KVCache:
         self.capacity = capacity
         self.limit = limit
         self.buffers: dict[int, torch.Tensor] = {}
-        self.dims: dict[int, int] = {}
         self.start = 0     # positions this call keeps from before (set by the runtime before each call)
         self.length = 0    # positions held after the last call
 
@@ -105,18 +103,12 @@ class KVCache:
         if keep is not None and self.start:
             buf.narrow(dim, 0, self.start).copy_(keep.narrow(dim, 0, self.start))
         self.buffers[slot] = buf
-        self.dims[slot] = dim
         return buf
 
     @property
     def nbytes(self) -> int:
         """Bytes the buffers hold now (allocated, not only filled)."""
         return sum(b.numel() * b.element_size() for b in self.buffers.values())
-
-    def clear(self) -> None:
-        self.buffers.clear()
-        self.dims.clear()
-        self.start = self.length = 0
 
     def __repr__(self) -> str:
         return f"<KVCache: {len(self.buffers)} buffers, {self.length} positions, {fmt_bytes(self.nbytes)}>"
@@ -473,11 +465,6 @@ class IncrementalDecoder:
             raise DecodeError(f"{what}: no tokens")
         return ids
 
-    # ------------------------------------------------------------------ what it costs
-    def describe(self) -> str:
-        s = self._state
-        return "empty" if s is None else f"{s.length} positions, {fmt_bytes(s.nbytes)}"
-
 
 def _batch(ids: torch.Tensor, seq_dim: int) -> tuple[int, ...]:
     return tuple(s for d, s in enumerate(ids.shape) if d != seq_dim)
@@ -515,11 +502,3 @@ def _version(t: torch.Tensor) -> int | None:
     """The version counter; None for an inference tensor, which keeps none (and cannot be written outside
     torch.inference_mode)."""
     return None if t.is_inference() else t._version
-
-
-def kv_bytes_per_token(shapes: list[tuple[tuple[int, ...], torch.dtype, int]]) -> int:
-    """Bytes one position takes across the cached tensors: (shape, dtype, sequence dim) of each, batch included."""
-    total = 0
-    for shape, dtype, dim in shapes:
-        total += math.prod(s for d, s in enumerate(shape) if d != dim) * dtype.itemsize
-    return total

@@ -13,3 +13,19 @@ def seeded_quiet():
         warnings.simplefilter("ignore", RuntimeWarning)
         torch.manual_seed(0)
         yield
+
+
+def _paths(data, path=()):
+    yield path
+    if isinstance(data, dict):
+        for k, v in data.items():
+            yield from _paths(v, (*path, k))
+    elif isinstance(data, list) and data:
+        yield from _paths(data[0], (*path, 0))
+
+
+@pytest.fixture
+def json_paths():
+    """paths(data): every key path into a JSON document; into a list's first item only (the others have the same
+    structure). For tests that damage a saved report at every place."""
+    return _paths

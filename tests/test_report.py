@@ -148,15 +148,6 @@ _BAD_VALUES = (None, "x", "", -1, 0, 2 ** 70, 1.5, float("nan"), float("inf"), T
                {"a": 1})
 
 
-def _paths(data, path=()):
-    """Every path into `data`; into a list's first item only (the others have the same structure)."""
-    yield path
-    if isinstance(data, dict):
-        for k, v in data.items():
-            yield from _paths(v, (*path, k))
-    elif isinstance(data, list) and data:
-        yield from _paths(data[0], (*path, 0))
-
 
 def _mutated(data, path, value):
     """A deep copy of `data` with the value at `path` replaced (or, for value `...`, the key removed)."""
@@ -174,7 +165,7 @@ def _mutated(data, path, value):
     return data
 
 
-def test_no_damaged_report_gets_past_from_dict_as_anything_but_a_format_error():
+def test_no_damaged_report_gets_past_from_dict_as_anything_but_a_format_error(json_paths):
     # every value of a small, complete report (a finding, a covered node, an uncovered op, a capture attempt)
     # replaced by each of a set of wrong values, and each key removed: from_dict either refuses it with a one-line
     # ReportFormatError, or the report it gives renders (no TypeError or ZeroDivisionError from the renderer)
@@ -185,7 +176,7 @@ def test_no_damaged_report_gets_past_from_dict_as_anything_but_a_format_error():
     good["capture"]["attempts"] = [["export", "it failed"]]
     shapeprof.Report.from_dict(good)
     refused = rendered = 0
-    for path in list(_paths(good)):
+    for path in list(json_paths(good)):
         for value in (*_BAD_VALUES, ...) if path else _BAD_VALUES:
             data = _mutated(good, path, value)
             try:
