@@ -99,6 +99,18 @@ def main(argv=None) -> None:
     print(f"paged waste {p.stats.waste:.1%} (target < 4% at block 16; contiguous {c.stats.waste:.1%})")
     print(f"peak concurrent: {concurrency:.2f}x (target >= 3x)")
     print(f"throughput: {throughput:.2f}x (target >= 2x)")
+    # what paging could give if a batched step cost the same at any batch: fewer steps, no more. The paged run
+    # cannot take fewer steps than its longest request has tokens to make
+    c_step, p_step = c_wall / len(c.stats.steps), p_wall / len(p.stats.steps)
+    # under load, as a server runs (vLLM's figure): the steps taken while requests still wait, decode calls only
+    def saturated(stats) -> float:
+        busy = [s for s in stats.steps if s["waiting"]]
+        return sum(s["running"] for s in busy) / sum(s["seconds"] for s in busy)
+    print(f"decode tokens/s while requests wait: contiguous {saturated(c.stats):.1f}, paged {saturated(p.stats):.1f}:"
+          f" {saturated(p.stats) / saturated(c.stats):.2f}x")
+    print(f"ceiling at equal step cost: {len(c.stats.steps) / len(p.stats.steps):.2f}x fewer steps (the longest "
+          f"request alone makes {max(out_lens)} tokens); mean step: contiguous {c_step * 1e3:.1f} ms at up to "
+          f"{c.stats.peak_concurrent} sequences, paged {p_step * 1e3:.1f} ms at up to {p.stats.peak_concurrent}")
 
     # per-step decode overhead at equal batch: the paged ragged step vs the contiguous cached step, interleaved
     batch = c.stats.peak_concurrent
