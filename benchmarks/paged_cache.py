@@ -103,13 +103,18 @@ def main(argv=None) -> None:
     # cannot take fewer steps than its longest request has tokens to make
     c_step, p_step = c_wall / len(c.stats.steps), p_wall / len(p.stats.steps)
     # under load, as a server runs (vLLM's figure): the steps taken while requests still wait, decode calls only
-    def saturated(stats) -> float:
+    def saturated(stats) -> float | None:
         busy = [s for s in stats.steps if s["waiting"]]
-        return sum(s["running"] for s in busy) / sum(s["seconds"] for s in busy)
-    print(f"decode tokens/s while requests wait: contiguous {saturated(c.stats):.1f}, paged {saturated(p.stats):.1f}:"
-          f" {saturated(p.stats) / saturated(c.stats):.2f}x")
-    print(f"ceiling at equal step cost: {len(c.stats.steps) / len(p.stats.steps):.2f}x fewer steps (the longest "
-          f"request alone makes {max(out_lens)} tokens); mean step: contiguous {c_step * 1e3:.1f} ms at up to "
+        return sum(s["running"] for s in busy) / sum(s["seconds"] for s in busy) if busy else None
+    loaded = saturated(c.stats), saturated(p.stats)
+    if None in loaded:
+        print("decode tokens/s while requests wait: no step of the paged run had requests waiting")
+    else:
+        print(f"decode tokens/s while requests wait: contiguous {loaded[0]:.1f}, paged {loaded[1]:.1f}: "
+              f"{loaded[1] / loaded[0]:.2f}x")
+    print(f"decode steps: contiguous {len(c.stats.steps)}, paged {len(p.stats.steps)} (never fewer than the longest "
+          f"request's {max(out_lens)} tokens): {len(c.stats.steps) / len(p.stats.steps):.2f}x, the most paging gives "
+          f"if a step cost the same at any batch; mean step: contiguous {c_step * 1e3:.1f} ms at up to "
           f"{c.stats.peak_concurrent} sequences, paged {p_step * 1e3:.1f} ms at up to {p.stats.peak_concurrent}")
 
     # per-step decode overhead at equal batch: the paged ragged step vs the contiguous cached step, interleaved
