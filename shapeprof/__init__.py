@@ -5,21 +5,23 @@
     >>> report.nodes[0].bound
     'compute'
 """
+from .advice import Advice, advise
 from .analysis import META_KEY, UncoveredOpError, analyze
 from .batching import generate_batch
 from .calibration import calibrate
 from .capture import CaptureError, InputShape, NodeError, capture
 from .costs import FLOP_CONVENTION
 from .hardware import DeviceSpec, SpecError, get_spec, list_specs, load_spec
+from .phases import Decode, PhaseError, Prefill
 from .optimize import OptimizeError, OptimizeReport, Tolerance, optimize
 from .profiling import ProfileError, ProfileResult, profile
 from .report import Report, ReportFormatError
 from .output.tensorboard import ExportError, export_tensorboard, tensorboard_trace_handler
 
 __all__ = [
-    "FLOP_CONVENTION", "META_KEY", "CaptureError", "DeviceSpec", "ExportError", "InputShape", "NodeError",
-    "OptimizeError", "OptimizeReport", "ProfileError", "ProfileResult", "Report", "ReportFormatError", "SpecError",
-    "Tolerance", "UncoveredOpError", "analyze", "calibrate", "capture", "export_tensorboard", "get_spec",
+    "Advice", "FLOP_CONVENTION", "META_KEY", "CaptureError", "DeviceSpec", "ExportError", "InputShape", "NodeError",
+    "Decode", "OptimizeError", "OptimizeReport", "PhaseError", "Prefill", "ProfileError", "ProfileResult", "Report", "ReportFormatError", "SpecError",
+    "Tolerance", "UncoveredOpError", "advise", "analyze", "calibrate", "capture", "export_tensorboard", "get_spec",
     "generate_batch", "list_specs", "load_spec", "optimize", "profile", "tensorboard_trace_handler",
 ]
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from collections import defaultdict
 from dataclasses import replace
 from typing import Any
@@ -15,6 +16,8 @@ from .capture import Capture, CapturedNode, InputShape, capture, source_location
 from .costs import ATTENTION_OPS, cost_of
 from .findings import find
 from .hardware import DeviceSpec, SpecError, get_spec
+from .phases import is_phase
+from .phases import resolve as resolve_phase
 from .precision import Precision, quantise
 from .precision import resolve as resolve_precision
 from .records import OpRecord, TensorMeta
@@ -62,7 +65,15 @@ def analyze(model: nn.Module, *args: Any, spec: str | DeviceSpec | None = None,
     start = time.perf_counter()
     device = get_spec(spec)
     precision = resolve_precision(dtype, tf32)
-    cap = capture(model, *args, method=method, dtype=precision.dtype, **kwargs)
+    target, phase = model, None
+    if len(args) == 1 and not kwargs and is_phase(args[0]):   # Decode(batch, context) / Prefill(batch, tokens)
+        phase = resolve_phase(model, args[0], precision.dtype)
+        target, args, kwargs = phase.module, phase.args, phase.kwargs
+        method = phase.method if method == "auto" else method
+    with warnings.catch_warnings():
+        if phase is not None:   # torch's own pytree deprecation, from copying an exported graph
+            warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
+        cap = capture(target, *args, method=method, dtype=precision.dtype, **kwargs)
     costed = _NodeCoster(device, precision)
     rows = [(cn, costed(cn.records)) for cn in cap.nodes if cn.records]
     rows = [(cn, c) for cn, c in rows if c.flops or c.bytes_read or c.bytes_written or c.uncovered]
@@ -78,13 +89,18 @@ def analyze(model: nn.Module, *args: Any, spec: str | DeviceSpec | None = None,
         listed = ", ".join(f"{o.op} ({o.count}x, first at node '{o.first_node}')" for o in coverage.ops)
         raise UncoveredOpError(f"no cost formula for: {listed}")
     records_of = {cn.node.name: cn.records for cn, _ in rows}
-    notes = [*cap.notes, *([precision.note] if precision.note else []), *costed.notes(nodes)]
+    notes = [*cap.notes, *([precision.note] if precision.note else []), *costed.notes(nodes),
+             *(phase.notes if phase else [])]
+    weights_dtype = precision.matmul_dtype or precision.dtype
+    info = phase.info(model, weights_dtype, total.bytes) if phase else None
     report = Report(
         model=type(model).__name__, spec=device, dtype=_precision_name(precision),
-        inputs=_describe_inputs(args, kwargs, precision.dtype), capture=_capture_info(cap), nodes=nodes, total=total,
+        inputs=(info.describe(),) if info else _describe_inputs(args, kwargs, precision.dtype),
+        capture=_capture_info(cap), nodes=nodes, total=total,
         coverage=coverage, findings=find(nodes, records_of, total_seconds, device, producers={
             cn.node.name: cn.node.all_input_nodes[0].name for cn, _ in rows if cn.node.all_input_nodes}),
-        parameter_bytes=_parameter_bytes(model, precision.matmul_dtype or precision.dtype), notes=tuple(notes),
+        parameter_bytes=_parameter_bytes(model, weights_dtype), notes=tuple(notes),
+        phase=info,
         analysis_seconds=time.perf_counter() - start, graph_capture=cap)
     return report
 

@@ -134,9 +134,30 @@ def build_parser() -> argparse.ArgumentParser:
                        help="how to capture each model's graph")
     trace.add_argument("--strict", action="store_true", default=trace_defaults.strict,
                        help="an op without a cost formula fails that model's analysis")
+    trace.add_argument("--phase", choices=("prefill", "decode"), default=trace_defaults.phase,
+                       help="analyse each LLM's prefill or one decode step instead of its first call's inputs")
+    _phase_arguments(trace, trace_defaults)
     trace.add_argument("target", metavar="SCRIPT", nargs="?", help="the script to run (or module, with -m)")
     trace.add_argument("script_args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     trace.set_defaults(func=_cmd_trace, parser=trace)
+
+    adv = sub.add_parser(
+        "advise", formatter_class=fmt, help="run a script and advise on the batch and shapes of the LLM it runs",
+        description="Run a Python script as python would, take the largest model it calls, and say what its "
+                    "prefill and decode cost on the spec, the batch at which each matmul turns compute-bound, the "
+                    "largest batch that keeps every user above reading speed, what fits in memory, and which GEMM "
+                    "shapes waste the GPU.",
+        usage="shapeprof advise [options] SCRIPT [-- script args ...]")
+    adv.add_argument("--spec", default=trace_defaults.spec,
+                     help="device to advise for: a built-in name (see `shapeprof specs`) or a .toml/.json file")
+    adv.add_argument("--dtype", type=_dtype_arg, default="bf16", metavar="DTYPE",
+                     help="weights, activations and cache priced in this dtype (default: bf16)")
+    adv.add_argument("--context", type=_positive_int, default=None, metavar="N",
+                     help="decode steps over a cache of N positions (default: the model's maximum, at most 4096)")
+    adv.add_argument("--json", action="store_true", help="print the advice as JSON on stdout")
+    adv.add_argument("target", metavar="SCRIPT", nargs="?", help="the script to run")
+    adv.add_argument("script_args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    adv.set_defaults(func=_cmd_advise, parser=adv)
 
     specs = sub.add_parser("specs", formatter_class=fmt, help="list the built-in device specs",
                            description="The built-in device specs: peaks, bandwidth, memory, bf16 ridge point.")
@@ -228,9 +249,13 @@ def _cmd_trace(ns: argparse.Namespace) -> int:
     if ns.target is None:
         ns.parser.error("the following arguments are required: SCRIPT (or -m MODULE)")
     outputs = tuple(o for o in ns.output if not (ns.no_tensorboard and o == "tensorboard"))
+    if ns.phase is not None and (ns.profile or ns.optimize):
+        raise CliError("--phase analyses a step the script does not run: it cannot be combined with --profile or "
+                       "--optimize")
     config = TraceConfig(spec=ns.spec, dtype=ns.dtype, top=ns.top, logdir=ns.logdir, outputs=outputs,
                          json=ns.json, profile=ns.profile, profile_steps=ns.steps, optimize=ns.optimize,
-                         all_modules=ns.all_modules, method=ns.method, strict=ns.strict)
+                         all_modules=ns.all_modules, method=ns.method, strict=ns.strict, phase=ns.phase,
+                         batch=ns.batch, context=ns.context, tokens=ns.tokens)
     # Everything that can be wrong with the command is found before the script runs (a typo in --spec must not
     # cost a training run).
     spec = _spec(config.spec)
@@ -291,6 +316,42 @@ def _cmd_trace(ns: argparse.Namespace) -> int:
     elif run.exit_message is not None:
         print(run.exit_message, file=sys.stderr)
     return run.exit_code
+
+
+def _phase_arguments(parser: argparse.ArgumentParser, defaults: TraceConfig) -> None:
+    parser.add_argument("--batch", type=_positive_int, default=defaults.batch, metavar="N",
+                        help="--phase: sequences in the step")
+    parser.add_argument("--context", type=_positive_int, default=defaults.context, metavar="N",
+                        help="--phase decode: positions already in the KV cache")
+    parser.add_argument("--tokens", type=_positive_int, default=defaults.tokens, metavar="N",
+                        help="--phase prefill: the prompt's tokens")
+
+
+# ---------------------------------------------------------------------------------------------- advise
+
+def _cmd_advise(ns: argparse.Namespace) -> int:
+    from .advice import advise
+    if ns.target is None:
+        ns.parser.error("the following arguments are required: SCRIPT")
+    spec = _spec(ns.spec)
+    try:
+        check_target(ns.target, False)
+    except ScriptNotFound as e:
+        raise CliError(str(e)) from None
+    run = run_script(ns.target, ns.script_args, is_module=False, keep_real=False, stdout_to_stderr=ns.json)
+    models = [m for m in run.models if m.has_state]
+    if not models:
+        raise CliError(f"{ns.target} called no model with parameters at top level: nothing to advise on")
+    model = max(models, key=lambda m: sum(p.numel() for p in m.target().parameters()))
+    try:
+        adv = advise(model.target(), spec=spec, dtype=ns.dtype, context=ns.context)
+    except Exception as e:
+        raise CliError(f"advise on {model.name}: {one_line(e)}") from e
+    if ns.json:
+        sys.stdout.write(adv.to_json() + "\n")
+    else:
+        Console(width=terminal_width()).print(adv)
+    return 0
 
 
 def _write_batches(run: ScriptRun, run_dir: RunDir | None) -> list[str]:

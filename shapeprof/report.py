@@ -21,6 +21,7 @@ from typing import Any, Iterable
 from .files import write_atomic
 from .hardware import DeviceSpec
 from .jsondata import ReportFormatError, from_plain, json_kind, load_json, read_json_file
+from .phases import PhaseInfo
 
 SCHEMA = "shapeprof.report"
 SCHEMA_VERSION = 2
@@ -258,6 +259,7 @@ class Report:
     findings: list[Finding]
     parameter_bytes: int
     notes: tuple[str, ...] = ()   # what the numbers assume or leave out (attention pricing, masks, forward only)
+    phase: PhaseInfo | None = None   # analysed as a prefill or a decode step (shapeprof.Prefill / Decode)
     analysis_seconds: float = field(default=0.0, compare=False)
     graph_capture: Any = field(default=None, compare=False, repr=False)   # the Capture analysed (not saved)
 
@@ -350,6 +352,7 @@ class Report:
             d[name] = asdict(d[name])
         d["nodes"] = [asdict(n) for n in self.nodes]
         d["findings"] = [asdict(f) for f in self.findings]
+        d["phase"] = asdict(self.phase) if self.phase is not None else None
         return {"schema": SCHEMA, "version": SCHEMA_VERSION, **d}
 
     def to_json(self, path: str | os.PathLike | None = None) -> str:

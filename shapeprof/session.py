@@ -84,6 +84,17 @@ class TraceConfig:
     method: str = "auto"
     strict: bool = False
     progress: bool | None = None
+    phase: str | None = None      # "prefill" or "decode": analyse that phase instead of the first call's inputs
+    batch: int = 1                # --phase: sequences
+    context: int = 4096           # --phase decode: positions in the cache
+    tokens: int = 2048            # --phase prefill: the prompt's tokens
+
+    def phase_input(self):
+        """`shapeprof.Decode` / `shapeprof.Prefill` for `phase` (None without one)."""
+        from .phases import Decode, Prefill
+        if self.phase is None:
+            return None
+        return Decode(self.batch, self.context) if self.phase == "decode" else Prefill(self.batch, self.tokens)
 
     @property
     def keeps_real_inputs(self) -> bool:
@@ -115,8 +126,10 @@ def analyse_model(traced: TracedModel, config: TraceConfig, spec: Any = None) ->
         spec: an already resolved DeviceSpec (default: `config.spec`).
     """
     _check_clash(traced.type_name, traced.kwargs, _ANALYZE_KEYWORDS, "analyze")
-    report = analyze(traced.target(), *traced.args, spec=spec if spec is not None else config.spec,
-                     dtype=config.dtype, strict=config.strict, method=config.method, **traced.kwargs)
+    phase = config.phase_input()
+    args, kwargs = ((phase,), {}) if phase is not None else (traced.args, traced.kwargs)
+    report = analyze(traced.target(), *args, spec=spec if spec is not None else config.spec,
+                     dtype=config.dtype, strict=config.strict, method=config.method, **kwargs)
     return with_trace_notes(report, traced)
 
 

@@ -1,0 +1,347 @@
+"""Phases of LLM inference as analysis inputs: a prefill of T tokens, or one decode step over a cache of N.
+
+A decode step is not a forward over one token: it reads the whole KV cache. `Decode(batch, context)` stands in for
+the example inputs wherever `analyze` takes them, and becomes the inputs the model really decodes with:
+
+- a HuggingFace model gets its own cache class (``transformers.DynamicCache`` built from its config), filled with
+  `context` positions of meta tensors, and the next token's ids;
+- a model whose forward takes no cache (nanoGPT, a hand-written Llama) gets one inserted: the kv_cache rewrite's
+  pass (`shapeprof.rewrites.kv_cache`) turns its whole-forward graph into the cached one, which is analysed over a
+  `shapeprof.kvcache.KVCache` holding `context` positions: keys and values are written for the new position only
+  and attention reads all of them;
+- a model with a cache argument of its own that is not HuggingFace's is refused with the reason: pass a filled
+  cache as its example inputs instead.
+
+    >>> import torch, shapeprof
+    >>> from examples.nanogpt import GPT, GPTConfig
+    >>> with torch.device("meta"):
+    ...     gpt = GPT(GPTConfig(n_layer=2, n_head=4, n_embd=64, vocab_size=256, block_size=128))
+    >>> r = shapeprof.analyze(gpt, shapeprof.Decode(batch=2, context=32))
+    >>> r.phase.kv_read_bytes          # 2 sequences x 33 positions x 2 layers x (k + v) x 64 wide x 4 bytes
+    67584
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import inspect
+import sys
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from .capture import InputShape
+
+__all__ = ["Decode", "PhaseError", "PhaseInfo", "Prefill", "is_phase", "resolve"]
+
+
+class PhaseError(ValueError):
+    """A phase that cannot be built for this model (one line naming why)."""
+
+
+def _positive(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise PhaseError(f"{name} must be a positive int, got {value!r}")
+
+
+@dataclass(frozen=True)
+class Prefill:
+    """The prompt's forward: `batch` sequences of `tokens` tokens each, the cache empty before it."""
+
+    batch: int = 1
+    tokens: int = 2048
+
+    def __post_init__(self) -> None:
+        _positive("Prefill.batch", self.batch)
+        _positive("Prefill.tokens", self.tokens)
+
+    kind = "prefill"
+
+    @property
+    def new_tokens(self) -> int:
+        return self.tokens
+
+    @property
+    def context(self) -> int:
+        return 0
+
+
+@dataclass(frozen=True)
+class Decode:
+    """One decode step: `batch` sequences each with `context` positions cached, one new token each."""
+
+    batch: int = 1
+    context: int = 4096
+
+    def __post_init__(self) -> None:
+        _positive("Decode.batch", self.batch)
+        _positive("Decode.context", self.context)
+
+    kind = "decode"
+    new_tokens = 1
+
+
+def is_phase(x: Any) -> bool:
+    return isinstance(x, (Prefill, Decode))
+
+
+@dataclass(frozen=True)
+class PhaseInfo:
+    """What a phase's report was analysed as, and its bytes split the way decode is explained.
+
+    `weight_bytes`: the weights a step reads (every parameter once; an embedding table only its rows, unless the
+    table is tied to the output head). `kv_read_bytes` / `kv_written_bytes`: what any implementation of the step
+    must move of the KV cache (attention reads every cached position and the new one; the new position is written).
+    What the eager graph moves besides (activations, and a cache class that copies itself) is the report's total
+    bytes minus these: `other_bytes`.
+    """
+
+    kind: str                  # 'prefill' or 'decode'
+    batch: int
+    tokens: int                # new tokens per sequence in this step (prefill: the prompt; decode: 1)
+    context: int               # positions cached before the step
+    cache: str                 # how the cache was given: "transformers DynamicCache", "inserted (kv_cache rewrite)"
+    kv_bytes_per_token: int    # one position of one sequence: keys and values of every layer
+    max_context: int | None    # the model's longest sequence, where it says (config or its position table)
+    layers: int                # attention layers holding a cache
+    hidden: int | None         # the residual stream's width (what a tensor-parallel all-reduce moves per token)
+    weight_bytes: int
+    kv_read_bytes: int
+    kv_written_bytes: int
+    total_bytes: int
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.batch * self.tokens
+
+    @property
+    def other_bytes(self) -> int:
+        return self.total_bytes - self.weight_bytes - self.kv_read_bytes - self.kv_written_bytes
+
+    def describe(self) -> str:
+        if self.kind == "prefill":
+            return f"prefill: batch {self.batch} x {self.tokens} tokens"
+        return f"decode step: batch {self.batch}, cache of {self.context} positions ({self.cache})"
+
+
+@dataclass
+class ResolvedPhase:
+    """What to capture for a phase: the module, its inputs and how, and what the report says about it."""
+
+    phase: Prefill | Decode
+    module: nn.Module
+    args: tuple
+    kwargs: dict
+    method: str
+    cache: str
+    kv_bytes_per_token: int
+    kv_read_per_sequence: list[int]   # bytes one sequence's step reads of each layer's (or slot's) cache
+    max_context: int | None
+    layers: int
+    hidden: int | None
+    notes: list[str] = field(default_factory=list)
+
+    def info(self, model: nn.Module, dtype: torch.dtype | None, total_bytes: int) -> PhaseInfo:
+        p = self.phase
+        read = p.batch * sum(self.kv_read_per_sequence) if p.kind == "decode" else 0
+        return PhaseInfo(p.kind, p.batch, p.new_tokens, p.context, self.cache, self.kv_bytes_per_token,
+                         self.max_context, self.layers, self.hidden, weight_bytes(model, dtype, p.batch * p.new_tokens), read,
+                         p.batch * p.new_tokens * self.kv_bytes_per_token, total_bytes)
+
+
+def resolve(model: nn.Module, phase: Prefill | Decode, dtype: torch.dtype | None) -> ResolvedPhase:
+    """The inputs `model` takes for `phase` (see the module docstring for the three cases)."""
+    if _is_hf(model):
+        return _hf(model, phase, dtype)
+    own = _own_cache_parameter(model)
+    if own is not None:
+        raise PhaseError(f"{type(model).__name__}.forward takes a cache of its own ('{own}'): shapeprof builds "
+                         f"HuggingFace's and inserts one where there is none; for this model pass the token ids "
+                         f"and a cache filled to the context you want as its example inputs instead")
+    return _inserted(model, phase, dtype)
+
+
+# ---------------------------------------------------------------------------------------------- weights read
+
+def weight_bytes(model: nn.Module, dtype: torch.dtype | None, rows: int) -> int:
+    """Bytes of weights one step reads: every distinct parameter once, in `dtype` where it is floating, except an
+    embedding table that nothing else uses, of which only the `rows` looked-up rows are read (or the whole table
+    when there are more rows than it has)."""
+    users: dict[int, int] = {}
+    for _, m in model.named_modules(remove_duplicate=False):
+        for p in m.parameters(recurse=False):
+            users[id(p)] = users.get(id(p), 0) + 1
+    lookups = {id(m.weight): m for m in model.modules() if isinstance(m, nn.Embedding)}
+    seen, total = set(), 0
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        size = dtype.itemsize if dtype is not None and p.is_floating_point() else p.element_size()
+        emb = lookups.get(id(p))
+        if emb is not None and users[id(p)] == 1:
+            total += min(rows, emb.num_embeddings) * emb.embedding_dim * size
+        else:
+            total += p.numel() * size
+    return total
+
+
+# ---------------------------------------------------------------------------------------------- HuggingFace
+
+def _is_hf(model: nn.Module) -> bool:
+    transformers = sys.modules.get("transformers")
+    return transformers is not None and isinstance(model, transformers.PreTrainedModel)
+
+
+def _hf(model: nn.Module, phase: Prefill | Decode, dtype: torch.dtype | None) -> ResolvedPhase:
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    layers = getattr(cfg, "num_hidden_layers", None)
+    heads = getattr(cfg, "num_attention_heads", None)
+    if not layers or not heads:
+        raise PhaseError(f"{type(model).__name__}'s config names no num_hidden_layers / num_attention_heads: "
+                         f"shapeprof cannot build its cache")
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    cache_dtype = dtype or next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    per_token = layers * 2 * kv_heads * head_dim * cache_dtype.itemsize
+    params = inspect.signature(model.forward).parameters
+    ids_kw = "input_ids" if "input_ids" in params else next(iter(params))
+    max_context = getattr(cfg, "max_position_embeddings", None)
+    windows = _hf_windows(cfg, layers)
+    if phase.kind == "prefill":
+        kwargs = {ids_kw: InputShape((phase.batch, phase.tokens), torch.long)}
+        return ResolvedPhase(phase, model, (), kwargs, "auto", "none before the prefill", per_token, [],
+                             max_context, layers, cfg.hidden_size)
+    from transformers import DynamicCache
+    try:
+        cache = DynamicCache(config=cfg)
+    except TypeError:      # older transformers: one kind of layer
+        cache = DynamicCache()
+    shape = (phase.batch, kv_heads, phase.context, head_dim)
+    try:
+        for i in range(layers):
+            cache.update(torch.empty(shape, dtype=cache_dtype, device="meta"),
+                         torch.empty(shape, dtype=cache_dtype, device="meta"), i)
+    except Exception as e:
+        raise PhaseError(f"{type(model).__name__}: its DynamicCache could not be filled on meta: {e}") from e
+    cache_kw = next((k for k in ("past_key_values", "cache") if k in params), None)
+    if cache_kw is None:
+        raise PhaseError(f"{type(model).__name__}.forward takes no past_key_values: it keeps no KV cache that "
+                         f"shapeprof can fill (a state-space model's state is not one)")
+    kwargs = {ids_kw: InputShape((phase.batch, 1), torch.long), cache_kw: cache, "use_cache": True}
+    positions = [min(phase.context + 1, w) if w else phase.context + 1 for w in windows]
+    # the ideal reads: every layer's keys and values, of the positions each layer attends to
+    per_layer = 2 * kv_heads * head_dim * cache_dtype.itemsize
+    notes = [f"decode step over {type(cache).__name__} holding {phase.context} positions (transformers' own cache "
+             f"class, on meta)"]
+    if type(cache).__name__ == "DynamicCache":
+        notes.append("transformers' DynamicCache concatenates: each eager step copies every layer's whole cache "
+                     "(in the report's bytes, not in its KV read / written figures, which a static or paged "
+                     "cache would match)")
+    return ResolvedPhase(phase, model, (), kwargs, "auto", "transformers " + type(cache).__name__, per_token,
+                         [n * per_layer for n in positions], max_context, layers, cfg.hidden_size, notes)
+
+
+def _hf_windows(cfg, layers: int) -> list[int | None]:
+    """Per layer, the sliding window it attends over (None: every position)."""
+    window = getattr(cfg, "sliding_window", None)
+    types = getattr(cfg, "layer_types", None)
+    if types and window:
+        return [window if t == "sliding_attention" else None for t in types[:layers]]
+    if window and getattr(cfg, "use_sliding_window", True) and type(cfg).__name__.startswith("Mistral"):
+        return [window] * layers
+    return [None] * layers
+
+
+# ---------------------------------------------------------------------------------------------- a cache inserted
+
+_OWN_CACHE_NAMES = ("past_key_values", "past_key_value", "kv_cache", "cache", "layer_past", "past", "use_cache",
+                    "input_pos", "start_pos", "cache_position")
+
+
+def _own_cache_parameter(model: nn.Module) -> str | None:
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return None
+    return next((p for p in _OWN_CACHE_NAMES if p in params), None)
+
+
+def _inserted(model: nn.Module, phase: Prefill | Decode, dtype: torch.dtype | None) -> ResolvedPhase:
+    """The model's whole forward with the kv_cache rewrite's cache inserted, over a cache holding `context`
+    positions (none for a prefill, which then writes its keys and values into it, as a serving engine's does)."""
+    from .kvcache import KVCache
+
+    memo = _MEMO.get()
+    key = (id(model), dtype)
+    if memo is None or key not in memo:
+        with warnings.catch_warnings():   # torch's own pytree deprecation, from copying the exported program
+            warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
+            cached = _insert_cache(model, phase, dtype)
+        if memo is not None:
+            memo[key] = cached
+    else:
+        cached = memo[key]
+    seq, plan = cached
+    cache = KVCache()
+    cache.start = phase.context
+    leaves = list(seq.leaves)
+    leaves[seq.ids_index] = InputShape((phase.batch, phase.new_tokens), torch.long)
+    per_token = plan.bytes_per_position
+    if dtype is not None:   # the slots were sized in the captured dtype
+        per_token = sum(s.bytes_per_position // _itemsize(s.dtype) * dtype.itemsize for s in plan.slots)
+    read = [(phase.context + 1) * per_token] if phase.kind == "decode" else []
+    notes = [f"{phase.kind} over the KV cache shapeprof's kv_cache rewrite inserts ({len(plan.slots)} cached "
+             f"tensors): keys and values written for the new positions only, attention over every cached one"]
+    return ResolvedPhase(phase, seq.gm, (*leaves, cache), {}, "dispatch", "inserted (kv_cache rewrite)", per_token,
+                         read, seq.max_length.get(plan.seq_dim), len(plan.slots) // 2, _width(model), notes)
+
+
+_MEMO: contextvars.ContextVar[dict | None] = contextvars.ContextVar("shapeprof_phase_memo", default=None)
+
+
+@contextlib.contextmanager
+def reusing_captures():
+    """Within it, a model's cached graph is captured once and reused by every phase analysed (a batch sweep):
+    the model must not change meanwhile."""
+    token = _MEMO.set({})
+    try:
+        yield
+    finally:
+        _MEMO.reset(token)
+
+
+def _insert_cache(model: nn.Module, phase: Prefill | Decode, dtype: torch.dtype | None):
+    from .rewrites.base import RewriteContext
+    from .rewrites.kv_cache import KVCacheInsertion
+    from .sequence import SequenceCaptureError, capture_sequence
+
+    name = type(model).__name__
+    rewrite = KVCacheInsertion()
+    why = rewrite.unsuitable(model)
+    if why:
+        raise PhaseError(f"{phase.kind} of {name}: {why}")
+    device = next((t.device for t in model.parameters()), torch.device("cpu"))
+    try:
+        seq = capture_sequence(model, torch.zeros(2, 8, dtype=torch.long, device=device))
+    except SequenceCaptureError as e:
+        raise PhaseError(f"{phase.kind} of {name} needs a KV cache inserted, and its forward could not be captured "
+                         f"with the sequence length symbolic: {e}") from e
+    result = rewrite(seq.gm, RewriteContext(sequence=seq, dtype=dtype))
+    if not result.changed:
+        reasons = "; ".join(f"{s.where}: {s.reason}" for s in result.skipped[:2]) or "no causal self-attention found"
+        raise PhaseError(f"{phase.kind} of {name} needs a KV cache, and none could be inserted: {reasons}")
+    return seq, result.decoding
+
+
+def _width(model: nn.Module) -> int | None:
+    """The residual stream's width of a hand-written decoder: its token embedding's (the widest table)."""
+    tables = [m for m in model.modules() if isinstance(m, nn.Embedding)]
+    return max(tables, key=lambda m: m.num_embeddings).embedding_dim if tables else None
+
+
+def _itemsize(dtype_name: str) -> int:
+    return getattr(torch, dtype_name.removeprefix("torch.")).itemsize
