@@ -70,6 +70,7 @@ class _Op:
     m1: int
     dm: int
     peak: float
+    achieved: float     # the peak real kernels reach (the spec's measured figure, else the datasheet's)
     calls: int          # how many times the step runs it (twins and folded loops)
     matmul: bool
     group: str          # 'layers.*.mlp.c_fc aten.mm': where it runs, repeated layers folded
@@ -129,6 +130,16 @@ class BatchSweep:
             flops += op.flops(b) * op.calls
             nbytes += op.nbytes(b) * op.calls
         return seconds, "compute" if compute_bound >= memory_bound else "memory", flops, nbytes
+
+    def achievable(self, b: int) -> float:
+        """The step at batch `b` as real kernels run it: each op max(latency floor, F / achieved peak,
+        bytes / achieved bandwidth) (`roofline.achievable_time`); the datasheet roofline where nothing is measured."""
+        if not self.exact:
+            return self.direct[b].total.predicted_seconds
+        spec = self.spec
+        bw = spec.achieved_bandwidth or spec.memory_bandwidth
+        return sum(max(spec.kernel_latency, op.flops(b) / op.achieved, op.nbytes(b) / bw) * op.calls
+                   for op in self.ops)
 
     def crossings(self) -> list[Crossing]:
         """Per matmul group, the batch at which it turns compute-bound; the most time first."""
@@ -227,9 +238,30 @@ def _paired_ops(one: Report, two: Report, coster) -> list[_Op] | None:
             (cx, tx), (cy, _) = coster._cost(rx), coster._cost(ry)
             if not (cx.flops or cx.bytes or cy.flops or cy.bytes):
                 continue
-            ops.append(_Op(cx.flops, cy.flops - cx.flops, cx.bytes, cy.bytes - cx.bytes, tx.peak_flops, x.repeats,
-                           cx.matmul, f"{where} {rx.name}".strip()))
+            ops.append(_Op(cx.flops, cy.flops - cx.flops, cx.bytes, cy.bytes - cx.bytes, tx.peak_flops,
+                           _achieved(coster.spec, tx.peak_flops), x.repeats, cx.matmul,
+                           f"{where} {rx.name}".strip()))
     return ops
+
+
+def _achieved(spec: DeviceSpec, peak: float) -> float:
+    key = next((k for k, v in spec.peak_flops.items() if v == peak), None)
+    return spec.achieved_peak(key) if key is not None else peak
+
+
+def achievable_seconds(report: Report, spec: DeviceSpec, precision) -> float:
+    """A report's eager step as real kernels run it (see `BatchSweep.achievable`)."""
+    from .analysis import _NodeCoster
+    coster = _NodeCoster(spec, precision)
+    bw = spec.achieved_bandwidth or spec.memory_bandwidth
+    total = 0.0
+    for cn in report.graph_capture.nodes:
+        for rec in cn.records:
+            cost, t = coster._cost(rec)
+            if cost.flops or cost.bytes:
+                total += max(spec.kernel_latency, cost.flops / _achieved(spec, t.peak_flops),
+                             cost.bytes / bw) * cn.repeats
+    return total
 
 
 # ---------------------------------------------------------------------------------------------- advise
@@ -328,8 +360,11 @@ def advise(model: nn.Module, spec: str | DeviceSpec | None = None, dtype: torch.
     tp = parallel["degree"] if parallel else 1
     comm = parallel["decode_all_reduce_seconds_per_token_step"] if parallel else 0.0
 
-    def step_seconds(b: int) -> float:
-        seconds = sweep.step(b)[0]
+    # decisions (online, offline) use what real kernels reach where the spec measured it, else the datasheet
+    measured = device.measured
+
+    def step_seconds(b: int, achievable: bool = measured) -> float:
+        seconds = sweep.achievable(b) if achievable else sweep.step(b)[0]
         return seconds / tp + (comm * b if tp > 1 else 0.0)
 
     max_batch = _max_batch(device, info, pre.parameter_bytes, context, tp)
@@ -337,7 +372,9 @@ def advise(model: nn.Module, spec: str | DeviceSpec | None = None, dtype: torch.
     for b in batches:
         seconds, bound, flops, nbytes = sweep.step(b)
         t = step_seconds(b)
-        rows.append({"batch": b, "seconds": t, "tokens_per_second": b / t, "per_sequence": 1 / t, "bound": bound,
+        t = step_seconds(b, achievable=False)
+        rows.append({"batch": b, "seconds": t, "achievable_seconds": step_seconds(b, achievable=True),
+                     "tokens_per_second": b / step_seconds(b), "per_sequence": 1 / step_seconds(b), "bound": bound,
                      "flops": flops, "bytes": nbytes, "kv_bytes": b * (context + 1) * info.kv_bytes_per_token,
                      "fits": b <= max_batch})
     online = _online(step_seconds, max_batch, reading_tokens_per_second, sweep.exact, batches)
@@ -345,21 +382,33 @@ def advise(model: nn.Module, spec: str | DeviceSpec | None = None, dtype: torch.
                "per_sequence": 1 / step_seconds(max_batch) if max_batch else 0.0,
                "why": "throughput grows with the batch (the weights are read once a step), so offline work wants "
                       "the largest batch whose KV cache fits"} if sweep.exact else _best_row(rows)
-    advice = Advice(type(model).__name__, device, dtype_name, context, _phase_summary(pre), _phase_summary(dec),
+    if measured:
+        notes.append(f"times are what real kernels reach on {device.name}: a latency floor of "
+                     f"{device.kernel_latency * 1e6:.1f} µs a kernel, achieved bandwidth and FLOP/s (the datasheet "
+                     f"roofline beside them); online and offline batches use them")
+    else:
+        notes.append(f"times are the datasheet roofline, optimistic for the few-microsecond kernels of a decode "
+                     f"step (an H200's decode-like step ran its matmuls at 0.41 of it, its small kernels at about "
+                     f"2 µs each: benchmarks/logs/predicted_vs_measured-h200.txt); `shapeprof calibrate` on the GPU "
+                     f"measures a latency floor and achieved figures")
+    advice = Advice(type(model).__name__, device, dtype_name, context,
+                    _phase_summary(pre, device, precision), _phase_summary(dec, device, precision),
                     rows, sweep.crossings(), sweep.step_crossing(), online, offline, memory, parallel, notes=notes)
     advice.shapes = _shapes(pre)
-    advice.accountings = {"prefill": _accountings(pre), "decode": _accountings(dec)}
+    advice.accountings = {"prefill": _accountings(pre, device), "decode": _accountings(dec, device)}
     return advice
 
 
-def _phase_summary(r: Report) -> dict[str, Any]:
+def _phase_summary(r: Report, spec: DeviceSpec, precision) -> dict[str, Any]:
     p = r.phase
     seconds = r.total.predicted_seconds
+    achievable = achievable_seconds(r, spec, precision)
     return {"batch": p.batch, "tokens": p.tokens, "context": p.context, "flops": r.total.flops,
             "bytes": r.total.bytes, "weight_bytes": p.weight_bytes, "kv_read_bytes": p.kv_read_bytes,
             "kv_written_bytes": p.kv_written_bytes, "other_bytes": p.other_bytes,
             "intensity": r.total.flops / r.total.bytes if r.total.bytes else math.inf,
             "seconds": seconds, "tokens_per_second": p.tokens_per_step / seconds if seconds else math.inf,
+            "achievable_seconds": achievable,
             "cache": p.cache}
 
 
@@ -449,17 +498,18 @@ def _best_row(rows) -> dict[str, Any]:
 
 
 def _shapes(report: Report):
-    try:
-        from .shapes import shape_advice
-    except ImportError:
-        return None
+    from .shapes import shape_advice
     return shape_advice(report)
 
 
-def _accountings(report: Report) -> dict[str, Any]:
-    try:
-        from .accounting import accountings
-    except ImportError:
-        return {}
-    return {name: a.to_dict() for name, a in accountings(report).items()}
+def _accountings(report: Report, spec: DeviceSpec) -> dict[str, Any]:
+    """Eager and fused, each with its time under the spec's latency floor (every kernel at least that long)."""
+    from .accounting import accountings
+    out = {}
+    for name, a in accountings(report).items():
+        d = a.to_dict()
+        d["seconds_with_floor"] = sum(k.calls * max(spec.kernel_latency, k.seconds / k.calls)
+                                      for k in a.kernels_detail if k.calls)
+        out[name] = d
+    return out
 

@@ -30,7 +30,7 @@ import math
 import os
 import tempfile
 import tomllib
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -116,6 +116,12 @@ class DeviceSpec:
             added, as NVIDIA and AMD quote it (A100 NVLink: 600 GB/s = 300 each way); for a PCIe
             card, its x16 slot (Gen4: 64 GB/s, Gen5: 128 GB/s, both directions). 0 means none.
         source: where the numbers come from.
+        kernel_latency: seconds one kernel takes at least, however little it does (launch and ramp-up): a decode
+            step is made of kernels of a few microseconds, where a pure roofline is optimistic. Measured by
+            `shapeprof.calibrate` on the device; 0 on the built-in datasheet specs.
+        achieved_bandwidth, achieved_flops: what real kernels reach (a STREAM copy, a large matmul per format),
+            beside the datasheet's peaks; measured by calibrate, empty on the built-in specs. `achievable_time`
+            prices an op with them and the latency floor.
     """
 
     name: str
@@ -127,6 +133,9 @@ class DeviceSpec:
     sm_count: int
     interconnect_bandwidth: float
     source: str = ""
+    kernel_latency: float = 0.0            # seconds: the least one kernel takes (launch, ramp-up); 0: not measured
+    achieved_bandwidth: float = 0.0        # bytes/s a large copy really reaches; 0: not measured
+    achieved_flops: Mapping[str, float] = field(default_factory=dict)   # per peak key, what a large matmul reaches
 
     def __post_init__(self) -> None:
         def set_(key: str, value: Any) -> None:   # frozen: normalise each field once, here
@@ -142,6 +151,20 @@ class DeviceSpec:
         set_("sm_count", _check_int("sm_count", self.sm_count, minimum=1))
         set_("interconnect_bandwidth",
              _check_float("interconnect_bandwidth", self.interconnect_bandwidth, positive=False))
+        set_("kernel_latency", _check_float("kernel_latency", self.kernel_latency, positive=False))
+        set_("achieved_bandwidth", _check_float("achieved_bandwidth", self.achieved_bandwidth, positive=False))
+        achieved = _ReadOnlyDict({str(k): _check_float(f"achieved_flops.{k}", v, positive=True)
+                                  for k, v in dict(self.achieved_flops or {}).items()})
+        set_("achieved_flops", achieved)
+
+    @property
+    def measured(self) -> bool:
+        """Whether this spec holds measured figures (a latency floor, achieved bandwidth or FLOP/s)."""
+        return bool(self.kernel_latency or self.achieved_bandwidth or self.achieved_flops)
+
+    def achieved_peak(self, key: str) -> float:
+        """What a real kernel reaches of peak `key`: the measured figure where there is one, else the datasheet's."""
+        return self.achieved_flops.get(key, self.peak_flops[key])
 
     # ---- peaks -------------------------------------------------------------------------------
 
@@ -222,13 +245,17 @@ class DeviceSpec:
             "sm_count": self.sm_count,
             "interconnect_bandwidth": self.interconnect_bandwidth,
             "peak_flops": dict(self.peak_flops),
+            "kernel_latency": self.kernel_latency,
+            "achieved_bandwidth": self.achieved_bandwidth,
+            "achieved_flops": dict(self.achieved_flops),
         }
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "DeviceSpec":
         """Build and validate a spec from a dict as `to_dict` writes it.
 
-        `display_name` defaults to `name` and `source` to ""; every other field is required.
+        `display_name` defaults to `name`, `source` to "", the measured figures to none; every other field is
+        required.
 
             >>> d = get_spec("l4").to_dict(); del d["memory_bandwidth"]
             >>> DeviceSpec.from_dict(d)
@@ -246,7 +273,7 @@ class DeviceSpec:
             if key not in known:
                 raise SpecError(f"unknown key {key!r}{_did_you_mean(str(key), known)}")
         for key in known:
-            if key not in d and key not in ("display_name", "source"):
+            if key not in d and key not in _OPTIONAL:
                 raise SpecError(f"missing key {key!r}")
         kwargs = dict(d)
         kwargs.setdefault("display_name", kwargs["name"])
@@ -286,6 +313,7 @@ class DeviceSpec:
         return path
 
 
+_OPTIONAL = ("display_name", "source", "kernel_latency", "achieved_bandwidth", "achieved_flops")
 _BAD_SUFFIX = "cannot save a device spec as '{name}': use a .toml or .json suffix"
 
 

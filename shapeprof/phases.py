@@ -96,7 +96,9 @@ class PhaseInfo:
     table is tied to the output head). `kv_read_bytes` / `kv_written_bytes`: what any implementation of the step
     must move of the KV cache (attention reads every cached position and the new one; the new position is written).
     What the eager graph moves besides (activations, and a cache class that copies itself) is the report's total
-    bytes minus these: `other_bytes`.
+    bytes minus these: `other_bytes`. A prefill's graph may write no cache at all (a model without one, analysed
+    as it is): `kv_in_graph` then says the written figure is what
+    a cache would take, outside the total.
     """
 
     kind: str                  # 'prefill' or 'decode'
@@ -112,6 +114,7 @@ class PhaseInfo:
     kv_read_bytes: int
     kv_written_bytes: int
     total_bytes: int
+    kv_in_graph: bool = True
 
     @property
     def tokens_per_step(self) -> int:
@@ -119,7 +122,8 @@ class PhaseInfo:
 
     @property
     def other_bytes(self) -> int:
-        return self.total_bytes - self.weight_bytes - self.kv_read_bytes - self.kv_written_bytes
+        written = self.kv_written_bytes if self.kv_in_graph else 0
+        return self.total_bytes - self.weight_bytes - self.kv_read_bytes - written
 
     def describe(self) -> str:
         if self.kind == "prefill":
@@ -143,13 +147,14 @@ class ResolvedPhase:
     layers: int
     hidden: int | None
     notes: list[str] = field(default_factory=list)
+    kv_in_graph: bool = True
 
     def info(self, model: nn.Module, dtype: torch.dtype | None, total_bytes: int) -> PhaseInfo:
         p = self.phase
         read = p.batch * sum(self.kv_read_per_sequence) if p.kind == "decode" else 0
         return PhaseInfo(p.kind, p.batch, p.new_tokens, p.context, self.cache, self.kv_bytes_per_token,
                          self.max_context, self.layers, self.hidden, weight_bytes(model, dtype, p.batch * p.new_tokens), read,
-                         p.batch * p.new_tokens * self.kv_bytes_per_token, total_bytes)
+                         p.batch * p.new_tokens * self.kv_bytes_per_token, total_bytes, self.kv_in_graph)
 
 
 def resolve(model: nn.Module, phase: Prefill | Decode, dtype: torch.dtype | None) -> ResolvedPhase:
@@ -214,7 +219,7 @@ def _hf(model: nn.Module, phase: Prefill | Decode, dtype: torch.dtype | None) ->
     if phase.kind == "prefill":
         kwargs = {ids_kw: InputShape((phase.batch, phase.tokens), torch.long)}
         return ResolvedPhase(phase, model, (), kwargs, "auto", "none before the prefill", per_token, [],
-                             max_context, layers, cfg.hidden_size)
+                             max_context, layers, cfg.hidden_size)   # its DynamicCache copies the keys in
     from transformers import DynamicCache
     try:
         cache = DynamicCache(config=cfg)
@@ -286,18 +291,26 @@ def _inserted(model: nn.Module, phase: Prefill | Decode, dtype: torch.dtype | No
     else:
         cached = memo[key]
     seq, plan = cached
+    per_token = plan.bytes_per_position
+    if dtype is not None:   # the slots were sized in the captured dtype
+        per_token = sum(s.bytes_per_position // _itemsize(s.dtype) * dtype.itemsize for s in plan.slots)
+    layers, width, limit = len(plan.slots) // 2, _width(model), seq.max_length.get(plan.seq_dim)
+    if phase.kind == "prefill":
+        # the model's own forward, as every other analysis captures it (module paths, its own kernels); the
+        # cache it fills is counted beside it
+        return ResolvedPhase(phase, model, (InputShape((phase.batch, phase.tokens), torch.long),), {}, "auto",
+                             "inserted (kv_cache rewrite)", per_token, [], limit, layers, width,
+                             [f"prefill analysed as the model's forward; the KV cache the kv_cache rewrite would "
+                              f"fill ({len(plan.slots)} cached tensors) is counted beside its bytes"],
+                             kv_in_graph=False)
     cache = KVCache()
     cache.start = phase.context
     leaves = list(seq.leaves)
     leaves[seq.ids_index] = InputShape((phase.batch, phase.new_tokens), torch.long)
-    per_token = plan.bytes_per_position
-    if dtype is not None:   # the slots were sized in the captured dtype
-        per_token = sum(s.bytes_per_position // _itemsize(s.dtype) * dtype.itemsize for s in plan.slots)
-    read = [(phase.context + 1) * per_token] if phase.kind == "decode" else []
-    notes = [f"{phase.kind} over the KV cache shapeprof's kv_cache rewrite inserts ({len(plan.slots)} cached "
-             f"tensors): keys and values written for the new positions only, attention over every cached one"]
+    notes = [f"decode over the KV cache shapeprof's kv_cache rewrite inserts ({len(plan.slots)} cached tensors): "
+             f"keys and values written for the new position only, attention over every cached one"]
     return ResolvedPhase(phase, seq.gm, (*leaves, cache), {}, "dispatch", "inserted (kv_cache rewrite)", per_token,
-                         read, seq.max_length.get(plan.seq_dim), len(plan.slots) // 2, _width(model), notes)
+                         [(phase.context + 1) * per_token], limit, layers, width, notes)
 
 
 _MEMO: contextvars.ContextVar[dict | None] = contextvars.ContextVar("shapeprof_phase_memo", default=None)
@@ -324,17 +337,57 @@ def _insert_cache(model: nn.Module, phase: Prefill | Decode, dtype: torch.dtype 
     why = rewrite.unsuitable(model)
     if why:
         raise PhaseError(f"{phase.kind} of {name}: {why}")
-    device = next((t.device for t in model.parameters()), torch.device("cpu"))
-    try:
-        seq = capture_sequence(model, torch.zeros(2, 8, dtype=torch.long, device=device))
-    except SequenceCaptureError as e:
-        raise PhaseError(f"{phase.kind} of {name} needs a KV cache inserted, and its forward could not be captured "
-                         f"with the sequence length symbolic: {e}") from e
-    result = rewrite(seq.gm, RewriteContext(sequence=seq, dtype=dtype))
-    if not result.changed:
-        reasons = "; ".join(f"{s.where}: {s.reason}" for s in result.skipped[:2]) or "no causal self-attention found"
-        raise PhaseError(f"{phase.kind} of {name} needs a KV cache, and none could be inserted: {reasons}")
-    return seq, result.decoding
+    # Captured on a meta copy in `dtype`: export bakes the dtypes it traces into the graph (RMSNorm's `.type_as(x)`
+    # becomes `.to(float32)`) and the layouts of the kernels it ran (a `view` after a CPU attention kernel's
+    # output), while the analysis runs the graph on meta. A mask known only by its values (a tril buffer) cannot
+    # be read on meta: then, where the model has its data and is small, the graph comes from a copy of it.
+    from .capture import meta_shadow
+    why = None
+    for copy in (meta_shadow(model, dtype), _real_copy(model, dtype)):
+        if copy is None:
+            continue
+        try:
+            seq = capture_sequence(copy, torch.zeros(2, 8, dtype=torch.long,
+                                                     device=next((t.device for t in copy.parameters()), "cpu")))
+        except SequenceCaptureError as e:
+            raise PhaseError(f"{phase.kind} of {name} needs a KV cache inserted, and its forward could not be "
+                             f"captured with the sequence length symbolic: {e}") from e
+        result = rewrite(seq.gm, RewriteContext(sequence=seq, dtype=dtype))
+        if result.changed:
+            return seq, result.decoding
+        why = "; ".join(f"{s.where}: {s.reason}" for s in result.skipped[:2]) or "no causal self-attention found"
+    on_meta = _real_copy(model, dtype) is None
+    hint = " (on meta a mask buffer has no values: build the model on the CPU)" if on_meta and "mask" in why else ""
+    raise PhaseError(f"{phase.kind} of {name} needs a KV cache, and none could be inserted: {why}{hint}")
+
+
+def _real_copy(model: nn.Module, dtype: torch.dtype | None) -> nn.Module | None:
+    """The model with its data, in `dtype` (a copy; the model itself when no dtype is asked), or None when it is
+    on meta or its weights would take more than `_REAL_COPY_LIMIT`."""
+    from .capture import meta_shadow
+    tensors = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
+    if any(t.is_meta for _, t in tensors):
+        return None
+    if dtype is None:
+        return model
+    size = sum(t.numel() * (dtype.itemsize if t.is_floating_point() else t.element_size())
+               for t in {id(t): t for _, t in tensors}.values())
+    if size > _REAL_COPY_LIMIT:
+        return None
+    shadow = meta_shadow(model, dtype)
+    copies: dict[int, torch.Tensor] = {}
+    for path, t in tensors:
+        owner, _, leaf = path.rpartition(".")
+        module = shadow.get_submodule(owner)
+        new = copies.get(id(t))
+        if new is None:   # tied tensors stay tied
+            data = t.detach().to(dtype if t.is_floating_point() else t.dtype, copy=True)
+            new = copies[id(t)] = nn.Parameter(data, requires_grad=False) if isinstance(t, nn.Parameter) else data
+        (module._parameters if leaf in module._parameters else module._buffers)[leaf] = new
+    return shadow
+
+
+_REAL_COPY_LIMIT = 2 * 2 ** 30
 
 
 def _width(model: nn.Module) -> int | None:

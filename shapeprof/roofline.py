@@ -51,6 +51,17 @@ def op_time(cost: OpCost, dtype: torch.dtype, spec: DeviceSpec, *, tf32: bool = 
     return OpTime(cost.flops / peak, (cost.bytes_read + cost.bytes_written) / spec.memory_bandwidth, peak)
 
 
+def achievable_time(cost: OpCost, dtype: torch.dtype, spec: DeviceSpec, *, tf32: bool = False) -> float:
+    """One op's time as real kernels run it: max(the spec's latency floor, FLOPs / achieved peak, bytes / achieved
+    bandwidth), each measured figure falling back to the datasheet's where the spec has none. An op that moves
+    nothing (a view) launches no kernel and pays no floor."""
+    if not (cost.flops or cost.bytes_read or cost.bytes_written):
+        return 0.0
+    peak = spec.achieved_peak(spec.peak_key(dtype, matmul=cost.matmul, tf32=tf32))
+    bandwidth = spec.achieved_bandwidth or spec.memory_bandwidth
+    return max(spec.kernel_latency, cost.flops / peak, (cost.bytes_read + cost.bytes_written) / bandwidth)
+
+
 def record_time(record, spec: DeviceSpec, *, tf32: bool = False) -> tuple[OpCost, OpTime]:
     """The cost of one recorded ATen op and its roofline on `spec`, computing in its inputs' number format: what
     every caller that prices a record (a node, a rewrite's match, a profiler event) asks."""

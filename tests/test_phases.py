@@ -55,11 +55,26 @@ def test_llama_decode_bytes_split_exactly():
     assert r.inputs == ("decode step: batch 2, cache of 32 positions (inserted (kv_cache rewrite))",)
 
 
-def test_prefill_writes_its_cache_and_reads_none():
+def test_prefill_is_the_model_forward_and_counts_the_cache_beside_it():
     model = _on_meta(lambda: Transformer(LlamaConfig.tiny()))
     r = shapeprof.analyze(model, shapeprof.Prefill(batch=1, tokens=16))
+    plain = shapeprof.analyze(model, shapeprof.InputShape((1, 16), torch.long))
     assert (r.phase.kind, r.phase.kv_read_bytes, r.phase.kv_written_bytes) == ("prefill", 0, 16 * 512)
-    assert sum(cost_of(rec).bytes_written for rec in _records(r) if rec.name == "aten.copy_") == 16 * 512
+    assert r.phase.kv_in_graph is False and (r.total.flops, r.total.bytes) == (plain.total.flops, plain.total.bytes)
+    assert r.phase.other_bytes == r.total.bytes - r.phase.weight_bytes
+    assert r.nodes[0].module_path   # the model's own capture, with its module paths
+
+
+def test_manual_mask_decoder_needs_its_mask_values():
+    config = GPTConfig(n_layer=2, n_head=4, n_embd=64, vocab_size=256, block_size=128, flash=False)
+    torch.manual_seed(0)
+    r = shapeprof.analyze(GPT(config), shapeprof.Decode(2, 16), dtype=torch.bfloat16)
+    # attention over 17 positions: 2 x 17 x 2 layers x (k + v) x 64 x 2 bytes; the manual chain stays manual
+    assert r.phase.kv_read_bytes == 2 * 17 * 2 * 2 * 64 * 2
+    assert any(rec.name in ("aten.bmm", "aten.matmul") and rec.input_metas()[1].shape[-1] == 17
+               for rec in _records(r))
+    with pytest.raises(shapeprof.PhaseError, match="its mask .* could not be evaluated .*on meta a mask buffer"):
+        shapeprof.analyze(_on_meta(lambda: GPT(config)), shapeprof.Decode(2, 16))
 
 
 def test_decode_batch_and_dtype_follow():

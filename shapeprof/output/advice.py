@@ -23,30 +23,39 @@ def _tokens(x: float) -> str:
 def render(adv) -> Group:
     head = Text(f"{printable(adv.model)} on {adv.spec.display_name}, {adv.dtype}, decode context {adv.context:,}",
                 style="bold")
-    phases = _table("Prefill and decode (eager, datasheet roofline)", "", "FLOPs", "bytes", "weights", "KV read",
-                    "KV written", "other", "FLOP/B", "time", "tokens/s")
+    measured = adv.spec.measured
+    phases = _table("Prefill and decode (eager" + (")" if measured else ", datasheet roofline)"), "", "FLOPs",
+                    "bytes", "weights", "KV read", "KV written", "other", "FLOP/B", "time",
+                    *(["achievable"] if measured else []), "tokens/s")
     for name, p in (("prefill", adv.prefill), ("decode", adv.decode)):
         label = (f"prefill {p['batch']}x{p['tokens']:,}" if name == "prefill" else
                  f"decode batch {p['batch']}")
         phases.add_row(label, fmt_flops(p["flops"]), fmt_bytes(p["bytes"]), fmt_bytes(p["weight_bytes"]),
                        fmt_bytes(p["kv_read_bytes"]), fmt_bytes(p["kv_written_bytes"]), fmt_bytes(p["other_bytes"]),
-                       f"{p['intensity']:.1f}", fmt_seconds(p["seconds"]), _tokens(p["tokens_per_second"]))
+                       f"{p['intensity']:.1f}", fmt_seconds(p["seconds"]),
+                       *([fmt_seconds(p["achievable_seconds"])] if measured else []),
+                       _tokens(p["tokens_per_second"]))
     parts = [head, phases]
     if adv.accountings.get("decode"):
         acc = _table("Two accountings (eager: every kernel as PyTorch runs it; fused: a serving engine's)", "",
-                     "eager bytes", "fused bytes", "eager time", "fused time", "kernels eager / fused")
+                     "eager bytes", "fused bytes", "eager time", "fused time", "kernels eager / fused",
+                     *(["eager / fused with latency floor"] if measured else []))
         for name, a in adv.accountings.items():
             if a:
                 e, f = a["eager"], a["fused"]
                 acc.add_row(name, fmt_bytes(e["bytes_read"] + e["bytes_written"]),
                             fmt_bytes(f["bytes_read"] + f["bytes_written"]), fmt_seconds(e["predicted_seconds"]),
-                            fmt_seconds(f["predicted_seconds"]), f"{e['kernels']:,} / {f['kernels']:,}")
+                            fmt_seconds(f["predicted_seconds"]), f"{e['kernels']:,} / {f['kernels']:,}",
+                            *([f"{fmt_seconds(e['seconds_with_floor'])} / {fmt_seconds(f['seconds_with_floor'])}"]
+                              if measured else []))
         parts.append(acc)
     sweep = _table("Decode batch sweep" + (f" (tensor parallel x{adv.parallel['degree']})"
                                            if adv.parallel and adv.parallel.get("degree") else ""),
-                   "batch", "step", "tokens/s", "per sequence", "bound", "KV cache", "fits")
+                   "batch", "step", *(["achievable"] if measured else []), "tokens/s", "per sequence", "bound",
+                   "KV cache", "fits")
     for r in adv.sweep:
-        sweep.add_row(str(r["batch"]), fmt_seconds(r["seconds"]), _tokens(r["tokens_per_second"]),
+        sweep.add_row(str(r["batch"]), fmt_seconds(r["seconds"]),
+                      *([fmt_seconds(r["achievable_seconds"])] if measured else []), _tokens(r["tokens_per_second"]),
                       _tokens(r["per_sequence"]), r["bound"], fmt_bytes(r["kv_bytes"]), "yes" if r["fits"] else "no")
     parts.append(sweep)
     cross = _table("Where each matmul turns compute-bound", "matmul", "calls", "FLOP/B at batch 1", "compute-bound from")
