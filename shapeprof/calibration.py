@@ -220,16 +220,56 @@ def _measure(dev: torch.device, dtypes: tuple[torch.dtype, ...], budget: float) 
                 matmuls.append(_matmul(key, dtype, dev, clock, max(share, budget / 50)))
         left = max(start + budget - time.perf_counter(), budget * _BANDWIDTH_SHARE / 2)
         stream = _stream(dev, clock, left, _last_level_cache(dev))
+        latency = _kernel_latency(dev)
     peaks = {m.key: m.flops for m in matmuls}
     if cuda and "fp64" in peaks and torch.cuda.get_device_capability(dev) in ((8, 0), (9, 0)):
         # A100 (8.0) and H100/H200 (9.0) run DGEMM on FP64 tensor cores at twice their vector FP64 rate
         peaks["fp64_tensor"] = peaks["fp64"]
         peaks["fp64"] = peaks["fp64_tensor"] / 2
+    source = _source(matmuls, stream, dev) + f"; kernel latency {latency * 1e6:.2f} µs (back-to-back 1-element adds)"
+    datasheet = _datasheet(dev)
+    if datasheet is not None:
+        # a GPU shapeprof has a datasheet for: its peaks stay the vendor's, what real kernels reach sits beside them
+        return replace(datasheet, name=_default_name(dev), kernel_latency=latency,
+                       achieved_bandwidth=stream.bandwidth, achieved_flops=peaks,
+                       source=f"{datasheet.source}; {source}")
     return DeviceSpec(
         name=_default_name(dev), display_name=_display_name(dev), peak_flops=peaks,
         memory_bandwidth=stream.bandwidth, memory_capacity=float(_memory_capacity(dev)),
         l2_cache=_last_level_cache(dev), sm_count=_units(dev), interconnect_bandwidth=0.0,
-        source=_source(matmuls, stream, dev))
+        source=source, kernel_latency=latency, achieved_bandwidth=stream.bandwidth, achieved_flops=peaks)
+
+
+_LATENCY_CALLS = 200
+
+
+def _kernel_latency(dev: torch.device) -> float:
+    """The least time one kernel takes, as a decode step's many tiny kernels see it: 1-element adds issued back to
+    back through PyTorch (launch and dispatch included, the work nil), wall time over the calls, median of 5."""
+    x = torch.zeros(1, device=dev)
+    out = torch.empty_like(x)
+    for _ in range(20):   # warm-up: first launches load kernels
+        torch.add(x, 1, out=out)
+    times = []
+    for _ in range(5):
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        start = time.perf_counter()
+        for _ in range(_LATENCY_CALLS):
+            torch.add(x, 1, out=out)
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        times.append((time.perf_counter() - start) / _LATENCY_CALLS)
+    return statistics.median(times)
+
+
+def _datasheet(dev: torch.device) -> DeviceSpec | None:
+    """The built-in spec of this GPU (by the name CUDA reports), None for a CPU or a GPU shapeprof has none for."""
+    if dev.type != "cuda":
+        return None
+    from .hardware import list_specs
+    name = torch.cuda.get_device_name(dev)
+    return next((s for s in list_specs() if s.display_name == name), None)
 
 
 @contextlib.contextmanager

@@ -128,3 +128,16 @@ def test_cli_advise_and_trace_phase(tmp_path):
     assert report.phase.kind == "decode" and report.phase.kv_read_bytes == 2 * 17 * 512
     bad = _run(["trace", "--phase", "decode", "--profile", "llm.py"], tmp_path)
     assert bad.returncode == 2 and "cannot be combined with --profile" in bad.stderr
+
+
+def test_a_measured_latency_floor_decides_the_online_batch():
+    # 5 ms a kernel: a decode step of about ninety kernels takes about 0.45 s, 2.2 tokens/s, under reading speed
+    floor = dataclasses.replace(shapeprof.get_spec("h100-sxm"), name="h100-slow-kernels", kernel_latency=5e-3)
+    adv = shapeprof.advise(_tiny_llama(), spec=floor, dtype=torch.bfloat16, context=32)
+    row = adv.sweep[0]
+    assert row["achievable_seconds"] > 1 / READING_TOKENS_PER_SECOND and row["seconds"] < 1e-6
+    assert row["per_sequence"] == pytest.approx(1 / row["achievable_seconds"])
+    assert adv.online["batch"] is None and "slower than reading speed" in adv.online["why"]
+    decode = adv.accountings["decode"]
+    assert decode["fused"]["seconds_with_floor"] == pytest.approx(decode["fused"]["kernels"] * 5e-3)
+    assert "achievable" in str(adv) and "latency floor of 5000.0 µs" in " ".join(adv.notes)

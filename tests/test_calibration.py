@@ -109,3 +109,11 @@ def test_names_and_cache_sizes_parse():
 @pytest.mark.skipif(not os.path.isdir("/sys/devices/system/cpu/cpu0/cache"), reason="no sysfs cache info")
 def test_last_level_cache_comes_from_sysfs(spec):
     assert spec.l2_cache > 0
+
+
+def test_calibrate_measures_a_kernel_latency_floor(spec):
+    # one PyTorch op on a 1-element tensor: dispatch and launch, no work; microseconds on any CPU
+    assert 1e-8 < spec.kernel_latency < 1e-3
+    assert spec.measured and spec.achieved_bandwidth == spec.memory_bandwidth
+    assert dict(spec.achieved_flops) == dict(spec.peak_flops)
+    assert "kernel latency" in spec.source

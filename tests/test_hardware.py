@@ -534,3 +534,25 @@ def test_paths_as_path_objects(tmp_path):
     p = A100.save(str(tmp_path / "s.toml"))         # str accepted, Path returned
     assert isinstance(p, Path)
     assert load_spec(str(p)) == A100
+
+
+def test_measured_figures_are_optional_checked_and_kept():
+    from shapeprof.costs import OpCost
+    from shapeprof.roofline import achievable_time
+    a100 = get_spec("a100-80gb-sxm")
+    assert not a100.measured and a100.kernel_latency == 0 and not a100.achieved_flops
+    measured = dataclasses.replace(a100, name="a100-measured", kernel_latency=5e-6, achieved_bandwidth=1.6e12,
+                                   achieved_flops={"bf16": 250e12})
+    assert DeviceSpec.from_dict(measured.to_dict()) == measured
+    old = {k: v for k, v in a100.to_dict().items() if k not in ("kernel_latency", "achieved_bandwidth",
+                                                               "achieved_flops")}
+    assert DeviceSpec.from_dict(old) == a100          # spec files written before these keys still load
+    with pytest.raises(SpecError, match="achieved_flops.bf16"):
+        dataclasses.replace(a100, achieved_flops={"bf16": -1.0})
+    tiny = OpCost(2_000, 1_000, 1_000, True, True)    # 2 kFLOP, 2 kB: far under the 5 µs floor
+    assert achievable_time(tiny, torch.bfloat16, measured) == 5e-6
+    big = OpCost(2 * 4096 ** 3, 3 * 4096 * 4096 * 2, 0, True, True)   # compute-bound: 137 GFLOP at 250 TFLOP/s
+    assert achievable_time(big, torch.bfloat16, measured) == pytest.approx(2 * 4096 ** 3 / 250e12)
+    stream = OpCost(0, 8_000_000_000, 8_000_000_000, True, False)    # 16 GB at the achieved 1.6 TB/s
+    assert achievable_time(stream, torch.bfloat16, measured) == pytest.approx(10e-3)
+    assert achievable_time(OpCost(0, 0, 0, True, False), torch.bfloat16, measured) == 0.0   # a view: no kernel
