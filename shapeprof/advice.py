@@ -39,6 +39,7 @@ import torch.nn as nn
 
 from .hardware import DeviceSpec, get_spec
 from .phases import Decode, Prefill, reusing_captures
+from .phases import resolve as resolve_phase
 from .precision import resolve as resolve_precision
 from .report import Report
 from .text import fmt_bytes
@@ -307,6 +308,11 @@ class Advice:
             write_atomic(Path(path), text)
         return text
 
+    def write_tensorboard(self, logdir, run: str = "advise"):
+        """TensorBoard Text (each table in markdown) and Images (the batch sweep) in a new run `logdir`/`run`."""
+        from .output.advice import write_tensorboard
+        return write_tensorboard(self, logdir, run)
+
     def __rich__(self):
         from .output.advice import render
         return render(self)
@@ -339,8 +345,7 @@ def advise(model: nn.Module, spec: str | DeviceSpec | None = None, dtype: torch.
     precision = resolve_precision(dtype)
     dtype_name = precision.name
     with reusing_captures():
-        probe = analyze(model, Decode(1, 1), spec=device, dtype=dtype)
-        limit = probe.phase.max_context
+        limit = resolve_phase(model, Decode(1, 1), precision.dtype).max_context   # no analysis: the inputs only
         context = context or (min(limit - 1, 4096) if limit else 4096)   # the step adds a position
         if limit is not None and context + 1 > limit:
             raise ValueError(f"context={context}: a decode step adds a position, and {type(model).__name__} "
@@ -387,10 +392,10 @@ def advise(model: nn.Module, spec: str | DeviceSpec | None = None, dtype: torch.
                      f"{device.kernel_latency * 1e6:.1f} µs a kernel, achieved bandwidth and FLOP/s (the datasheet "
                      f"roofline beside them); online and offline batches use them")
     else:
-        notes.append(f"times are the datasheet roofline, optimistic for the few-microsecond kernels of a decode "
-                     f"step (an H200's decode-like step ran its matmuls at 0.41 of it, its small kernels at about "
-                     f"2 µs each: benchmarks/logs/predicted_vs_measured-h200.txt); `shapeprof calibrate` on the GPU "
-                     f"measures a latency floor and achieved figures")
+        notes.append("times are the datasheet roofline, optimistic for the few-microsecond kernels of a decode "
+                     "step (an H200's decode-like step ran its matmuls at 0.41 of it, its small kernels at about "
+                     "2 µs each: benchmarks/logs/predicted_vs_measured-h200.txt); `shapeprof calibrate` on the GPU "
+                     "measures a latency floor and achieved figures")
     advice = Advice(type(model).__name__, device, dtype_name, context,
                     _phase_summary(pre, device, precision), _phase_summary(dec, device, precision),
                     rows, sweep.crossings(), sweep.step_crossing(), online, offline, memory, parallel, notes=notes)

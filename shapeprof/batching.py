@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import operator
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +36,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils import _pytree as pytree
 
+from .files import new_folder
 from .kvcache import causal_attention, causal_mask, kv_start
 from .paging import BlockAllocator, PagedStore, blocks_in_budget
 
@@ -353,14 +352,7 @@ class BatchStats:
         scalars (``generate_batch/...``, step = the decode step), in a new run folder `logdir`/`run` (`run`-1,
         -2, ... if taken), written whole: into a hidden folder first, renamed when done. -> the run folder."""
         from torch.utils.tensorboard import SummaryWriter
-        logdir = Path(logdir)
-        logdir.mkdir(parents=True, exist_ok=True)
-        target, i = logdir / run, 0
-        while target.exists():
-            i += 1
-            target = logdir / f"{run}-{i}"
-        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=logdir))
-        try:
+        with new_folder(logdir, run) as (staging, target):
             writer = SummaryWriter(log_dir=str(staging))
             try:
                 for step, record in enumerate(self.steps):
@@ -373,10 +365,6 @@ class BatchStats:
                 writer.add_scalar("generate_batch/peak_concurrent", self.peak_concurrent, len(self.steps))
             finally:
                 writer.close()
-            staging.rename(target)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
         return target
 
 

@@ -155,6 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
     adv.add_argument("--context", type=_positive_int, default=None, metavar="N",
                      help="decode steps over a cache of N positions (default: the model's maximum, at most 4096)")
     adv.add_argument("--json", action="store_true", help="print the advice as JSON on stdout")
+    adv.add_argument("--logdir", default=None,
+                     help="also write it for TensorBoard (Text: the tables, Images: the batch sweep) and as "
+                          "advice.json, in a new folder <SCRIPT>-advise here")
     adv.add_argument("target", metavar="SCRIPT", nargs="?", help="the script to run")
     adv.add_argument("script_args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     adv.set_defaults(func=_cmd_advise, parser=adv)
@@ -347,10 +350,18 @@ def _cmd_advise(ns: argparse.Namespace) -> int:
         adv = advise(model.target(), spec=spec, dtype=ns.dtype, context=ns.context)
     except Exception as e:
         raise CliError(f"advise on {model.name}: {one_line(e)}") from e
+    if ns.logdir is not None:
+        try:
+            folder = adv.write_tensorboard(ns.logdir, run=f"{slug(script_name(ns.target, False))}-advise")
+            adv.to_json(folder / "advice.json")
+        except OSError as e:
+            raise CliError(f"cannot write into --logdir {ns.logdir}: {e}") from None
     if ns.json:
         sys.stdout.write(adv.to_json() + "\n")
     else:
         Console(width=terminal_width()).print(adv)
+    if ns.logdir is not None:
+        print(f"advice saved in {_display_path(folder)}", file=sys.stderr if ns.json else sys.stdout)
     return 0
 
 

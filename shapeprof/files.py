@@ -5,13 +5,15 @@ unwritable place is found before minutes of analysis, profiling or measuring are
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
-__all__ = ["probe_writable", "write_atomic", "write_json"]
+__all__ = ["new_folder", "probe_writable", "write_atomic", "write_json"]
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -39,3 +41,23 @@ def probe_writable(folder: Path) -> None:
     fd, tmp = tempfile.mkstemp(prefix=".shapeprof-probe-", dir=folder)
     os.close(fd)
     os.unlink(tmp)
+
+
+@contextlib.contextmanager
+def new_folder(parent: str | os.PathLike, name: str) -> Iterator[tuple[Path, Path]]:
+    """A new folder `parent`/`name` (`name`-1, -2 ... while taken), written whole: the block writes into a hidden
+    staging folder, (staging, target) it is given, which is renamed to the target when the block ends and removed
+    if it raises. A reader (TensorBoard) never sees half of it."""
+    parent = Path(parent)
+    parent.mkdir(parents=True, exist_ok=True)
+    target, i = parent / name, 0
+    while target.exists():
+        i += 1
+        target = parent / f"{name}-{i}"
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=parent))
+    try:
+        yield staging, target
+        staging.rename(target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise

@@ -126,6 +126,9 @@ def test_cli_advise_and_trace_phase(tmp_path):
     assert trace.returncode == 0, trace.stderr
     report = shapeprof.Report.from_json(next((tmp_path / "runs").rglob("Transformer/report.json")))
     assert report.phase.kind == "decode" and report.phase.kv_read_bytes == 2 * 17 * 512
+    saved = _run(["advise", "--context", "16", "--logdir", "tb", "llm.py"], tmp_path)
+    assert saved.returncode == 0, saved.stderr
+    assert "Decode batch sweep" in saved.stdout and (tmp_path / "tb" / "llm-advise" / "advice.json").is_file()
     bad = _run(["trace", "--phase", "decode", "--profile", "llm.py"], tmp_path)
     assert bad.returncode == 2 and "cannot be combined with --profile" in bad.stderr
 
@@ -141,3 +144,16 @@ def test_a_measured_latency_floor_decides_the_online_batch():
     decode = adv.accountings["decode"]
     assert decode["fused"]["seconds_with_floor"] == pytest.approx(decode["fused"]["kernels"] * 5e-3)
     assert "achievable" in str(adv) and "latency floor of 5000.0 µs" in " ".join(adv.notes)
+
+
+def test_tensorboard_text_and_images(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    adv = shapeprof.advise(_tiny_llama(), context=16)
+    first, second = adv.write_tensorboard(tmp_path), adv.write_tensorboard(tmp_path)
+    assert (first.name, second.name) == ("advise", "advise-1")      # a second run never overwrites the first
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]   # no staging folder left
+    ea = EventAccumulator(str(first), size_guidance={"tensors": 0, "images": 0})
+    ea.Reload()
+    assert ea.Tags()["images"] == ["advise/sweep"]
+    sweep = ea.Tensors("advise/sweep/text_summary")[0].tensor_proto.string_val[0].decode()
+    assert sweep.startswith("| batch | step |") and "| 1024 |" in sweep

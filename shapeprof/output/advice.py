@@ -1,5 +1,9 @@
-"""The terminal view of `shapeprof.advise`: one table per question, in the order a reader asks them."""
+"""The views of `shapeprof.advise`: the terminal's tables (one per question, in the order a reader asks them), and
+TensorBoard's Text (the same tables in markdown) and Images (the batch sweep)."""
 from __future__ import annotations
+
+import os
+from pathlib import Path
 
 from rich import box
 from rich.console import Group
@@ -92,3 +96,73 @@ def render(adv) -> Group:
     if adv.notes:
         parts.append(Text("notes:\n" + "\n".join(f"- {printable(n)}" for n in adv.notes), style="dim"))
     return Group(*parts)
+
+
+# ---------------------------------------------------------------------------------------------- TensorBoard
+
+def markdown_sections(adv) -> dict[str, str]:
+    """Tag -> markdown, one per question: what TensorBoard's Text tab shows."""
+    def table(headers, rows) -> str:
+        lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+        lines += ["| " + " | ".join(str(c).replace("|", "\\|") for c in row) + " |" for row in rows]
+        return "\n".join(lines)
+
+    out = {}
+    out["phases"] = table(["", "FLOPs", "bytes", "weights", "KV read", "KV written", "other", "time", "tokens/s"], [
+        [name, fmt_flops(p["flops"]), fmt_bytes(p["bytes"]), fmt_bytes(p["weight_bytes"]), fmt_bytes(p["kv_read_bytes"]),
+         fmt_bytes(p["kv_written_bytes"]), fmt_bytes(p["other_bytes"]), fmt_seconds(p["seconds"]),
+         _tokens(p["tokens_per_second"])] for name, p in (("prefill", adv.prefill), ("decode", adv.decode))])
+    out["sweep"] = table(["batch", "step", "achievable", "tokens/s", "per sequence", "bound", "KV cache", "fits"], [
+        [r["batch"], fmt_seconds(r["seconds"]), fmt_seconds(r["achievable_seconds"]), _tokens(r["tokens_per_second"]),
+         _tokens(r["per_sequence"]), r["bound"], fmt_bytes(r["kv_bytes"]), "yes" if r["fits"] else "no"]
+        for r in adv.sweep])
+    out["crossings"] = table(["matmul", "calls", "FLOP/B at batch 1", "compute-bound from"], [
+        [printable(c.group), c.calls, f"{c.intensity_at_1:.2f}", f"batch {c.batch:,}" if c.batch else "never"]
+        for c in adv.crossings])
+    o, f, m = adv.online, adv.offline, adv.memory
+    out["batches"] = "\n\n".join([
+        f"**online** (every user above {o['reading_tokens_per_second']:.1f} tokens/s, {o['reading_source']}): " +
+        (f"batch {o['batch']:,}, {_tokens(o['tokens_per_second'])} tokens/s" if o.get("batch") else o["why"]),
+        f"**offline**: batch {f['batch']:,}, {_tokens(f['tokens_per_second'])} tokens/s",
+        f"**memory**: weights {fmt_bytes(m['weights'])}, KV {fmt_bytes(m['kv_per_token'])} per token, "
+        f"{m['sequences_at_full_context']} sequences at full context ({m['full_context']:,})"])
+    if adv.notes:
+        out["notes"] = "\n".join(f"- {printable(n)}" for n in adv.notes)
+    return out
+
+
+def sweep_figure(adv):
+    """Tokens/s in all and per sequence against the batch (log-log), with reading speed and the memory limit."""
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=(7, 4.5))
+    ax = fig.add_subplot()
+    batches = [r["batch"] for r in adv.sweep]
+    ax.plot(batches, [r["tokens_per_second"] for r in adv.sweep], "o-", label="tokens/s, all sequences")
+    ax.plot(batches, [r["per_sequence"] for r in adv.sweep], "s-", label="tokens/s per sequence")
+    ax.axhline(adv.online["reading_tokens_per_second"], color="#7f7f7f", ls="--", label="reading speed")
+    if adv.offline.get("batch"):
+        ax.axvline(adv.offline["batch"], color="#d62728", ls=":", label="largest batch that fits")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("batch (sequences decoding together)")
+    ax.set_ylabel("tokens/s")
+    ax.set_title(f"{adv.model} decode, context {adv.context:,}, {adv.spec.name}, {adv.dtype}", fontsize=9)
+    ax.legend(fontsize=8)
+    ax.grid(True, which="both", alpha=0.3)
+    return fig
+
+
+def write_tensorboard(adv, logdir: str | os.PathLike, run: str = "advise") -> Path:
+    """Text (`advise/<section>`) and Images (`advise/sweep`) in a new run folder `logdir`/`run`, written whole."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    from ..files import new_folder
+    with new_folder(logdir, run) as (staging, target):
+        writer = SummaryWriter(log_dir=str(staging))
+        try:
+            for tag, text in markdown_sections(adv).items():
+                writer.add_text(f"advise/{tag}", text, global_step=0)
+            writer.add_figure("advise/sweep", sweep_figure(adv), global_step=0)
+        finally:
+            writer.close()
+    return target
