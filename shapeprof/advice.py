@@ -465,7 +465,10 @@ def _parallel(spec: DeviceSpec, info, weights: int, context: int, dtype: torch.d
             "decode_all_reduce_seconds_per_token_step": per_layer * info.layers,
             "prefill_all_reduce_seconds_per_layer": 2 * all_reduce(prompt),
             "why": f"the weights ({fmt_bytes(weights)}) and one sequence's cache do not fit in "
-                   f"{MEMORY_UTILIZATION:.0%} of {fmt_bytes(spec.memory_capacity)}"}
+                   f"{MEMORY_UTILIZATION:.0%} of {fmt_bytes(spec.memory_capacity)}",
+            "model": "bandwidth only: a decode step's all-reduce of a few kB is bound by the collective's own "
+                     "latency (microseconds per call on NVLink), which is not modelled here; measure it with "
+                     "nccl-tests"}
 
 
 def _online(step_seconds, max_batch: int, reading: float, exact: bool, batches) -> dict[str, Any]:

@@ -87,7 +87,7 @@ def render(adv) -> Group:
             lines.append(f"does not fit one device: tensor parallel x{p['degree']} ({fmt_bytes(p['weights_per_device'])}"
                          f" of weights each); all-reduce per layer {fmt_seconds(p['decode_all_reduce_seconds_per_layer_batch_1'])}"
                          f" per decode token, {fmt_seconds(p['prefill_all_reduce_seconds_per_layer'])} per prefill "
-                         f"layer, over {fmt_bytes(p['interconnect_each_way'])}/s each way")
+                         f"layer, over {fmt_bytes(p['interconnect_each_way'])}/s each way ({p['model']})")
         else:
             lines.append(f"does not fit one device: {p['why']}")
     parts.append(Text("\n".join(lines)))
