@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 from torch.utils import _pytree as pytree
 
-from .capture import Capture, CapturedNode, InputShape, capture, source_location, target_name
+from .capture import Capture, CapturedNode, InputShape, capture, collector_paused, source_location, target_name
 from .costs import ATTENTION_OPS, cost_of
 from .findings import find
 from .hardware import DeviceSpec, SpecError, get_spec
@@ -31,6 +31,7 @@ class UncoveredOpError(RuntimeError):
     """strict=True and some ATen ops have no cost formula."""
 
 
+@collector_paused()   # no garbage collection while it runs: see capture.collector_paused
 def analyze(model: nn.Module, *args: Any, spec: str | DeviceSpec | None = None,
             dtype: torch.dtype | str | None = None, strict: bool = False, method: str = "auto", tf32: bool = False,
             **kwargs: Any) -> Report:

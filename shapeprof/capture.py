@@ -20,8 +20,10 @@ Twins: a model of 126 identical layers does the same work 126 times. While traci
 parameter shapes, attributes and call arguments match one already traced is not traced again: its subgraph is
 copied with the module path rewritten. While propagating shapes, a copied subgraph whose inputs have the same
 shapes and dtypes as its original's takes the original's op records instead of being run. The dispatch way does
-the same for submodule calls, and folds the steps of a loop (a recurrent scan over 2,048 tokens) into the nodes
-of the step they repeat, which count their calls. The graph still has every node (and every call); only the work
+the same for submodule calls (also for a call that reads and updates its own layer's part of a cache object it is
+passed, as HuggingFace attention does: its copy reads and updates the twin's part, checked to be alike first), and
+folds the steps of a loop (a recurrent scan over 2,048 tokens) into the nodes of the step they repeat, which count
+their calls. The graph still has every node (and every call); only the work
 of finding out what each one does is shared.
 
     >>> import torch, torch.nn as nn
@@ -33,12 +35,14 @@ from __future__ import annotations
 
 import copy
 import functools
+import gc
 import inspect
 import linecache
 import os
 import re
 import time
 import traceback
+import weakref
 from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -48,6 +52,7 @@ import psutil
 import torch
 import torch.fx as fx
 import torch.nn as nn
+from torch.fx.immutable_collections import immutable_list
 from torch.fx.node import map_arg
 from torch.utils import _pytree as pytree
 from torch.utils.weak import WeakTensorKeyDictionary
@@ -162,9 +167,10 @@ def capture(model: nn.Module, *args: Any, method: str = "auto", dtype: torch.dty
     branch_site = ""   # the user's line that branches on a tensor value, when the meta run stopped there
     # a forward that draws random numbers on a real device (torch.rand(x.shape) makes a CPU tensor even on meta
     # inputs) must not move the caller's RNG: what they draw next is what they would have drawn
-    devices = sorted({t.device.index or 0 for t in _tensors_of(model) if t.device.type == "cuda"})
-    with _user_global_hooks_silenced(), torch.random.fork_rng(devices=devices):
-        shadow = meta_shadow(model, dtype)
+    held = list(_tensors_of(model))   # walked once, for both (a HuggingFace model holds ~100 attributes a module)
+    devices = sorted({t.device.index or 0 for t in held if t.device.type == "cuda"})
+    with collector_paused(), _user_global_hooks_silenced(), torch.random.fork_rng(devices=devices):
+        shadow = meta_shadow(model, dtype, held)
         meta_args, meta_kwargs = meta_inputs((args, kwargs), dtype)
         for name in ORDERS.get(method, (method,)):
             if name == "dispatch_real" and method in ORDERS and not branch_site:
@@ -267,6 +273,25 @@ def flat_user_inputs(program: Any, args: tuple, kwargs: dict, strict: bool = Fal
 
 
 @contextmanager
+def collector_paused() -> Iterator[None]:
+    """Python's cyclic garbage collector is off inside (a capture, an analysis), and back as it was afterwards.
+
+    A capture makes a few hundred thousand small objects (fx nodes, records, the shadow's modules) and frees
+    almost none of them until it ends; each full collection meanwhile walks every object of the process (a million
+    and more with a 405B model, its shadow and transformers imported): measured at 30-40% of a HuggingFace
+    Llama-405B analysis on meta. Nothing made inside needs a collection to be freed before it ends. Also a
+    decorator (``@collector_paused()``), as any contextmanager is.
+    """
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+@contextmanager
 def _user_global_hooks_silenced() -> Iterator[None]:
     """The user's global module hooks (`register_module_forward_hook` ...) stay out of capture.
 
@@ -292,48 +317,71 @@ def _global_hook_dicts() -> list[dict]:
 
 # ---------------------------------------------------------------------------------------------- the shadow
 
-def meta_shadow(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
+def meta_shadow(model: nn.Module, dtype: torch.dtype | None = None,
+                tensors: list[torch.Tensor] | None = None) -> nn.Module:
     """A copy of `model` whose tensors are meta tensors (cast to `dtype` if floating), with no hooks.
 
     Parameters, buffers and plain tensor attributes (``self.table = torch.randn(...)``, in lists and dicts too)
     all become meta: the copy allocates no tensor memory. It shares nothing mutable with the model: running it
     cannot change the model, its state_dict or anything its hooks point to. Tied parameters stay tied.
+    `tensors`: what `_tensors_of(model)` gives, when the caller has it already.
     """
     memo: dict[int, Any] = {}
-    for t in _tensors_of(model):
+    for t in _tensors_of(model) if tensors is None else tensors:
         if id(t) not in memo:
             memo[id(t)] = _meta_like(t, dtype)
-    for m in model.modules():  # hooks are the user's: running them could record our meta tensors in user state
-        for hooks in _hook_dicts(m):
-            memo[id(hooks)] = OrderedDict()
+    for m in model.modules():
+        for name, value in vars(m).items():
+            if name.startswith("_") and "hooks" in name and isinstance(value, dict):
+                # hooks are the user's: running them could record our meta tensors in user state. The empty ones
+                # (a dozen a module) are given what deepcopy would make of them, without its generic
+                # reduce-and-rebuild path: that was 2/3 of copying a HuggingFace model
+                if value:
+                    memo[id(value)] = OrderedDict()
+                elif type(value) in (dict, OrderedDict):
+                    memo[id(value)] = type(value)()
+            elif name == "_non_persistent_buffers_set" and type(value) is set and \
+                    all(type(b) is str for b in value):
+                memo[id(value)] = set(value)   # a set of str: what deepcopy makes of it
     shadow = copy.deepcopy(model, memo)
     return shadow
 
 
 def _tensors_of(model: nn.Module) -> Iterator[torch.Tensor]:
+    """Every tensor the model holds (a tensor held twice may come twice)."""
+    # HuggingFace puts the config on most modules (~100 attributes each): walked once, not once per module
+    seen: dict[int, int] = {}
     for m in model.modules():
         yield from (p for p in m._parameters.values() if p is not None)
         yield from (b for b in m._buffers.values() if b is not None)
         for name, value in vars(m).items():
             if name not in ("_parameters", "_buffers", "_modules"):
-                yield from tensors_inside(value)
+                yield from tensors_inside(value, seen=seen)
 
 
-def tensors_inside(value: Any, depth: int = 0) -> Iterator[torch.Tensor]:
-    """Tensors held by a value: itself, inside lists, tuples, dicts and plain objects' attributes (bounded)."""
+def tensors_inside(value: Any, depth: int = 0, seen: dict[int, int] | None = None) -> Iterator[torch.Tensor]:
+    """Tensors held by a value: itself, inside lists, tuples, dicts and plain objects' attributes (bounded).
+
+    With `seen` (id -> depth it was walked at), a container or object already walked at this depth or above is
+    not walked again (what it holds was found then): for walks over many values that share one."""
     if isinstance(value, torch.Tensor):
         yield value
     elif depth > 6 or isinstance(value, (nn.Module, type, str, bytes, int, float, bool)) or value is None:
         return
-    elif isinstance(value, (list, tuple, set, frozenset)):
-        for v in value:
-            yield from tensors_inside(v, depth + 1)
-    elif isinstance(value, dict):
-        for v in value.values():
-            yield from tensors_inside(v, depth + 1)
-    elif hasattr(value, "__dict__") and not callable(value):
-        for v in vars(value).values():
-            yield from tensors_inside(v, depth + 1)
+    elif seen is not None and seen.get(id(value), 7) <= depth:
+        return
+    else:
+        if seen is not None:
+            seen[id(value)] = depth
+        if isinstance(value, (list, tuple, set, frozenset)):
+            for v in value:
+                yield from tensors_inside(v, depth + 1, seen)
+        elif isinstance(value, dict):
+            for v in value.values():
+                yield from tensors_inside(v, depth + 1, seen)
+        elif hasattr(value, "__dict__") and not callable(value):
+            for v in vars(value).values():
+                yield from tensors_inside(v, depth + 1, seen)
 
 
 def _hook_dicts(m: nn.Module) -> Iterator[dict]:
@@ -1077,8 +1125,39 @@ def _has_submodules(m: nn.Module) -> bool:
 def _run_dispatch(shadow: nn.Module, args: tuple, kwargs: dict, twins: bool, fold: bool = True):
     builder = _DispatchGraphBuilder(shadow, args, kwargs, twins, fold)
     with torch.no_grad(), builder:
-        out = shadow(*args, **kwargs)
+        if _flat_with_stacks(shadow) and not kwargs:
+            out = _StackInterpreter(shadow, builder).run(*args)
+        else:
+            out = shadow(*args, **kwargs)
     return builder.finish(out)
+
+
+def _flat_with_stacks(m: nn.Module) -> bool:
+    """An exported graph run as a module (a rewrite's whole-forward graph, shapeprof.phases' cached decode): it
+    calls no submodule, so the module each op belongs to comes from its node's `nn_module_stack`."""
+    return isinstance(m, fx.GraphModule) and any("nn_module_stack" in n.meta for n in m.graph.nodes) and \
+        not any(n.op == "call_module" for n in m.graph.nodes)
+
+
+class _StackInterpreter(fx.Interpreter):
+    """Runs an exported graph node by node with the dispatch builder's module stack set to each node's own, so
+    that the ops it records carry the module paths export kept (and loop folding stops at module boundaries)."""
+
+    def __init__(self, gm: fx.GraphModule, builder: "_DispatchGraphBuilder"):
+        super().__init__(gm)
+        self.builder = builder
+        self.current: tuple = ()
+
+    def run_node(self, n: fx.Node) -> Any:
+        stack = n.meta.get("nn_module_stack") or {}
+        entries = tuple((path, t.__name__ if isinstance(t, type) else str(t).rsplit(".", 1)[-1])
+                        for path, t in stack.values())
+        if entries != self.current:
+            self.current = entries
+            self.builder.stack[1:] = list(entries)
+            if self.builder.folder:
+                self.builder.folder.reset()
+        return super().run_node(n)
 
 
 def _capture_dispatch_real(model: nn.Module, args: tuple, kwargs: dict, dtype: torch.dtype | None):
@@ -1153,6 +1232,14 @@ class _CallRegion:
     params: dict[fx.Node, str]            # get_attr nodes of the module's own tensors -> their relative names
     output: Any                           # the call's return value, tensors as _Out(index into outputs)
     outputs: list[tuple[fx.Node, torch.Tensor]]   # each returned tensor's producing node and the tensor
+    # tensors the call read that are not its arguments but held by an object argument (a HuggingFace cache's
+    # layers[i].keys): outside node -> (where in the arguments it was, its TensorMeta); None for a tensor the call
+    # made without an ATen op (``torch.tensor([])`` in DynamicLayer's lazy init), which a twin makes for itself
+    reads: dict[fx.Node, tuple[tuple, TensorMeta] | None] = field(default_factory=dict)
+    # what the call changed in its layer's part of an object argument (the cache's layers[i].keys, is_initialized):
+    # (where, what was there before, what it became: ("tensor", producing node or None, meta, device) or
+    # ("value", v))
+    writes: list[tuple[tuple, Any, tuple]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -1167,6 +1254,8 @@ class _DispatchGraphBuilder:
         # tensor -> node that made it; weak, so that a run on real data does not keep every activation alive
         self.producer = WeakTensorKeyDictionary()
         self.constants = 0
+        self.constant_refs: dict[fx.Node, weakref.ref] = {}   # _constant_N node -> the tensor it stands for
+        self.target_names: dict[Any, str] = {}       # an op -> the name fx gives its nodes (before numbering)
         self.nodes: list[CapturedNode] = []
         self.names = {id(m): (name, type(m).__name__) for name, m in root.named_modules()}
         self.types = {name: t for name, t in self.names.values()}
@@ -1239,6 +1328,7 @@ class _DispatchGraphBuilder:
                 if n is None:  # a tensor from outside the model (a global constant)
                     self.constants += 1
                     n = self.graph.create_node("get_attr", f"_constant_{self.constants}")
+                    self.constant_refs[n] = weakref.ref(x)
                     self._bind(x, n)
                 return n
             return x
@@ -1261,11 +1351,16 @@ class _DispatchGraphBuilder:
                 return forward(*args, **kwargs)
             region = self.regions.get(key, False)
             if region:
-                return self._replay(region, m, path, args, kwargs)
-            start = len(self.nodes)
+                state = self._twin_state(region, path, args, kwargs)
+                if state is not None:
+                    return self._replay(region, m, path, args, kwargs, *state)
+                # this twin's part of an object argument is not what its original's was: run it (keep the region)
+            start, constants = len(self.nodes), self.constants
+            # what object arguments hold, before the call changes it (a cache's update replaces its tensors)
+            held = _held_state(args, kwargs, self.producer) if region is False else None
             out = forward(*args, **kwargs)
             if region is False:
-                self.regions[key] = self._region(m, path, start, args, kwargs, out)
+                self.regions[key] = self._region(m, path, start, args, kwargs, out, held, constants)
             return out
         twin_forward._shapeprof_twin_forward = True
         return twin_forward
@@ -1277,7 +1372,7 @@ class _DispatchGraphBuilder:
                 m, lambda c: self._module_key(c, self.names.get(id(c), ("", ""))[0]), positions=_positions(path))
         return key
 
-    def _region(self, m, path, start, args, kwargs, out) -> _CallRegion | None:
+    def _region(self, m, path, start, args, kwargs, out, held, constants) -> _CallRegion | None:
         nodes = self.nodes[start:]
         inputs = [self.producer.get(t) for t in _flat_tensors((args, kwargs))]
         if any(n is None for n in inputs):
@@ -1285,8 +1380,15 @@ class _DispatchGraphBuilder:
         own = {self.tensor_nodes[f"{path}.{name}"]: name for name, _ in
                list(m.named_parameters()) + list(m.named_buffers()) if f"{path}.{name}" in self.tensor_nodes}
         inside = {cn.node for cn in nodes} | set(inputs) | set(own)
-        if any(i not in inside for cn in nodes for i in cn.node.all_input_nodes):
-            return None   # reads something that is neither an argument nor its own: not safe to copy
+        outside = [i for cn in nodes for i in cn.node.all_input_nodes if i not in inside]
+        if outside and held is None:
+            return None   # reads what it was not given, and what its arguments hold could not be followed
+        reads = self._held_reads(outside, held, constants) if outside else {}
+        if reads is None:
+            return None   # reads something that is neither an argument, nor its own, nor held by an argument
+        writes = self._held_writes(path, args, kwargs, held, inside) if held else []
+        if writes is None:
+            return None
         outputs: list[tuple[fx.Node, torch.Tensor]] = []
 
         def index(t):
@@ -1299,24 +1401,136 @@ class _DispatchGraphBuilder:
             output = _map_plain(out, index)
         except _Unkeyable:
             return None
-        return _CallRegion(path, len(self.stack) - 1, nodes, inputs, own, output, outputs)
+        return _CallRegion(path, len(self.stack) - 1, nodes, inputs, own, output, outputs, reads, writes)
 
-    def _replay(self, region: _CallRegion, m: nn.Module, path: str, args, kwargs) -> Any:
+    def _held_reads(self, outside: list[fx.Node], held: _Held,
+                    constants: int) -> dict[fx.Node, tuple[tuple, TensorMeta] | None] | None:
+        """Where each node a call read from outside its arguments came from, or None if not from its arguments.
+
+        HuggingFace attention reads its layer's keys and values from the cache object it is passed
+        (``cache.layers[self.layer_idx].keys``): tensors no argument carries. A twin call will read the same place
+        in its own arguments with its layer number (checked by `_twin_state` before it is copied). A tensor the call
+        made without an ATen op and dropped (DynamicLayer's lazy ``torch.tensor([])``, replaced by the keys) is
+        made by each twin for itself: a new _constant_ node in each copy, as a run makes one.
+        """
+        tensors = [(where, t, node) for where, (t, node) in held.items() if isinstance(t, torch.Tensor)]
+        by_id = {id(t): (where, t) for where, t, _ in tensors}
+        before = {node: (where, t) for where, t, node in tensors if node is not None}
+        reads: dict[fx.Node, tuple[tuple, TensorMeta] | None] = {}
+        for node in dict.fromkeys(outside):
+            ref = self.constant_refs.get(node)
+            t = ref() if ref is not None else None
+            found = before.get(node) or (by_id.get(id(t)) if t is not None else None)
+            if found is not None:
+                reads[node] = (found[0], TensorMeta.of(found[1]))
+            elif ref is None:
+                return None          # an activation of another module, reached some other way
+            elif t is None and int(node.target.rsplit("_", 1)[1]) > constants:
+                reads[node] = None   # made during the call and gone with it
+            elif held.objects:
+                return None          # held somewhere in an object argument this walk did not see: not safe
+            # else: a tensor from outside the model (a global): every twin reads that one too, and its one node
+        return reads
+
+    def _held_writes(self, path: str, args, kwargs, held: _Held, inside: set[fx.Node]
+                     ) -> list[tuple[tuple, Any, tuple]] | None:
+        """What the call changed in its own layer's part of its object arguments (a path through an index equal to
+        its layer number: ``cache.layers[0].keys``), so that a copy for a twin makes the same change in the twin's
+        part (the cache then ends up filled for every layer, as a run would leave it). Changes elsewhere in them
+        are not made again, as before (a twin is not run). None: a change a copy could not make."""
+        positions = _positions(path)
+        if not positions:
+            return []
+        after = _held_state(args, kwargs, self.producer)
+        if after is None:
+            return None
+        writes = []
+        for where, (v, _) in after.items():
+            if not _positional(where, positions):
+                continue
+            before = held.get(where, (_MISSING, None))[0]
+            if v is before or (not isinstance(v, torch.Tensor) and not isinstance(before, torch.Tensor)
+                               and type(v) is type(before) and v == before):
+                continue
+            if isinstance(v, torch.Tensor):
+                node = self.producer.get(v)
+                if node is not None and node not in inside:
+                    return None   # stores a tensor from elsewhere: which one a twin would store is not known
+                writes.append((where, _held_key(before), ("tensor", node, TensorMeta.of(v), v.device)))
+            else:
+                writes.append((where, _held_key(before), ("value", v)))
+        return writes
+
+    def _twin_state(self, region: _CallRegion, path: str, args, kwargs) -> tuple[dict, list] | None:
+        """What a copy of `region` for the twin at `path` reads and changes in its object arguments (its own layer
+        number put in the places): for each held read the twin's tensor there (None for one the twin makes), and
+        where each change goes. None if the twin's part differs from the original's (the twin then runs)."""
+        if not region.reads and not region.writes:
+            return {}, []
+        numbers = _renumbering(region.path, path)
+        if numbers is None:
+            return None   # cannot tell which of the twin's layers it would read
+        root = (args, kwargs)
+        reads: dict[fx.Node, Any] = {}
+        for node, read in region.reads.items():
+            if read is None:
+                reads[node] = None
+                continue
+            where, meta = read
+            t = _fetch_held(root, where, numbers)
+            if not isinstance(t, torch.Tensor) or TensorMeta.of(t) != meta:
+                return None
+            reads[node] = t
+        writes = []
+        for where, before, after in region.writes:
+            if _held_key(_fetch_held(root, where, numbers)) != before:
+                return None
+            writes.append((_renumbered(where, numbers), after))
+        return reads, writes
+
+    def _replay(self, region: _CallRegion, m: nn.Module, path: str, args, kwargs, reads: dict, writes: list
+                ) -> Any:
         inputs = [self.producer.get(t) for t in _flat_tensors((args, kwargs))]
         env: dict[fx.Node, fx.Node] = dict(zip(region.inputs, inputs))
         for node, name in region.params.items():
             env[node] = self.tensor_nodes[f"{path}.{name}"]
         old, outer = region.path, [p for p, _ in self.stack[1:]]
+        # A layer's nodes come from a handful of modules: each one's module stack and path are renamed once here
+        stacks: dict[tuple[str, ...], OrderedDict] = {}
+        paths: dict[str, str] = {}
+        lookup = env.get
+        graph = self.graph
+        names = self.target_names
         for cn in region.nodes:
             node = cn.node
-            copy_ = self.graph.create_node(node.op, node.target, map_arg(node.args, lambda n: env.get(n, n)),
-                                           map_arg(node.kwargs, lambda n: env.get(n, n)))
-            inner = list(node.meta.get("nn_module_stack", {}).keys())[region.depth:]
-            stack = outer + [_reprefix(p, old, path) for p in inner]
-            copy_.meta["nn_module_stack"] = OrderedDict((p, (p, self.types.get(p, ""))) for p in stack)
+            if reads:   # a held read gets its node where a run would have made it: just before its first reader
+                for i in node.all_input_nodes:
+                    if i in reads and i not in env:
+                        env[i] = self._held_node(reads[i])
+            # Made without arguments, which are then assigned: Graph.create_node looks through every argument for
+            # a raw SymInt (torch 2.13 warns of them), a pytree walk that was 40% of copying a node; the original's
+            # arguments passed that check when it was made, and a copy's are the same with nodes swapped.
+            # The name fx derives from the target (snake case by a regex) is derived once per target here.
+            if node.target in names:
+                name = names[node.target]
+            else:
+                name = names[node.target] = _fx_base_name(graph, node.target)
+            copy_ = graph.create_node(node.op, node.target, name=name)
+            copy_.args = _swap_nodes(node.args, lookup)
+            if node.kwargs:
+                copy_.kwargs = map_arg(node.kwargs, lambda n: lookup(n, n))
+            inner = tuple(node.meta.get("nn_module_stack", {}))[region.depth:]
+            template = stacks.get(inner)
+            if template is None:
+                stack = outer + [_reprefix(p, old, path) for p in inner]
+                template = stacks[inner] = OrderedDict((p, (p, self.types.get(p, ""))) for p in stack)
+            copy_.meta["nn_module_stack"] = OrderedDict(template)   # each node its own, as `add` makes them
             env[node] = copy_
-            self.nodes.append(CapturedNode(copy_, _reprefix(cn.module_path, old, path), cn.module_type,
-                                           cn.records, cn.output, twin_of=node.name, repeats=cn.repeats))
+            module_path = paths.get(cn.module_path)
+            if module_path is None:
+                module_path = paths[cn.module_path] = _reprefix(cn.module_path, old, path)
+            self.nodes.append(CapturedNode(copy_, module_path, cn.module_type, cn.records, cn.output,
+                                           twin_of=node.name, repeats=cn.repeats))
         fresh = []
         self.recorder._paused += 1      # making the copies' outputs is not an op of the model
         try:
@@ -1324,9 +1538,29 @@ class _DispatchGraphBuilder:
                 new = torch.empty_strided(tuple(t.shape), tuple(t.stride()), dtype=t.dtype, device=t.device)
                 self._bind(new, env.get(node, node))
                 fresh.append(new)
+            for where, (kind, value, *made) in writes:   # the twin's layer of the cache, as a run leaves it
+                if kind == "tensor":
+                    t, device = made
+                    new = torch.empty_strided(t.shape, t.stride, dtype=t.dtype, device=device)
+                    if value is not None:
+                        self._bind(new, env.get(value, value))
+                    value = new
+                _store_held((args, kwargs), where, value)
         finally:
             self.recorder._paused -= 1
         return _map_plain(region.output, lambda o: fresh[o.index], kind=_Out)
+
+    def _held_node(self, t: torch.Tensor | None) -> fx.Node:
+        """The node of a tensor a twin reads from an object argument: its producer, else a new _constant_ node, as
+        `add` makes one for a tensor from outside the graph."""
+        n = self.producer.get(t) if t is not None else None
+        if n is None:
+            self.constants += 1
+            n = self.graph.create_node("get_attr", f"_constant_{self.constants}")
+            if t is not None:
+                self.constant_refs[n] = weakref.ref(t)
+                self._bind(t, n)
+        return n
 
     def finish(self, out: Any):
         self.graph.output(tuple(self.producer[t] for t in _tensor_leaves(out) if t in self.producer))
@@ -1412,6 +1646,171 @@ def _shapes(tree: Any) -> Any:
     if isinstance(tree, _PRIMITIVES) or isinstance(tree, slice):
         return tree
     return ("obj", id(tree))    # an object (a cache): the same object for every layer is the same key
+
+
+_MISSING = object()   # nothing at a place in an object argument (the attribute is not set yet)
+
+
+class _Held(dict):
+    """where -> (value, its producing node): what `_held_state` found."""
+
+    objects = False   # whether an argument is an object (not a tensor, plain value or plain container)
+
+
+def _held_state(args: tuple, kwargs: dict, producer) -> _Held | None:
+    """What the objects among a call's arguments hold (a cache: its layers' keys, values and flags): each tensor
+    and plain value, by where it is (("kwarg", "cache"), ("attr", "layers"), ("index", 3), ("attr", "keys")), with
+    a tensor's producing node now.
+
+    Tensors that are arguments themselves (plain lists, tuples and dicts of them) are the call's inputs, not here.
+    None when what they hold cannot all be followed (more than `_MAX_HELD` values, deeper than 6, in a set, in an
+    object without a __dict__): then, as before, a call that reads a tensor it was not given is not copied.
+    """
+    found = _Held()
+
+    def walk(v: Any, where: tuple, depth: int, held: bool) -> None:
+        if len(found) > _MAX_HELD:
+            raise _Unkeyable("too much held")
+        if isinstance(v, torch.Tensor):
+            if held:
+                found[where] = (v, producer.get(v))
+        elif v is None or isinstance(v, _PRIMITIVES):
+            if held:
+                found[where] = (v, None)
+        elif isinstance(v, (nn.Module, type, functools.partial)) or inspect.isroutine(v):
+            return   # the model's own modules (their tensors have nodes), classes, functions: not state
+        elif depth > 6:
+            raise _Unkeyable("too deep")
+        elif isinstance(v, (list, tuple)):
+            for i, x in enumerate(v):
+                walk(x, where + (("index", i),), depth + 1, held)
+        elif isinstance(v, dict):
+            for k, x in v.items():
+                walk(x, where + (("item", k),), depth + 1, held)
+        elif hasattr(v, "__dict__") and not _has_slots(type(v)):
+            found.objects = True
+            for k, x in vars(v).items():
+                walk(x, where + (("attr", k),), depth + 1, True)
+        else:
+            raise _Unkeyable(type(v))   # a set, an object keeping its state in slots: cannot be followed
+
+    try:
+        for i, a in enumerate(args):
+            walk(a, (("arg", i),), 0, False)
+        for k, a in kwargs.items():
+            walk(a, (("kwarg", k),), 0, False)
+    except _Unkeyable:
+        return None
+    return found
+
+
+_MAX_HELD = 20_000
+
+
+@functools.lru_cache(maxsize=None)
+def _has_slots(cls: type) -> bool:
+    """Whether instances keep state outside their __dict__ (in slots; abc.ABC's empty ``__slots__ = ()`` not)."""
+    for c in cls.__mro__[:-1]:
+        slots = vars(c).get("__slots__", ())
+        if any(n not in ("__dict__", "__weakref__") for n in ((slots,) if isinstance(slots, str) else slots)):
+            return True
+    return False
+
+
+def _held_key(v: Any) -> Any:
+    """What must match for a twin's held value to stand for its original's: a tensor's metadata, a value."""
+    if v is _MISSING:
+        return "missing"
+    if isinstance(v, torch.Tensor):
+        return ("tensor", TensorMeta.of(v))
+    return (type(v), v)
+
+
+def _positional(where: tuple, positions: frozenset[int]) -> bool:
+    """Whether a place in an object argument goes through an index equal to the module's layer number."""
+    return any(kind in ("index", "item") and type(k) is int and k in positions for kind, k in where)
+
+
+def _renumbering(old: str, new: str) -> dict[int, int] | None:
+    """Layer numbers of module path `old` -> those of `new` ('model.layers.0' -> 'model.layers.5': {0: 5});
+    None when they cannot be paired (different counts, or one number going two ways)."""
+    a = [int(p) for p in old.split(".") if p.isdigit()]
+    b = [int(p) for p in new.split(".") if p.isdigit()]
+    if len(a) != len(b):
+        return None
+    numbers: dict[int, int] = {}
+    for x, y in zip(a, b):
+        if numbers.setdefault(x, y) != y:
+            return None
+    return numbers
+
+
+def _fx_base_name(graph: fx.Graph, target: Any) -> str | None:
+    """The name fx gives a node of `target` before numbering it (None: let fx derive it, as without a name)."""
+    derive = getattr(graph, "_target_to_str", None)   # what Graph.create_node calls when given no name
+    return derive(target) if derive is not None else None
+
+
+def _swap_nodes(args: tuple, lookup: Callable) -> tuple:
+    """`map_arg(args, lambda n: lookup(n, n))` for the arguments of an ATen node (nodes, scalars, flat lists of
+    them), without map_arg's generic recursion: copying a layer does this for every node. Anything nested deeper
+    goes through map_arg. (fx turns lists into its immutable_list as the node takes them, as it does map_arg's.)"""
+    out = []
+    for a in args:
+        t = type(a)
+        if isinstance(a, fx.Node):
+            out.append(lookup(a, a))
+        elif (t is list or t is tuple or t is immutable_list) and not any(isinstance(x, _NESTED) for x in a):
+            items = [lookup(x, x) if isinstance(x, fx.Node) else x for x in a]
+            out.append(tuple(items) if t is tuple else items)
+        elif isinstance(a, _NESTED):
+            out.append(map_arg(a, lambda n: lookup(n, n)))
+        else:
+            out.append(a)
+    return tuple(out)
+
+
+_NESTED = (list, tuple, dict, slice)
+
+
+def _renumbered(where: tuple, numbers: dict[int, int]) -> tuple:
+    """`where` with an index or key equal to one of the original's layer numbers taken as the twin's."""
+    return tuple((kind, numbers.get(k, k)) if kind in ("index", "item") and type(k) is int else (kind, k)
+                 for kind, k in where)
+
+
+def _fetch_held(root: Any, where: tuple, numbers: dict[int, int] | None = None) -> Any:
+    """What is at `where` (see `_held_state`) in `root` = (args, kwargs), renumbered for a twin (see `_renumbered`);
+    `_MISSING` if there is nothing there."""
+    v = root
+    for kind, k in (_renumbered(where, numbers) if numbers else where):
+        try:
+            if kind == "attr":
+                v = vars(v)[k]
+            elif kind == "arg":
+                v = v[0][k]
+            elif kind == "kwarg":
+                v = v[1][k]
+            else:   # "index" into a list or tuple, "item" of a dict
+                v = v[k]
+        except (KeyError, IndexError, TypeError):
+            return _MISSING
+    return v
+
+
+def _store_held(root: Any, where: tuple, value: Any) -> None:
+    """Put `value` at `where` in (args, kwargs): a twin's change to its layer of a cache. Nothing if the object it
+    goes in is not there (the original's call made it: a lazily appended cache layer), as before."""
+    parent = _fetch_held(root, where[:-1])
+    kind, k = where[-1]
+    if parent is _MISSING:
+        return
+    if kind == "attr" and hasattr(parent, "__dict__"):
+        vars(parent)[k] = value
+    elif kind == "index" and type(parent) is list and k < len(parent):
+        parent[k] = value
+    elif kind == "item" and type(parent) is dict:
+        parent[k] = value
 
 
 def _flat_tensors(tree: Any) -> list[torch.Tensor]:

@@ -153,8 +153,10 @@ class DeviceSpec:
              _check_float("interconnect_bandwidth", self.interconnect_bandwidth, positive=False))
         set_("kernel_latency", _check_float("kernel_latency", self.kernel_latency, positive=False))
         set_("achieved_bandwidth", _check_float("achieved_bandwidth", self.achieved_bandwidth, positive=False))
+        if not isinstance(self.achieved_flops, Mapping):
+            raise SpecError(f"achieved_flops: expected a table of peak key -> FLOP/s, got {_got(self.achieved_flops)}")
         achieved = _ReadOnlyDict({str(k): _check_float(f"achieved_flops.{k}", v, positive=True)
-                                  for k, v in dict(self.achieved_flops or {}).items()})
+                                  for k, v in self.achieved_flops.items()})
         set_("achieved_flops", achieved)
 
     @property

@@ -112,7 +112,7 @@ def annotate(nodes: list, leaf_value: Callable[[fx.Node], Any]) -> list[str]:
         Notes for the report: which masks were found and how they were priced, and any left unevaluated.
     """
     evaluator = _Evaluator(leaf_value)
-    replaced: dict[tuple[int, fx.Node], tuple[OpRecord, ...]] = {}
+    replaced: dict[tuple[int, fx.Node], tuple[tuple[OpRecord, ...], dict[str, int], int]] = {}
     kinds: dict[str, int] = {}
     unknown: list[str] = []
     for cn in nodes:
@@ -123,9 +123,15 @@ def annotate(nodes: list, leaf_value: Callable[[fx.Node], Any]) -> list[str]:
         if not isinstance(mask_node, fx.Node):
             continue
         key = (id(cn.records), mask_node)
-        if key not in replaced:
-            replaced[key] = _with_mask(cn.records, evaluator.value(mask_node), kinds, unknown, node.name)
-        cn.records = replaced[key]
+        if key not in replaced:   # twins share their records: evaluated once, counted for every call
+            found: dict[str, int] = {}
+            missed: list[str] = []
+            replaced[key] = (_with_mask(cn.records, evaluator.value(mask_node), found, missed, node.name),
+                             found, len(missed))
+        cn.records, found, missed = replaced[key]
+        for kind, n in found.items():
+            kinds[kind] = kinds.get(kind, 0) + n
+        unknown.extend([node.name] * missed)
     notes = [f"attention mask{'s' if n > 1 else ''} found {kind}: priced "
              + ("as is_causal (half the scores; the fused kernel reads no mask)" if kind == "causal" else
                 "as the full score matrix" if kind == "none" else "for the scores it keeps, and read")

@@ -127,3 +127,36 @@ def test_hf_mamba_scan_folds_its_steps_and_counts_what_the_unrolled_capture_coun
     assert f.predicted_seconds == pytest.approx(u.predicted_seconds, rel=1e-9)
     # and torch.export, which unrolls the loop its own way, counts the same FLOPs
     assert folded.total.flops == shapeprof.analyze(model, ids, method="export").total.flops
+
+
+@pytest.mark.parametrize("lengths", [(12, 12, 12, 12), (12, 12, 5, 12)], ids=["uniform", "layer-2-shorter"])
+def test_hf_layers_reading_their_cache_are_twins_and_count_what_running_every_layer_counts(lengths, monkeypatch):
+    import sys
+    capture_module = sys.modules["shapeprof.capture"]
+    c = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                                 num_key_value_heads=2, vocab_size=1000)
+    with torch.device("meta"):
+        model = transformers.LlamaForCausalLM(c).eval()
+    cache = transformers.DynamicCache(config=c)
+    for i, n in enumerate(lengths):
+        k = torch.empty(1, 2, n, 16, device="meta")   # (B, kv_heads, cached positions, head_dim)
+        cache.update(k, torch.empty_like(k), i)
+    step = shapeprof.InputShape((1, 1), torch.long)
+    twins = shapeprof.analyze(model, step, cache=cache)
+    prefill = shapeprof.analyze(model, shapeprof.InputShape((1, 16), torch.long))
+    real_run = capture_module._run_dispatch
+    monkeypatch.setattr(capture_module, "_run_dispatch", lambda *a, **k: real_run(*a, **{**k, "twins": False}))
+    every_layer = shapeprof.analyze(model, step, cache=cache, method="dispatch")
+    every_layer_prefill = shapeprof.analyze(model, shapeprof.InputShape((1, 16), torch.long), method="dispatch")
+    assert every_layer.capture.reused_nodes == 0
+    for reused, run in ((twins, every_layer), (prefill, every_layer_prefill)):
+        assert [(n.name, n.module_path, n.flops, n.bytes_read, n.bytes_written, n.output) for n in reused.nodes] == \
+            [(n.name, n.module_path, n.flops, n.bytes_read, n.bytes_written, n.output) for n in run.nodes]
+        assert reused.capture.graph_nodes == run.capture.graph_nodes
+    # each attention reads its own layer of the cache object (no argument carries it): a layer is copied whole from
+    # layer 0 where its part of the cache is like layer 0's, and run where it is not (layer 2, shorter)
+    attention = [n.twin_of is not None for n in twins.nodes if n.op == "scaled_dot_product_attention"]
+    assert attention == [False, True, lengths[2] == lengths[0], True]
+    assert [n.twin_of is not None for n in prefill.nodes if n.op == "scaled_dot_product_attention"] == \
+        [False, True, True, True]
+    assert cache.get_seq_length() == lengths[0]   # the caller's cache is as it was
