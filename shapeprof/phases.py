@@ -180,17 +180,11 @@ def weight_bytes(model: nn.Module, dtype: torch.dtype | None, rows: int) -> int:
         for p in m.parameters(recurse=False):
             users[id(p)] = users.get(id(p), 0) + 1
     lookups = {id(m.weight): m for m in model.modules() if isinstance(m, nn.Embedding)}
-    seen, total = set(), 0
-    for p in model.parameters():
-        if id(p) in seen:
-            continue
-        seen.add(id(p))
-        size = dtype.itemsize if dtype is not None and p.is_floating_point() else p.element_size()
-        emb = lookups.get(id(p))
-        if emb is not None and users[id(p)] == 1:
-            total += min(rows, emb.num_embeddings) * emb.embedding_dim * size
-        else:
-            total += p.numel() * size
+    total = 0
+    for p in model.parameters():    # each distinct parameter once
+        emb = lookups.get(id(p)) if users[id(p)] == 1 else None
+        elements = min(rows, emb.num_embeddings) * emb.embedding_dim if emb is not None else p.numel()
+        total += elements * (dtype.itemsize if dtype is not None and p.is_floating_point() else p.element_size())
     return total
 
 
