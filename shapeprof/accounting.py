@@ -83,7 +83,8 @@ class Kernel:
     """One kernel launch site: the graph nodes it covers and what it costs over its `calls` (totals, as NodeStats).
 
     kind: 'matmul', 'matmul + epilogue', 'attention', 'attention + epilogue', 'elementwise' (one fusible op),
-    'fused elementwise' (several), 'gather', 'copy' (cat, writes into a tensor), 'other'.
+    'fused elementwise' (several), 'gather', 'copy' (cat, writes into a tensor), 'cache write' (a cat onto
+    a cache, fused: the new positions only), 'other'.
     """
 
     kind: str
@@ -707,9 +708,30 @@ class _Graph:
     def _leftovers(self, u: fx.Node, keep: _Priced | None) -> list[tuple[int, Kernel]]:
         """The records of `u` that run as eager runs them (all of them, or all but the one a fused kernel took)."""
         costed = self.costed(u)
+        if keep is None and len(costed) == 1 and self.kind[u] == "copy":
+            appended = self._cache_append(u, costed[0])
+            if appended is not None:
+                return [(self.pos[u], appended)]
         return [(self.pos[u], _single(p, u.name, _EAGER_KIND.get(self.kind[u]) if len(costed) == 1 else
                                       _EAGER_KIND[_record_class(p)], self.calls(u)))
                 for p in costed if p is not keep]
+
+    def _cache_append(self, u: fx.Node, p: _Priced) -> Kernel | None:
+        """A cat onto a tensor from outside the graph (transformers' DynamicCache appending a step's keys) as a
+        serving engine runs it: its preallocated (or paged) cache takes the new positions only, read once and
+        written once; the positions already there are not copied. None for any other cat."""
+        if p.record.name != "aten.cat" or not u.args or not isinstance(u.args[0], (list, tuple)):
+            return None
+        parts = p.captured.args[0] if p.captured.args else None
+        if not isinstance(parts, (list, tuple)) or len(parts) != len(u.args[0]):
+            return None
+        held = [isinstance(a, fx.Node) and self.root(a).op in ("placeholder", "get_attr") for a in u.args[0]]
+        if not any(held) or all(held):
+            return None
+        new = sum(m.nbytes for m, h in zip(parts, held) if not h and isinstance(m, TensorMeta))
+        calls = self.calls(u)
+        seconds = 2 * new / self.spec.memory_bandwidth
+        return Kernel("cache write", (u.name,), (p.record.name,), 0, new * calls, new * calls, seconds * calls, calls)
 
     def _kernel(self, kind: str, units: set[fx.Node], formula: set[fx.Node]) -> tuple[int, Kernel]:
         """One fused kernel over `units`: reads each outside tensor once, writes what is read outside it.

@@ -264,3 +264,23 @@ def test_gpt2_in_training_mode_fuses_its_dropout_into_the_attention_kernel():
     assert (attention.bytes_read, attention.bytes_written) == (3 * 4096 + 1024, 4096)
     # no in-place op stays a kernel of its own: every one wrote into a tensor the graph made
     assert not [k for k in fused.kernels_detail if k.kind == "copy" and k.ops[0].endswith("_")]
+
+
+def test_a_dynamic_cache_append_is_a_write_of_the_new_positions_when_fused():
+    transformers = pytest.importorskip("transformers")
+    import warnings
+    cfg = transformers.LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, vocab_size=512)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with torch.device("meta"):
+            model = transformers.LlamaForCausalLM(cfg)
+        report = shapeprof.analyze(model, shapeprof.Decode(batch=3, context=50), dtype=torch.bfloat16)
+    acc = _checked(report)
+    eager = [k for k in acc["eager"].kernels_detail if k.ops == ("aten.cat",) and k.bytes_written > 10_000]
+    writes = [k for k in acc["fused"].kernels_detail if k.kind == "cache write"]
+    # eager: each layer's keys and values are copied whole, 50 old + 1 new positions: (3, 2 heads, 51, 32) bf16
+    assert len(eager) == 4 and all(k.bytes_written == 3 * 2 * 51 * 32 * 2 for k in eager)
+    # fused: the new position only, read once and written once: (3, 2, 1, 32) bf16
+    assert len(writes) == 4 and all(k.bytes_read == k.bytes_written == 3 * 2 * 1 * 32 * 2 for k in writes)
+    assert acc["fused"].bytes < acc["eager"].bytes - sum(k.bytes_written for k in eager) + 4 * 384 * 2
