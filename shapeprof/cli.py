@@ -252,9 +252,8 @@ def _cmd_trace(ns: argparse.Namespace) -> int:
     if ns.target is None:
         ns.parser.error("the following arguments are required: SCRIPT (or -m MODULE)")
     outputs = tuple(o for o in ns.output if not (ns.no_tensorboard and o == "tensorboard"))
-    if ns.phase is not None and (ns.profile or ns.optimize):
-        raise CliError("--phase analyses a step the script does not run: it cannot be combined with --profile or "
-                       "--optimize")
+    if ns.phase is not None and ns.optimize:
+        raise CliError("--phase analyses a step the script does not run: it cannot be combined with --optimize")
     config = TraceConfig(spec=ns.spec, dtype=ns.dtype, top=ns.top, logdir=ns.logdir, outputs=outputs,
                          json=ns.json, profile=ns.profile, profile_steps=ns.steps, optimize=ns.optimize,
                          all_modules=ns.all_modules, method=ns.method, strict=ns.strict, phase=ns.phase,

@@ -35,7 +35,7 @@ import torch.nn as nn
 
 from .capture import InputShape
 
-__all__ = ["Decode", "PhaseError", "PhaseInfo", "Prefill", "is_phase", "resolve"]
+__all__ = ["Decode", "PhaseError", "PhaseInfo", "Prefill", "is_phase", "real_inputs", "resolve"]
 
 
 class PhaseError(ValueError):
@@ -167,6 +167,43 @@ def resolve(model: nn.Module, phase: Prefill | Decode, dtype: torch.dtype | None
                          f"HuggingFace's and inserts one where there is none; for this model pass the token ids "
                          f"and a cache filled to the context you want as its example inputs instead")
     return _inserted(model, phase, dtype)
+
+
+def real_inputs(model: nn.Module, phase: Prefill | Decode) -> tuple[nn.Module, tuple, dict]:
+    """What to run for a measured `phase` (`shapeprof.profile`): the module and real inputs on the model's device.
+
+    Token ids are zeros; a decode step's cache holds `context` positions of zeros (transformers' DynamicCache) or
+    of whatever the buffer held (the inserted cache: only their number matters to the time). The model's own
+    weights run; nothing of it is copied or changed."""
+    param = next(iter(model.parameters()), None)
+    device = param.device if param is not None else torch.device("cpu")
+    if device.type == "meta":
+        raise PhaseError("a measured phase runs the model: its weights must hold data, not be on meta")
+    ids = torch.zeros(phase.batch, phase.new_tokens, dtype=torch.long, device=device)
+    if _is_hf(model):
+        params = inspect.signature(model.forward).parameters
+        ids_kw = "input_ids" if "input_ids" in params else next(iter(params))
+        if phase.kind == "prefill":
+            return model, (), {ids_kw: ids}
+        resolved = _hf(model, phase, None)
+        fake = resolved.kwargs[next(k for k in ("past_key_values", "cache") if k in resolved.kwargs)]
+        from transformers import DynamicCache
+        cache = DynamicCache(config=model.config.get_text_config()) if hasattr(model.config, "get_text_config") \
+            else DynamicCache()
+        for i, layer in enumerate(fake.layers):
+            cache.update(torch.zeros(layer.keys.shape, dtype=param.dtype, device=device),
+                         torch.zeros(layer.values.shape, dtype=param.dtype, device=device), i)
+        cache_kw = next(k for k in ("past_key_values", "cache") if k in resolved.kwargs)
+        return model, (), {ids_kw: ids, cache_kw: cache, "use_cache": True}
+    if phase.kind == "prefill":
+        return model, (ids,), {}
+    seq, _ = _insert_cache(model, phase, None, copies=(model,))
+    from .kvcache import KVCache
+    cache = KVCache()
+    cache.start = phase.context
+    leaves = list(seq.leaves)
+    leaves[seq.ids_index] = ids
+    return seq.gm, (*leaves, cache), {}
 
 
 # ---------------------------------------------------------------------------------------------- weights read
@@ -321,7 +358,7 @@ def reusing_captures():
         _MEMO.reset(token)
 
 
-def _insert_cache(model: nn.Module, phase: Prefill | Decode, dtype: torch.dtype | None):
+def _insert_cache(model: nn.Module, phase: Prefill | Decode, dtype: torch.dtype | None, copies=None):
     from .rewrites.base import RewriteContext
     from .rewrites.kv_cache import KVCacheInsertion
     from .sequence import SequenceCaptureError, capture_sequence
@@ -337,7 +374,7 @@ def _insert_cache(model: nn.Module, phase: Prefill | Decode, dtype: torch.dtype 
     # be read on meta: then, where the model has its data and is small, the graph comes from a copy of it.
     from .capture import meta_shadow
     why = None
-    for copy in (meta_shadow(model, dtype), _real_copy(model, dtype)):
+    for copy in copies or (meta_shadow(model, dtype), _real_copy(model, dtype)):
         if copy is None:
             continue
         try:

@@ -40,6 +40,7 @@ from .capture import InputShape, describe_node, flat_user_inputs, unwrap
 from .text import one_line
 from .dropin import DropInError, graph_module_over
 from .hardware import DeviceSpec, get_spec
+from .phases import is_phase, real_inputs
 from .report import Report
 from .snapshot import WriteSnapshot, copy_inputs, rng_kept
 
@@ -157,6 +158,10 @@ def profile(model: nn.Module, *args: Any, logdir: str | os.PathLike | None = Non
     model = unwrap(model)
     if not isinstance(model, nn.Module):
         raise TypeError(f"expected an nn.Module, got {type(model).__name__}")
+    phase = args[0] if len(args) == 1 and not kwargs and is_phase(args[0]) else None
+    user_model = model
+    if phase is not None:   # a measured prefill or decode step: the module and inputs that step runs
+        model, args, kwargs = real_inputs(model, phase)
     device = _run_device(model, args, kwargs)
     if logdir is not None:
         _check_writable(Path(logdir))
@@ -171,7 +176,8 @@ def profile(model: nn.Module, *args: Any, logdir: str | os.PathLike | None = Non
         measured = analyze(model, *args, spec=machine_spec, method="runnable" if method == "auto" else method,
                            tf32=tf32, **kwargs)
         cap = measured.graph_capture
-        target = analyze(model, *args, spec=spec, dtype=dtype, method=cap.method, **kwargs)
+        target = analyze(model, *args, spec=spec, dtype=dtype, method=cap.method, **kwargs) if phase is None else \
+            analyze(user_model, phase, spec=spec, dtype=dtype)
 
         eager = cap.method.startswith("dispatch")   # dispatch and dispatch_real: no graph runs on the weights
         if eager:

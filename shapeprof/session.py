@@ -198,6 +198,9 @@ def _profile(traced: TracedModel, config: TraceConfig, spec: DeviceSpec):
     _check_clash(traced.type_name, kwargs, ("logdir", "spec", "dtype", "method", "steps", "warmup",
                                              "machine_spec"), "profile")
     # logdir=None: the TensorBoard runs are written by the tensorboard output, with the other runs of this trace
+    phase = config.phase_input()
+    if phase is not None:   # the measured step is the phase's, on the script's model
+        return profile(module, phase, logdir=None, spec=spec, dtype=config.dtype, **own)
     return profile(module, *args, logdir=None, spec=spec, dtype=config.dtype, method=config.method, **own,
                    **kwargs)
 

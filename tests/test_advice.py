@@ -129,8 +129,13 @@ def test_cli_advise_and_trace_phase(tmp_path):
     saved = _run(["advise", "--context", "16", "--logdir", "tb", "llm.py"], tmp_path)
     assert saved.returncode == 0, saved.stderr
     assert "Decode batch sweep" in saved.stdout and (tmp_path / "tb" / "llm-advise" / "advice.json").is_file()
-    bad = _run(["trace", "--phase", "decode", "--profile", "llm.py"], tmp_path)
-    assert bad.returncode == 2 and "cannot be combined with --profile" in bad.stderr
+    bad = _run(["trace", "--phase", "decode", "--optimize", "llm.py"], tmp_path)
+    assert bad.returncode == 2 and "cannot be combined with --optimize" in bad.stderr
+    measured = _run(["trace", "--phase", "decode", "--context", "16", "--profile", "--steps", "2", "--json",
+                     "--no-tensorboard", "--logdir", "prof", "llm.py"], tmp_path)
+    assert measured.returncode == 0, measured.stderr
+    saved = shapeprof.Report.from_json(next((tmp_path / "prof").rglob("Transformer/measured.json")))
+    assert saved.total.measured_seconds > 0
 
 
 def test_a_measured_latency_floor_decides_the_online_batch():

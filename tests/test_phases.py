@@ -180,3 +180,24 @@ def test_phase_leaves_a_real_model_alone():
     assert r.phase.kv_read_bytes == 2 * 17 * 512
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
+@pytest.mark.parametrize("build", ["llama", "hf"])
+def test_profile_measures_a_decode_step(build):
+    torch.manual_seed(0)
+    if build == "hf":
+        cls, cfg = HF["llama"]()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = cls(cfg).eval()
+    else:
+        model = Transformer(LlamaConfig.tiny()).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = shapeprof.profile(model, shapeprof.Decode(2, 24), steps=2, warmup=1, machine_spec="a100-80gb-sxm")
+    assert result.predicted.phase.kind == "decode" and result.predicted.phase.context == 24
+    assert result.measured.total.measured_seconds > 0 and len(result.step_seconds) == 2
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    with pytest.raises(shapeprof.PhaseError, match="runs the model"):
+        shapeprof.profile(_on_meta(lambda: Transformer(LlamaConfig.tiny())), shapeprof.Decode(1, 8))
