@@ -375,10 +375,9 @@ def advise(model: nn.Module, spec: str | DeviceSpec | None = None, dtype: torch.
     max_batch = _max_batch(device, info, pre.parameter_bytes, context, tp)
     rows = []
     for b in batches:
-        seconds, bound, flops, nbytes = sweep.step(b)
-        t = step_seconds(b)
-        t = step_seconds(b, achievable=False)
-        rows.append({"batch": b, "seconds": t, "achievable_seconds": step_seconds(b, achievable=True),
+        _, bound, flops, nbytes = sweep.step(b)
+        rows.append({"batch": b, "seconds": step_seconds(b, achievable=False),
+                     "achievable_seconds": step_seconds(b, achievable=True),
                      "tokens_per_second": b / step_seconds(b), "per_sequence": 1 / step_seconds(b), "bound": bound,
                      "flops": flops, "bytes": nbytes, "kv_bytes": b * (context + 1) * info.kv_bytes_per_token,
                      "fits": b <= max_batch})

@@ -48,7 +48,9 @@ def analyze(model: nn.Module, *args: Any, spec: str | DeviceSpec | None = None,
 
     Args:
         model: any nn.Module (on any device, meta included); it is not run, moved or changed.
-        *args, **kwargs: example inputs, as the model's forward takes them (tensors, `InputShape`s, other values).
+        *args, **kwargs: example inputs, as the model's forward takes them (tensors, `InputShape`s, other values);
+            or one `shapeprof.Decode(batch, context)` / `shapeprof.Prefill(batch, tokens)` alone, for an LLM's
+            step with a cache of that length (`shapeprof.phases`; the report's `phase` splits its bytes).
             `spec`, `dtype`, `strict`, `method` and `tf32` are this function's own and not passed on.
         spec: device to hold the model against: a built-in name (`shapeprof.list_specs()`), a TOML/JSON spec
             file or a DeviceSpec. Default: A100-80GB SXM.
@@ -66,13 +68,13 @@ def analyze(model: nn.Module, *args: Any, spec: str | DeviceSpec | None = None,
     start = time.perf_counter()
     device = get_spec(spec)
     precision = resolve_precision(dtype, tf32)
-    target, phase = model, None
+    target, resolved = model, None
     if len(args) == 1 and not kwargs and is_phase(args[0]):   # Decode(batch, context) / Prefill(batch, tokens)
-        phase = resolve_phase(model, args[0], precision.dtype)
-        target, args, kwargs = phase.module, phase.args, phase.kwargs
-        method = phase.method if method == "auto" else method
+        resolved = resolve_phase(model, args[0], precision.dtype)
+        target, args, kwargs = resolved.module, resolved.args, resolved.kwargs
+        method = resolved.method if method == "auto" else method
     with warnings.catch_warnings():
-        if phase is not None:   # torch's own pytree deprecation, from copying an exported graph
+        if resolved is not None:   # torch's own pytree deprecation, from copying an exported graph
             warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
         cap = capture(target, *args, method=method, dtype=precision.dtype, **kwargs)
     costed = _NodeCoster(device, precision)
@@ -91,9 +93,9 @@ def analyze(model: nn.Module, *args: Any, spec: str | DeviceSpec | None = None,
         raise UncoveredOpError(f"no cost formula for: {listed}")
     records_of = {cn.node.name: cn.records for cn, _ in rows}
     notes = [*cap.notes, *([precision.note] if precision.note else []), *costed.notes(nodes),
-             *(phase.notes if phase else [])]
+             *(resolved.notes if resolved else [])]
     weights_dtype = precision.matmul_dtype or precision.dtype
-    info = phase.info(model, weights_dtype, total.bytes) if phase else None
+    info = resolved.info(model, weights_dtype, total.bytes) if resolved else None
     report = Report(
         model=type(model).__name__, spec=device, dtype=_precision_name(precision),
         inputs=(info.describe(),) if info else _describe_inputs(args, kwargs, precision.dtype),
