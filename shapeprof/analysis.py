@@ -95,7 +95,7 @@ def analyze(model: nn.Module, *args: Any, spec: str | DeviceSpec | None = None,
     notes = [*cap.notes, *([precision.note] if precision.note else []), *costed.notes(nodes),
              *(resolved.notes if resolved else [])]
     weights_dtype = precision.matmul_dtype or precision.dtype
-    info = resolved.info(model, weights_dtype, total.bytes) if resolved else None
+    info = resolved.info(model, weights_dtype, total.bytes, cap) if resolved else None
     report = Report(
         model=type(model).__name__, spec=device, dtype=_precision_name(precision),
         inputs=(info.describe(),) if info else _describe_inputs(args, kwargs, precision.dtype),

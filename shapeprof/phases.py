@@ -9,8 +9,11 @@ the example inputs wherever `analyze` takes them, and becomes the inputs the mod
   pass (`shapeprof.rewrites.kv_cache`) turns its whole-forward graph into the cached one, which is analysed over a
   `shapeprof.kvcache.KVCache` holding `context` positions: keys and values are written for the new position only
   and attention reads all of them;
-- a model with a cache argument of its own that is not HuggingFace's is refused with the reason: pass a filled
-  cache as its example inputs instead.
+- a hand-written decoder that keeps its cache in its modules and is told the position (Meta's reference Llama's
+  `forward(tokens, start_pos)`, gpt-fast's `forward(idx, input_pos)`) is called with the ids and that position,
+  its cache's figures read off the graph (what its attention reads);
+- a model with a cache argument of another kind (a cache object passed in) is refused with the reason: pass a
+  filled cache as its example inputs instead.
 
     >>> import torch, shapeprof
     >>> from examples.nanogpt import GPT, GPTConfig
@@ -148,20 +151,30 @@ class ResolvedPhase:
     hidden: int | None
     notes: list[str] = field(default_factory=list)
     kv_in_graph: bool = True
+    kv_from_graph: bool = False       # the model keeps its own cache: its figures are read off the analysed graph
 
-    def info(self, model: nn.Module, dtype: torch.dtype | None, total_bytes: int) -> PhaseInfo:
+    def info(self, model: nn.Module, dtype: torch.dtype | None, total_bytes: int, capture=None) -> PhaseInfo:
         p = self.phase
+        per_token, layers = self.kv_bytes_per_token, self.layers
+        if self.kv_from_graph:   # the model's own cache: what its attention ops read, over the positions they span
+            layers, nbytes = _attention_reads(capture)
+            span = p.context + p.new_tokens
+            per_token = nbytes // (p.batch * span) if layers else 0
+            self.kv_read_per_sequence = [span * per_token if p.kind == "decode" else 0]
         read = p.batch * sum(self.kv_read_per_sequence) if p.kind == "decode" else 0
-        return PhaseInfo(p.kind, p.batch, p.new_tokens, p.context, self.cache, self.kv_bytes_per_token,
-                         self.max_context, self.layers, self.hidden, weight_bytes(model, dtype, p.batch * p.new_tokens), read,
-                         p.batch * p.new_tokens * self.kv_bytes_per_token, total_bytes, self.kv_in_graph)
+        weights = weight_bytes(model, dtype, p.batch * p.new_tokens)
+        return PhaseInfo(p.kind, p.batch, p.new_tokens, p.context, self.cache, per_token, self.max_context, layers,
+                         self.hidden, weights, read, p.batch * p.new_tokens * per_token, total_bytes,
+                         self.kv_in_graph)
 
 
 def resolve(model: nn.Module, phase: Prefill | Decode, dtype: torch.dtype | None) -> ResolvedPhase:
-    """The inputs `model` takes for `phase` (see the module docstring for the three cases)."""
+    """The inputs `model` takes for `phase` (see the module docstring for the cases)."""
     if _is_hf(model):
         return _hf(model, phase, dtype)
     own = _own_cache_parameter(model)
+    if own in _POSITION_ARGUMENTS:
+        return _own_cache(model, phase, own)
     if own is not None:
         raise PhaseError(f"{type(model).__name__}.forward takes a cache of its own ('{own}'): shapeprof builds "
                          f"HuggingFace's and inserts one where there is none; for this model pass the token ids "
@@ -290,6 +303,55 @@ def _hf_windows(cfg, layers: int) -> list[int | None]:
     if window and getattr(cfg, "use_sliding_window", True) and type(cfg).__name__.startswith("Mistral"):
         return [window] * layers
     return [None] * layers
+
+
+# ---------------------------------------------------------------------------------------------- a cache of its own
+
+#: where a hand-written decoder keeps its cache inside and is told the position: Meta's reference Llama
+#: (`forward(tokens, start_pos)`, cache_k / cache_v buffers), gpt-fast (`forward(idx, input_pos)` after
+#: setup_caches): a position (an int) or the new positions (a tensor)
+_POSITION_ARGUMENTS = {"start_pos": "int", "input_pos": "positions", "cache_position": "positions"}
+
+
+def _own_cache(model: nn.Module, phase: Prefill | Decode, name: str) -> ResolvedPhase:
+    """A decoder whose cache lives in its modules, told where the new tokens go: called with the ids and that
+    position; its cache's figures are read off the graph (what its attention reads, over the positions it spans)."""
+    params = list(inspect.signature(model.forward).parameters)
+    if params[0] == name:
+        raise PhaseError(f"{type(model).__name__}.forward takes '{name}' first: shapeprof passes the token ids first")
+    start, new = phase.context, phase.new_tokens
+    position = start if _POSITION_ARGUMENTS[name] == "int" else torch.arange(start, start + new)
+    limit = _longest(model)
+    if limit is not None and start + new > limit:
+        raise PhaseError(f"{phase.kind} of {type(model).__name__}: {start} + {new} positions exceed the "
+                         f"{limit} its cache holds")
+    notes = [f"{phase.kind} through the model's own cache ({name}={start}): its KV figures are what its attention "
+             f"ops read, over the {start + new} positions they span (grouped heads repeated before attention "
+             f"count as read)"]
+    return ResolvedPhase(phase, model, (InputShape((phase.batch, new), torch.long),), {name: position}, "auto",
+                         f"its own ({name})", 0, [], limit, 0, _width(model), notes, kv_from_graph=True)
+
+
+def _attention_reads(capture) -> tuple[int, int]:
+    """(attention calls, bytes of keys and values they read) in an analysed graph."""
+    from .costs import ATTENTION_OPS
+    calls = nbytes = 0
+    for cn in capture.nodes if capture is not None else ():
+        for rec in cn.records:
+            if rec.name in ATTENTION_OPS:
+                calls += cn.repeats
+                nbytes += cn.repeats * sum(m.nbytes for m in rec.input_metas()[1:3])
+    return calls, nbytes
+
+
+def _longest(model: nn.Module) -> int | None:
+    """The longest sequence a hand-written decoder says it holds (`params.max_seq_len`, `config.block_size` ...)."""
+    for holder in (model, getattr(model, "params", None), getattr(model, "config", None)):
+        for attr in ("max_seq_len", "max_seq_length", "block_size", "max_position_embeddings"):
+            value = getattr(holder, attr, None) if holder is not None else None
+            if isinstance(value, int) and not isinstance(value, bool):
+                return value
+    return None
 
 
 # ---------------------------------------------------------------------------------------------- a cache inserted

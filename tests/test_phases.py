@@ -201,3 +201,53 @@ def test_profile_measures_a_decode_step(build):
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     with pytest.raises(shapeprof.PhaseError, match="runs the model"):
         shapeprof.profile(_on_meta(lambda: Transformer(LlamaConfig.tiny())), shapeprof.Decode(1, 8))
+
+
+class _CachedAttention(torch.nn.Module):
+    """Attention as Meta's reference Llama writes it: its cache preallocated in buffers, written at start_pos."""
+
+    def __init__(self, dim=64, heads=4, max_batch=4, max_seq=128):
+        super().__init__()
+        self.heads, self.hd = heads, dim // heads
+        self.wqkv = torch.nn.Linear(dim, 3 * dim, bias=False)
+        self.wo = torch.nn.Linear(dim, dim, bias=False)
+        self.register_buffer("cache_k", torch.zeros(max_batch, heads, max_seq, self.hd), persistent=False)
+        self.register_buffer("cache_v", torch.zeros(max_batch, heads, max_seq, self.hd), persistent=False)
+
+    def forward(self, x, start_pos):
+        b, t, _ = x.shape
+        q, k, v = self.wqkv(x).view(b, t, 3, self.heads, self.hd).permute(2, 0, 3, 1, 4)   # 3 x (B, H, T, hd)
+        self.cache_k[:b, :, start_pos:start_pos + t] = k
+        self.cache_v[:b, :, start_pos:start_pos + t] = v
+        keys, values = self.cache_k[:b, :, :start_pos + t], self.cache_v[:b, :, :start_pos + t]
+        out = torch.nn.functional.scaled_dot_product_attention(q, keys, values, is_causal=t > 1)
+        return self.wo(out.transpose(1, 2).reshape(b, t, -1))
+
+
+class _ReferenceStyleLlama(torch.nn.Module):
+    def __init__(self, layers=2, dim=64, vocab=256, max_seq=128):
+        super().__init__()
+        self.max_seq_len = max_seq
+        self.emb = torch.nn.Embedding(vocab, dim)
+        self.layers = torch.nn.ModuleList(_CachedAttention(dim, max_seq=max_seq) for _ in range(layers))
+        self.out = torch.nn.Linear(dim, vocab, bias=False)
+
+    def forward(self, tokens, start_pos: int):
+        h = self.emb(tokens)
+        for layer in self.layers:
+            h = h + layer(h, start_pos)
+        return self.out(h)
+
+
+def test_a_model_with_its_own_cache_is_decoded_through_it():
+    model = _on_meta(_ReferenceStyleLlama)
+    r = shapeprof.analyze(model, shapeprof.Decode(batch=2, context=40))
+    p = r.phase
+    assert p.cache == "its own (start_pos)" and p.layers == 2 and p.max_context == 128
+    # per position: 2 layers x (k + v) x 4 heads x 16 x 4 bytes = 1,024; 41 positions read per sequence
+    assert (p.kv_bytes_per_token, p.kv_read_bytes, p.kv_written_bytes) == (1024, 2 * 41 * 1024, 2 * 1024)
+    assert _attention_kv_bytes(r) == p.kv_read_bytes
+    with pytest.raises(shapeprof.PhaseError, match="139 \\+ 1 positions exceed the 128 its cache holds"):
+        shapeprof.analyze(model, shapeprof.Decode(batch=1, context=139))
+    prefill = shapeprof.analyze(model, shapeprof.Prefill(batch=1, tokens=16))
+    assert prefill.phase.kv_read_bytes == 0 and prefill.phase.kv_written_bytes == 16 * 1024
