@@ -156,12 +156,13 @@ class ResolvedPhase:
     def info(self, model: nn.Module, dtype: torch.dtype | None, total_bytes: int, capture=None) -> PhaseInfo:
         p = self.phase
         per_token, layers = self.kv_bytes_per_token, self.layers
+        read_per_sequence = self.kv_read_per_sequence
         if self.kv_from_graph:   # the model's own cache: what its attention ops read, over the positions they span
             layers, nbytes = _attention_reads(capture)
             span = p.context + p.new_tokens
             per_token = nbytes // (p.batch * span) if layers else 0
-            self.kv_read_per_sequence = [span * per_token if p.kind == "decode" else 0]
-        read = p.batch * sum(self.kv_read_per_sequence) if p.kind == "decode" else 0
+            read_per_sequence = [span * per_token]
+        read = p.batch * sum(read_per_sequence) if p.kind == "decode" else 0
         weights = weight_bytes(model, dtype, p.batch * p.new_tokens)
         return PhaseInfo(p.kind, p.batch, p.new_tokens, p.context, self.cache, per_token, self.max_context, layers,
                          self.hidden, weights, read, p.batch * p.new_tokens * per_token, total_bytes,
@@ -208,6 +209,9 @@ def real_inputs(model: nn.Module, phase: Prefill | Decode) -> tuple[nn.Module, t
                          torch.zeros(layer.values.shape, dtype=param.dtype, device=device), i)
         cache_kw = next(k for k in ("past_key_values", "cache") if k in resolved.kwargs)
         return model, (), {ids_kw: ids, cache_kw: cache, "use_cache": True}
+    own = _own_cache_parameter(model)
+    if own in _POSITION_ARGUMENTS:   # its own cache, written in place (profile puts its buffers back)
+        return model, (ids,), {own: _own_cache(model, phase, own).kwargs[own]}
     if phase.kind == "prefill":
         return model, (ids,), {}
     seq, _ = _insert_cache(model, phase, None, copies=(model,))

@@ -251,3 +251,11 @@ def test_a_model_with_its_own_cache_is_decoded_through_it():
         shapeprof.analyze(model, shapeprof.Decode(batch=1, context=139))
     prefill = shapeprof.analyze(model, shapeprof.Prefill(batch=1, tokens=16))
     assert prefill.phase.kv_read_bytes == 0 and prefill.phase.kv_written_bytes == 16 * 1024
+    torch.manual_seed(0)
+    real = _ReferenceStyleLlama().eval()
+    before = {k: v.clone() for k, v in real.named_buffers()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        measured = shapeprof.profile(real, shapeprof.Decode(2, 40), steps=2, warmup=1, machine_spec="a100-80gb-sxm")
+    assert measured.measured.total.measured_seconds > 0 and measured.predicted.phase.kv_read_bytes == 2 * 41 * 1024
+    assert all(torch.equal(before[k], v) for k, v in real.named_buffers())   # its cache is as it was
