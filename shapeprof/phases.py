@@ -199,15 +199,14 @@ def real_inputs(model: nn.Module, phase: Prefill | Decode) -> tuple[nn.Module, t
         ids_kw = "input_ids" if "input_ids" in params else next(iter(params))
         if phase.kind == "prefill":
             return model, (), {ids_kw: ids}
-        resolved = _hf(model, phase, None)
-        fake = resolved.kwargs[next(k for k in ("past_key_values", "cache") if k in resolved.kwargs)]
+        kwargs = _hf(model, phase, None).kwargs    # the cache built on meta: its layers' shapes, filled with zeros
+        cache_kw = next(k for k in ("past_key_values", "cache") if k in kwargs)
         from transformers import DynamicCache
         cache = DynamicCache(config=model.config.get_text_config()) if hasattr(model.config, "get_text_config") \
             else DynamicCache()
-        for i, layer in enumerate(fake.layers):
+        for i, layer in enumerate(kwargs[cache_kw].layers):
             cache.update(torch.zeros(layer.keys.shape, dtype=param.dtype, device=device),
                          torch.zeros(layer.values.shape, dtype=param.dtype, device=device), i)
-        cache_kw = next(k for k in ("past_key_values", "cache") if k in resolved.kwargs)
         return model, (), {ids_kw: ids, cache_kw: cache, "use_cache": True}
     own = _own_cache_parameter(model)
     if own in _POSITION_ARGUMENTS:   # its own cache, written in place (profile puts its buffers back)

@@ -102,11 +102,7 @@ def render(adv) -> Group:
 
 def markdown_sections(adv) -> dict[str, str]:
     """Tag -> markdown, one per question: what TensorBoard's Text tab shows."""
-    def table(headers, rows) -> str:
-        lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-        lines += ["| " + " | ".join(str(c).replace("|", "\\|") for c in row) + " |" for row in rows]
-        return "\n".join(lines)
-
+    from .markdown import table
     out = {}
     out["phases"] = table(["", "FLOPs", "bytes", "weights", "KV read", "KV written", "other", "time", "tokens/s"], [
         [name, fmt_flops(p["flops"]), fmt_bytes(p["bytes"]), fmt_bytes(p["weight_bytes"]), fmt_bytes(p["kv_read_bytes"]),

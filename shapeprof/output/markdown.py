@@ -71,7 +71,7 @@ def _top_nodes(r: Report, top: int) -> str:
         rows.append(row)
     title = (f"Top {len(rows)} nodes by predicted time "
              f"(a node and its repeats in repeated layers: one row)")
-    return f"**{title}**\n\n" + _table(header, rows)
+    return f"**{title}**\n\n" + table(header, rows)
 
 
 def _modules(r: Report) -> str:
@@ -80,7 +80,7 @@ def _modules(r: Report) -> str:
              fmt_intensity(m.intensity), _bound(m.bound), fmt_seconds(m.predicted_seconds), f"{m.share:.1%}"]
             for m in r.by_module(depth, repeats=True)[:12]]
     return (f"**By module (depth {depth}, layers summed)**\n\n"
-            + _table(["module", "nodes", "FLOPs", "bytes", "FLOP/B", "bound", "time", "share"], rows))
+            + table(["module", "nodes", "FLOPs", "bytes", "FLOP/B", "bound", "time", "share"], rows))
 
 
 def _findings(r: Report) -> str:
@@ -100,14 +100,15 @@ def _coverage(r: Report) -> str:
     rows = [[f"`{o.op}`", f"x{o.count}", fmt_bytes(o.bytes), f"`{o.first_node}`"] for o in r.coverage.ops]
     return (f"**Coverage: {len(r.coverage.ops)} op(s) without a FLOP formula** "
             f"({r.coverage.uncovered_share_of_bytes:.1%} of bytes; their FLOPs are unknown, not counted)\n\n"
-            + _table(["op", "calls", "bytes", "first at node"], rows))
+            + table(["op", "calls", "bytes", "first at node"], rows))
 
 
 def _bound(bound: str) -> str:
     return {"memory": "**memory**", "compute": "compute"}.get(bound, bound)
 
 
-def _table(header: list[str], rows) -> str:
+def table(header: list[str], rows) -> str:
+    """A markdown table, every cell made safe (a `|` escaped, a newline a space)."""
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in rows]
     return "\n".join(lines)
