@@ -171,6 +171,8 @@ class ResolvedPhase:
 
 def resolve(model: nn.Module, phase: Prefill | Decode, dtype: torch.dtype | None) -> ResolvedPhase:
     """The inputs `model` takes for `phase` (see the module docstring for the cases)."""
+    from .capture import unwrap
+    model = unwrap(model)   # torch.compile's OptimizedModule, DDP: the module they wrap takes the phase
     if _is_hf(model):
         return _hf(model, phase, dtype)
     own = _own_cache_parameter(model)

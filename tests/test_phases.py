@@ -180,6 +180,8 @@ def test_phase_leaves_a_real_model_alone():
     assert r.phase.kv_read_bytes == 2 * 17 * 512
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+    compiled = shapeprof.analyze(torch.compile(model), shapeprof.Decode(2, 16))   # what a user analyses next
+    assert (compiled.phase, compiled.total.flops) == (r.phase, r.total.flops)
 
 
 @pytest.mark.parametrize("build", ["llama", "hf"])
