@@ -50,10 +50,12 @@ from __future__ import annotations
 import copy
 import io
 import math
+import os
 import statistics
 import time
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import torch
@@ -297,6 +299,12 @@ class OptimizeReport:
         console = _text_console()
         console.print(render(self))
         return console.file.getvalue()
+
+    def to_html(self, path: str | os.PathLike) -> Path:
+        """Before and after, and what each rewrite changed, as one HTML file that opens offline (written
+        atomically). Returns the path."""
+        from .output.html import write_html
+        return write_html(path, self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "OptimizeReport":

@@ -91,6 +91,15 @@ class ProfileResult:
     node_level: bool = True
     note: str = ""
 
+    def to_html(self, path: str | os.PathLike) -> Path:
+        """The measured report (predicted and measured times on this machine) and the predicted one on the chosen
+        spec, as one HTML file that opens offline, with a selector between the two. Returns the path."""
+        from .output.html import write_html
+        return write_html(path, [(f"{self.measured.model} · measured on {self.machine_spec.display_name}",
+                                  self.measured),
+                                 (f"{self.predicted.model} · predicted on {self.predicted.spec.display_name}",
+                                  self.predicted)], title=self.measured.model)
+
 
 def profile(model: nn.Module, *args: Any, logdir: str | os.PathLike | None = None,
             spec: str | DeviceSpec | None = None, steps: int = 5, warmup: int = 2,

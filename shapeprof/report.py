@@ -362,6 +362,12 @@ class Report:
             write_atomic(Path(path), text)
         return text
 
+    def to_html(self, path: str | os.PathLike) -> Path:
+        """The interactive report (roofline, sortable node table, module tree, findings) as one HTML file that
+        opens offline; written atomically. Returns the path."""
+        from .output.html import write_html
+        return write_html(path, self)
+
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Report":
         """Read back what `to_dict` wrote. Every field is checked against its type, so a damaged file is one

@@ -7,11 +7,11 @@ optimize did) into files in a run directory (`write`) and, if it is text, into a
 
     >>> from shapeprof.output import available
     >>> [name for name, _ in available()]
-    ['json', 'markdown', 'tensorboard', 'terminal']
+    ['html', 'json', 'markdown', 'tensorboard', 'terminal']
 """
 from .base import Format, Results, available, get, register
 
 # the built-in formats register themselves
-from . import jsonfiles, markdown, tensorboard, terminal  # noqa: E402,F401  isort: skip
+from . import html, jsonfiles, markdown, tensorboard, terminal  # noqa: E402,F401  isort: skip
 
 __all__ = ["Format", "Results", "available", "get", "register"]

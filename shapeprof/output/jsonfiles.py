@@ -8,6 +8,7 @@
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -63,10 +64,30 @@ def optimize_document(report: Any) -> dict[str, Any]:
 
 def saved_files(folder: str | os.PathLike) -> list[Path]:
     """The report.json, measured.json and optimize.json files in `folder` and below: each model's together, in
-    that order, the models sorted by path."""
+    that order, the models sorted by path.
+
+    Hidden folders are skipped (a TensorBoard run being staged: `export_tensorboard`), and so is a copy: a
+    TensorBoard run holds the report it was written from (what the SHAPEPROF tab reads when no trace is around
+    it), and inside a trace's run directory that is the model's report.json again, byte for byte.
+    """
+    folder = Path(folder)
     rank = {name: i for i, name in enumerate(SAVED_FILES)}
-    found = (p for name in SAVED_FILES for p in Path(folder).rglob(name) if p.is_file())
-    return sorted(found, key=lambda p: (p.parent, rank[p.name]))
+    found = sorted((p for name in SAVED_FILES for p in folder.rglob(name) if p.is_file()
+                    and not any(part.startswith(".") for part in p.relative_to(folder).parts[:-1])),
+                   key=lambda p: (p.parent, rank[p.name]))
+    seen: set[tuple[int, bytes]] = set()
+    unique = []
+    for p in found:
+        try:
+            data = p.read_bytes()
+        except OSError:
+            unique.append(p)    # listed: reading it says why it cannot be read
+            continue
+        digest = (len(data), hashlib.sha256(data).digest())
+        if digest not in seen or not any(p.parent.glob("events.out.tfevents.*")):
+            seen.add(digest)
+            unique.append(p)
+    return unique
 
 
 def read_saved(path: str | os.PathLike) -> Any:

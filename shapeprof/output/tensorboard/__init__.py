@@ -114,6 +114,7 @@ def export_tensorboard(logdir: str | os.PathLike, predicted: Report, *, measured
 def _write_predicted_run(folder: Path, report: Report) -> None:
     write_trace(folder, kineto.predicted_trace(report))
     write_summaries(folder, report)
+    report.to_json(folder / "report.json")     # what the SHAPEPROF tab shows (tensorboard/plugin.py)
 
 
 def _write_measured_run(folder: Path, trace: Mapping[str, Any] | None, measured: Report | None,
@@ -127,6 +128,7 @@ def _write_measured_run(folder: Path, trace: Mapping[str, Any] | None, measured:
         write_trace(folder, annotated)
     if measured is not None:   # without a measured report they would repeat the predicted run's
         write_summaries(folder, measured, measured=True)
+        measured.to_json(folder / "measured.json")
 
 
 def _trace_device(trace: Mapping[str, Any]) -> str:
