@@ -185,6 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--top", type=_positive_int, default=trace_defaults.top, metavar="N",
                      help="rows in the top-nodes table")
     rep.add_argument("--json", action="store_true", help="print the report(s) as JSON")
+    rep.add_argument("--html", metavar="FILE", default=None,
+                     help="write them instead as one self-contained HTML file (the SHAPEPROF tab's views: "
+                          "roofline, node table, module tree, before/after) that opens offline")
     rep.set_defaults(func=_cmd_report)
 
     view = sub.add_parser("view", formatter_class=fmt, help="start TensorBoard over a logdir",
@@ -565,6 +568,8 @@ def _cmd_report(ns: argparse.Namespace) -> int:
             reports.append((p, read_saved(p)))
         except ReportFormatError as e:
             raise CliError(f"{p}: {e}") from None
+    if ns.html:
+        return _write_report_html(Path(ns.html), path, reports)
     if ns.json:
         docs = [r.to_dict() if isinstance(r, Report) else optimize_document(r) for _, r in reports]
         if len(reports) == 1 and not path.is_dir():
@@ -581,6 +586,23 @@ def _cmd_report(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _write_report_html(out: Path, source: Path, reports: list[tuple[Path, Any]]) -> int:
+    from .output.html import write_html
+    from .output.jsonfiles import SAVED_KINDS
+    if out.is_dir():
+        raise CliError(f"--html {out} is a folder: give the file to write, e.g. {out / 'report.html'}")
+    base = source if source.is_dir() else source.parent
+    named = [(f"{p.parent.relative_to(base).as_posix() if p.parent != base else r.model} · "
+              f"{SAVED_KINDS.get(p.name, p.stem)}", r) for p, r in reports]
+    try:
+        write_html(out, named, title=f"shapeprof: {source.name}")
+    except OSError as e:
+        raise CliError(f"cannot write {out}: {one_line(e)}") from None
+    print(printable(f"wrote {_display_path(out)}: {len(named)} report{'s' if len(named) != 1 else ''}, "
+                    f"opens offline in a browser"))
+    return 0
+
+
 # ---------------------------------------------------------------------------------------------- view
 
 def _cmd_view(ns: argparse.Namespace) -> int:
@@ -590,5 +612,6 @@ def _cmd_view(ns: argparse.Namespace) -> int:
     if importlib.util.find_spec("tensorboard") is None:
         raise CliError("view needs the tensorboard package: pip install tensorboard")
     host = ViewConfig().host
-    print(printable(f"TensorBoard on http://{host}:{ns.port}/ over {logdir} (Ctrl-C stops it)"), flush=True)
+    print(printable(f"TensorBoard on http://{host}:{ns.port}/ over {logdir} (Ctrl-C stops it); shapeprof's own "
+                    f"views: http://{host}:{ns.port}/#shapeprof"), flush=True)
     return viewer.serve(logdir, host=host, port=ns.port)   # stops TensorBoard on every way out, SIGTERM too

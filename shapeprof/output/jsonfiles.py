@@ -21,14 +21,15 @@ from ..report import Report
 from ..rundir import TRACE_SCHEMA
 from .base import Format, Results, register
 
-__all__ = ["OPTIMIZE_SCHEMA", "OPTIMIZE_SCHEMA_VERSION", "SAVED_FILES", "JsonFormat", "optimize_document",
+__all__ = ["OPTIMIZE_SCHEMA", "OPTIMIZE_SCHEMA_VERSION", "SAVED_FILES", "SAVED_KINDS", "JsonFormat", "optimize_document",
            "read_saved", "saved_files"]
 
 OPTIMIZE_SCHEMA = "shapeprof.optimize"
 OPTIMIZE_SCHEMA_VERSION = 1
 
-#: The reports a run directory holds for each model, in the order `saved_files` lists them.
+#: The reports a run directory holds for each model, in the order `saved_files` lists them, and what each is.
 SAVED_FILES = ("report.json", "measured.json", "optimize.json")
+SAVED_KINDS = {"report.json": "predicted", "measured.json": "measured", "optimize.json": "optimize"}
 
 
 @register
@@ -68,26 +69,25 @@ def saved_files(folder: str | os.PathLike) -> list[Path]:
 
     Hidden folders are skipped (a TensorBoard run being staged: `export_tensorboard`), and so is a copy: a
     TensorBoard run holds the report it was written from (what the SHAPEPROF tab reads when no trace is around
-    it), and inside a trace's run directory that is the model's report.json again, byte for byte.
+    it), and inside a trace's run directory that is the model's report.json again, byte for byte; the one
+    outside the TensorBoard run is listed.
     """
     folder = Path(folder)
     rank = {name: i for i, name in enumerate(SAVED_FILES)}
     found = sorted((p for name in SAVED_FILES for p in folder.rglob(name) if p.is_file()
                     and not any(part.startswith(".") for part in p.relative_to(folder).parts[:-1])),
                    key=lambda p: (p.parent, rank[p.name]))
-    seen: set[tuple[int, bytes]] = set()
-    unique = []
-    for p in found:
+
+    def digest(p: Path) -> tuple[int, bytes] | None:
         try:
             data = p.read_bytes()
         except OSError:
-            unique.append(p)    # listed: reading it says why it cannot be read
-            continue
-        digest = (len(data), hashlib.sha256(data).digest())
-        if digest not in seen or not any(p.parent.glob("events.out.tfevents.*")):
-            seen.add(digest)
-            unique.append(p)
-    return unique
+            return None     # listed all the same: reading it says why it cannot be read
+        return len(data), hashlib.sha256(data).digest()
+
+    in_run = {p: any(p.parent.glob("events.out.tfevents.*")) for p in found}
+    saved = {digest(p) for p in found if not in_run[p]} - {None}
+    return [p for p in found if not (in_run[p] and digest(p) in saved)]
 
 
 def read_saved(path: str | os.PathLike) -> Any:

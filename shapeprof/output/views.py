@@ -28,6 +28,7 @@ import math
 from typing import Any
 
 import plotly.graph_objects as go
+from plotly.subplots import make_subplots
 import torch
 
 from ..report import NodeStats, Report
@@ -225,8 +226,8 @@ def _tree(report: Report, *, repeats: bool) -> dict[str, Any]:
     total = seconds[""] or 1.0
     ids = list(seconds)
     fig = go.Figure(go.Treemap(
-        ids=[i or "(model)" for i in ids],
-        parents=["" if not i else (i.rpartition(".")[0] or "(model)") for i in ids],
+        ids=[_escaped(i) or "(model)" for i in ids],   # keys, not shown: escaped all the same, parents alike
+        parents=["" if not i else (_escaped(i.rpartition(".")[0]) or "(model)") for i in ids],
         labels=[_escaped(i.rpartition(".")[2] if i else report.model) for i in ids],
         values=[seconds[i] for i in ids], branchvalues="total",
         customdata=[[_escaped(i or "(model)"), fmt_seconds(seconds[i]), f"{seconds[i] / total:.1%}"] for i in ids],
@@ -234,6 +235,10 @@ def _tree(report: Report, *, repeats: bool) -> dict[str, Any]:
         maxdepth=4, textinfo="label+percent root"))
     fig.update_layout(height=480, margin={"l": 10, "r": 10, "t": 10, "b": 10})
     return {"figure": _plain(fig)}
+
+
+def _change(before: float, after: float) -> str:
+    return f"{(after - before) / before:+.1%}" if before else ""
 
 
 def _plain(fig: go.Figure) -> dict[str, Any]:
@@ -248,18 +253,23 @@ def optimize_view(report: Any, title: str = "") -> dict[str, Any]:
     before = report.predicted_seconds
     after = before - report.seconds_saved
     m = report.measurement
-    sides = [["predicted time", fmt_seconds(before), fmt_seconds(after)],
-             ["bytes saved", "", fmt_bytes(report.bytes_saved)]]
+    sides = [["predicted time", fmt_seconds(before), fmt_seconds(after), _change(before, after)],
+             ["main-memory traffic removed", "", fmt_bytes(report.bytes_saved), ""]]
     if m is not None:
         sides.append([f"measured on {m.device} (median per call)", fmt_seconds(m.original_seconds),
-                      fmt_seconds(m.optimized_seconds)])
-    fig = go.Figure()
-    fig.add_trace(go.Bar(name="before", x=["predicted"] + (["measured"] if m else []),
-                         y=[before] + ([m.original_seconds] if m else []), marker_color="#7f7f7f"))
-    fig.add_trace(go.Bar(name="after", x=["predicted"] + (["measured"] if m else []),
-                         y=[after] + ([m.optimized_seconds] if m else []), marker_color="#2ca02c"))
-    fig.update_layout(barmode="group", height=320, yaxis={"title": {"text": "seconds"}},
-                      margin={"l": 70, "r": 20, "t": 20, "b": 40})
+                      fmt_seconds(m.optimized_seconds), _change(m.original_seconds, m.optimized_seconds)])
+    # predicted (on the spec) and measured (on this machine) differ by orders of magnitude: an axis each
+    bars = [("predicted on " + report.spec.display_name, before, after)]
+    if m is not None:
+        bars.append((f"measured on {m.device}", m.original_seconds, m.optimized_seconds))
+    fig = make_subplots(rows=1, cols=len(bars), subplot_titles=[_escaped(b[0]) for b in bars])
+    for col, (_, was, now) in enumerate(bars, 1):
+        for name, value, color in (("before", was, "#7f7f7f"), ("after", now, "#2ca02c")):
+            fig.add_trace(go.Bar(name=name, x=[name], y=[value], marker_color=color, showlegend=False,
+                                 text=[fmt_seconds(value)], textposition="outside",
+                                 hovertemplate=f"{name}: {fmt_seconds(value)}<extra></extra>"), row=1, col=col)
+        fig.update_yaxes(title_text="seconds", rangemode="tozero", row=1, col=col)
+    fig.update_layout(height=340, margin={"l": 70, "r": 20, "t": 40, "b": 40})
     rewrites = []
     for o in report.outcomes:
         r = o.result

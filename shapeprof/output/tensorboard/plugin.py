@@ -27,14 +27,13 @@ from werkzeug import wrappers
 from ...jsondata import ReportFormatError
 from ...text import one_line
 from ..html import static_file
-from ..jsonfiles import read_saved, saved_files
+from ..jsonfiles import SAVED_KINDS, read_saved, saved_files
 from ..views import view_of
 
 __all__ = ["PLUGIN_NAME", "ShapeprofPlugin"]
 
 PLUGIN_NAME = "shapeprof"
 _LISTING_SECONDS = 2.0      # how long a listing of the logdir is reused: TensorBoard asks is_active often
-_KINDS = {"report.json": "predicted", "measured.json": "measured", "optimize.json": "optimize"}
 
 
 class ShapeprofPlugin(base_plugin.TBPlugin):
@@ -104,7 +103,7 @@ class ShapeprofPlugin(base_plugin.TBPlugin):
 
     def _name(self, path: Path) -> str:
         folder = path.parent.relative_to(self._logdir).as_posix()
-        return f"{folder if folder != '.' else self._logdir.name} · {_KINDS[path.name]}"
+        return f"{folder if folder != '.' else self._logdir.name} · {SAVED_KINDS[path.name]}"
 
     def _view_of(self, path: Path) -> dict[str, Any]:
         """The view of one file, kept until the file changes; a file that cannot be read is a view that says
@@ -120,7 +119,9 @@ class ShapeprofPlugin(base_plugin.TBPlugin):
             return cached[1]
         try:
             view = view_of(read_saved(path), self._name(path))
-        except (ReportFormatError, OSError) as e:
+        except ReportFormatError as e:   # its message is one line naming the field
+            return _error_view(path, f"{self._id(path)}: {e}")
+        except OSError as e:
             return _error_view(path, f"{self._id(path)}: {one_line(e)}")
         with self._lock:
             self._views[path] = (stamp, view)
