@@ -1054,3 +1054,96 @@ register_cost(aten.index_add)(_index_slices(adds=True, inplace=False))
 register_cost(aten.index_copy)(_index_slices(adds=False, inplace=False))
 register_cost(aten.index_add_)(_index_slices(adds=True, inplace=True))
 register_cost(aten.index_copy_)(_index_slices(adds=False, inplace=True))
+
+
+# ---------------------------------------------------------------------------------------------
+# Optimizer steps: foreach list ops and the fused optimizer kernels (shapeprof.optimizer_step).
+#
+# A `_foreach_X` op applies the per-tensor op X to every entry of its tensor lists in one launch (or
+# a few: multi_tensor_apply splits long lists into chunks, left out here). It costs the sum of X over
+# the entries, each priced by this table as X is (FLOPs and bytes alike), so a foreach op and the
+# for-loop it replaces cost the same; only the number of kernels differs.
+
+
+def _foreach_sum(single: OpOverloadPacket, inplace: bool):
+    def formula(*, output, **args):
+        lists = [v for v in args.values() if isinstance(v, (list, tuple))]   # Tensor[] and float[]: one per entry
+        selves = next((v for v in lists if v and isinstance(v[0], TensorMeta)), [])
+        flops = read = written = 0
+        if isinstance(args.get("scalars"), TensorMeta):
+            # addcmul_/addcdiv_.Tensor: one 1-D tensor holds every entry's scalar; read once
+            read, args = args["scalars"].nbytes, {**args, "scalars": 1.0}
+        for i in range(len(lists[0]) if lists else 0):
+            entry = tuple(v[i] if isinstance(v, (list, tuple)) else v for v in args.values())
+            # in place, entry i writes its self; out of place it writes output i. (An out= variant's
+            # outputs don't reach formulas: they have self's shape and dtype, so self stands in.)
+            outs = (selves[i],) if inplace or not output else (output[i],)
+            c = cost_of(OpRecord(_entry_overload(single, entry), entry, {}, outs))
+            flops, read, written = flops + c.flops, read + c.bytes_read, written + c.bytes_written
+        return OpCost(flops, read, written)
+    formula.__qualname__ = f"_foreach_sum_{single._qualified_op_name.split('::')[1]}"
+    return formula
+
+
+def _entry_overload(single: OpOverloadPacket, entry: tuple) -> OpOverload:
+    # The per-tensor overload only matters to a formula that binds argument names (copy_'s `src`,
+    # norm's `p`): take `default`, else the Tensor or Scalar one the entry's second argument fits.
+    names = single.overloads()
+    kind = "Tensor" if any(isinstance(v, TensorMeta) for v in entry[1:]) else "Scalar"
+    for name in ("default", kind):
+        if name in names:
+            return getattr(single, name)
+    return getattr(single, names[0])
+
+
+def _register_foreach_ops() -> None:
+    # Every aten::_foreach_X whose per-tensor X (or, for an in-place X_ that has no in-place
+    # per-tensor op such as maximum_, its functional X) has a cost here. The rest stay uncovered.
+    names = sorted({n.split("::")[1].split(".")[0] for n in torch._C._dispatch_get_all_op_names()
+                    if n.startswith("aten::_foreach_")})
+    for name in names:
+        packet = getattr(aten, name)
+        x = name[len("_foreach_"):]
+        inplace = x.endswith("_")
+        single = getattr(aten, x, None) or (getattr(aten, x[:-1], None) if inplace else None)
+        if packet in _REGISTRY or single is None or not has_formula(single):
+            continue
+        matmul = single in _REGISTRY and _REGISTRY[single].matmul   # _foreach_mm: a list of mm
+        register_cost(packet, matmul=matmul)(_foreach_sum(single, inplace))
+
+
+_register_foreach_ops()
+
+
+# The fused optimizer kernels read every tensor once and write what they update once. Their FLOPs
+# per element are the for-loop's for the same math, counted as this table counts those ops (1 per
+# pointwise op per element), so the three implementations of a step agree on FLOPs and differ in bytes.
+
+@register_cost(*_existing("_fused_adam_", "_fused_adamw_"))
+def _fused_adam(self, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr, weight_decay, amsgrad,
+                maximize, grad_scale=None, found_inf=None, *, output):
+    # Per element: exp_avg lerp 1; exp_avg_sq * beta2 and += (1 - beta2) g^2 (mul_, addcmul_) 2;
+    # denominator sqrt, / bias correction, + eps 3; param addcdiv 1 -> 7. Weight decay +1 (AdamW
+    # scales the param, Adam adds wd * param to the grad), maximize +1 (negates the grad), amsgrad +1
+    # (the running max), grad_scale +1 (unscales the grad). The per-tensor step and bias corrections
+    # are left out.
+    per_element = 7 + (weight_decay != 0) + bool(maximize) + bool(amsgrad) + (grad_scale is not None)
+    state = [exp_avgs, exp_avg_sqs, max_exp_avg_sqs if amsgrad else []]
+    # reads param, grad, state and each tensor's step; writes param and state (not the grad, not the step)
+    read = _nbytes(self, grads, *state, state_steps, grad_scale, found_inf, lr)
+    return OpCost(per_element * sum(p.numel for p in self), read, _nbytes(self, *state))
+
+
+@register_cost(*_existing("_fused_sgd_"))
+def _fused_sgd(self, grads, momentum_buffer_list, weight_decay, momentum, lr, nesterov, maximize, is_first_step,
+               grad_scale=None, found_inf=None, *, output):
+    # Per element: param += -lr * d 1; with momentum, buf = momentum * buf + (1 - dampening) * g 2
+    # (mul_, add_; the first step copies g into buf: 0), nesterov +1; weight decay +1, maximize +1,
+    # grad_scale +1 (as _fused_adam). The first step writes the buffer without reading it.
+    moving = momentum != 0
+    per_element = (1 + (weight_decay != 0) + bool(maximize) + (grad_scale is not None)
+                   + (moving and (bool(nesterov) + 2 * (not is_first_step))))
+    bufs_read = momentum_buffer_list if moving and not is_first_step else []
+    read = _nbytes(self, grads, bufs_read, grad_scale, found_inf, lr)
+    written = _nbytes(self, momentum_buffer_list if moving else [])
+    return OpCost(per_element * sum(p.numel for p in self), read, written)
