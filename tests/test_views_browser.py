@@ -292,6 +292,12 @@ def test_folding_twin_groups_on_a_model_with_repeated_layers(browser, tmp_path):
     assert re.match(rf"{groups} of {groups} groups \({len(report.nodes)} nodes\)",
                     page.locator("#sp-table-note").text_content())
     page.uncheck("#sp-fold")
-    page.wait_for_function(f"document.querySelectorAll('#sp-nodes tbody tr').length === {len(report.nodes)}")
+    # polled from here: the page's CSP forbids the eval that wait_for_function uses
+    rows = "document.querySelectorAll('#sp-nodes tbody tr').length"
+    for _ in range(100):
+        if page.evaluate(rows) == len(report.nodes):
+            break
+        page.wait_for_timeout(100)
+    assert page.evaluate(rows) == len(report.nodes)
     guard.check()
     page.close()
