@@ -3,6 +3,7 @@ subprocess, on scripts written to tmp_path. Independent commands run side by sid
 import contextlib
 import json
 import os
+import re
 import shlex
 import signal
 import socket
@@ -195,6 +196,36 @@ def test_report_prints_saved_reports_again(traced):
     assert as_json.returncode == 0
     assert shapeprof.Report.from_dict(json.loads(as_json.stdout)) == shapeprof.Report.from_json(path)
     assert whole_dir.returncode == 0 and "shapeprof Net" in whole_dir.stdout and "shapeprof Other" in whole_dir.stdout
+
+
+def test_report_html_writes_every_report_under_a_folder_into_one_page(traced, tmp_path):
+    _, logdir, _ = traced
+    out = tmp_path / "all.html"
+    done = run(["report", str(logdir), "--html", str(out)], logdir)
+    assert done.returncode == 0 and "2 reports" in done.stdout, done.stderr
+    page = out.read_text(encoding="utf-8")
+    views = json.loads(re.search(r'id="shapeprof-views">(.*?)</script>', page).group(1))
+    assert [v["name"] for v in views] == ["Net · predicted", "Other · predicted"]
+    assert views[0]["view"]["report"]["nodes"][0]["flops"] == shapeprof.Report.from_json(
+        logdir / "Net" / "report.json").nodes[0].flops
+    for args, message in ((["--html", str(tmp_path)], "is a folder: give the file to write"),
+                          (["--html", str(tmp_path / "f.html")], "no such file or directory")):
+        target = str(logdir) if "folder" in message else str(tmp_path / "missing.json")
+        failed = run(["report", target, *args], logdir)
+        assert failed.returncode == 2 and message in failed.stderr and len(failed.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "f.html").exists()
+
+
+def test_trace_output_html_writes_the_page_of_each_model(tmp_path):
+    script = write(tmp_path / "one.py", """
+        import torch
+        torch.nn.Linear(8, 4)(torch.randn(2, 8))
+    """)
+    done = run(["trace", "--output", "html", "--logdir", str(tmp_path / "runs"), str(script)], tmp_path)
+    assert done.returncode == 0, done.stderr
+    [page] = (tmp_path / "runs").rglob("report.html")
+    views = json.loads(re.search(r'id="shapeprof-views">(.*?)</script>', page.read_text(encoding="utf-8")).group(1))
+    assert page.parent.name == "Linear" and [v["name"] for v in views] == ["Linear · predicted"]
 
 
 # ---------------------------------------------------------------------------------------------- how scripts end

@@ -78,16 +78,38 @@ def saved_files(folder: str | os.PathLike) -> list[Path]:
                     and not any(part.startswith(".") for part in p.relative_to(folder).parts[:-1])),
                    key=lambda p: (p.parent, rank[p.name]))
 
-    def digest(p: Path) -> tuple[int, bytes] | None:
-        try:
-            data = p.read_bytes()
-        except OSError:
-            return None     # listed all the same: reading it says why it cannot be read
-        return len(data), hashlib.sha256(data).digest()
-
     in_run = {p: any(p.parent.glob("events.out.tfevents.*")) for p in found}
-    saved = {digest(p) for p in found if not in_run[p]} - {None}
-    return [p for p in found if not (in_run[p] and digest(p) in saved)]
+    outside = [p for p in found if not in_run[p]]
+    sizes = {_size(p) for p in outside}
+    # only a run's file of the size of one outside can be a copy: hash just those (the SHAPEPROF tab lists often)
+    suspects = [p for p in found if in_run[p] and _size(p) in sizes - {None}]
+    suspect_sizes = {_size(p) for p in suspects}
+    saved = {_digest(p) for p in outside if _size(p) in suspect_sizes} - {None}
+    return [p for p in found if not (p in suspects and _digest(p) in saved)]
+
+
+def _size(path: Path) -> int | None:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return None     # listed all the same: reading it says why it cannot be read
+
+
+_DIGESTS: dict[tuple[Path, int, int], bytes] = {}
+
+
+def _digest(path: Path) -> bytes | None:
+    """sha256 of the file's bytes, remembered while its size and modification time stay the same."""
+    try:
+        st = path.stat()
+        key = (path, st.st_mtime_ns, st.st_size)
+        if key not in _DIGESTS:
+            if len(_DIGESTS) > 4096:
+                _DIGESTS.clear()
+            _DIGESTS[key] = hashlib.sha256(path.read_bytes()).digest()
+        return _DIGESTS[key]
+    except OSError:
+        return None
 
 
 def read_saved(path: str | os.PathLike) -> Any:
