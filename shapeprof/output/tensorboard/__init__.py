@@ -5,9 +5,10 @@
 - ``<name>-predicted-<spec>``: a Kineto trace of the timeline the roofline predicts on the report's GPU (the
   PyTorch Profiler tab's Overview, Operator, Kernel and Trace views), and TensorBoard summaries: Text (the top
   nodes, modules, findings and coverage as markdown tables), Images (the roofline), Graphs (the fx graph, each node
-  with its costs, its module path as namespace and its bound as device) and Scalars (totals);
+  with its costs, its module path as namespace and its bound as device) and Scalars (totals); and the report
+  itself (report.json), which the SHAPEPROF tab shows (`tensorboard/plugin.py`);
 - ``<name>-measured-<device>`` (given a measured trace): the real trace, every graph node's range and every ATen op
-  carrying ``shapeprof.*`` args (see `shapeprof.kineto`), and the measured report's summaries.
+  carrying ``shapeprof.*`` args (see `shapeprof.kineto`), and the measured report's summaries (and measured.json).
 
 `tensorboard_trace_handler` is a drop-in for `torch.profiler.tensorboard_trace_handler` that adds our costs to the
 ATen ops of a plain eager run, and the predicted run of the model beside it.
