@@ -37,6 +37,7 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn as nn
 
+from .distributed import MEMORY_UTILIZATION   # of the device's memory, what weights and KV may take: 0.9
 from .hardware import DeviceSpec, get_spec
 from .phases import Decode, Prefill, reusing_captures
 from .phases import resolve as resolve_phase
@@ -52,9 +53,6 @@ __all__ = ["Advice", "BatchSweep", "READING_TOKENS_PER_SECOND", "advise", "batch
 READING_WORDS_PER_MINUTE = 238
 WORDS_PER_TOKEN = 0.75
 READING_TOKENS_PER_SECOND = READING_WORDS_PER_MINUTE / 60 / WORDS_PER_TOKEN
-#: Of the device's memory, what weights and KV cache may take: vLLM's default gpu_memory_utilization, the rest
-#: left to activations, the CUDA context and the allocator's slack.
-MEMORY_UTILIZATION = 0.9
 SWEEP_BATCHES = tuple(2 ** i for i in range(11))        # 1 ... 1024
 _CHECK_BATCH = 8
 _MAX_BATCH = 1 << 20
