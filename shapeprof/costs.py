@@ -1147,3 +1147,25 @@ def _fused_sgd(self, grads, momentum_buffer_list, weight_decay, momentum, lr, ne
     read = _nbytes(self, grads, bufs_read, grad_scale, found_inf, lr)
     written = _nbytes(self, momentum_buffer_list if moving else [])
     return OpCost(per_element * sum(p.numel for p in self), read, written)
+
+
+# ---------------------------------------------------------------------------------------------
+# Backward kernels (shapeprof.backward prices a training step's backward with them).
+
+@register_cost(aten.convolution_backward, matmul=True)
+def _convolution_backward(grad_output, input, weight, transposed, output_mask, *, output):
+    # grad_input is a (transposed) convolution of grad_output with the weight, grad_weight one of the input with
+    # grad_output: each does the forward's multiply-adds. The bias's gradient (a sum of grad_output) is left out.
+    forward = _conv_flops(input, weight, grad_output, transposed)
+    return forward * (bool(output_mask[0]) + bool(output_mask[1]))
+
+
+@register_cost(aten._scaled_dot_product_flash_attention_backward,
+               aten._scaled_dot_product_efficient_attention_backward,
+               aten._scaled_dot_product_flash_attention_for_cpu_backward, matmul=True)
+def _sdpa_backward(query, key, value, is_causal=False, *, output):
+    # Q K^T is recomputed (E per score), then dV = P^T dO and dP = dO V^T (Ev each), dQ = dS K and dK = dS^T Q
+    # (E each): five matmuls per kept score, as FlopCounterMode counts it. Causal keeps j <= i, as the forward.
+    lq, lk = query.shape[-2], key.shape[-2]
+    scores = _kept_scores(lq, lk, hi=0) if is_causal else lq * lk
+    return _attention_flops(math.prod(query.shape[:-2]), scores, 3 * query.shape[-1], 2 * value.shape[-1])
