@@ -1,0 +1,192 @@
+"""One training step, phase by phase: forward, backward and the optimizer update, their memory, GPUs and MFU.
+
+`train_step` puts together what three modules price on meta: the forward and backward pass of the user's loss
+(`shapeprof.backward`), the optimizer's update as torch.optim runs it (`shapeprof.optimizer_step`), and the
+memory per GPU under DDP and FSDP (`shapeprof.distributed`). Nothing of the user's model changes.
+
+MFU and HFU as large-scale training reports them (PaLM, Chowdhery et al. 2022, appendix B): model FLOPs per
+second over the device's peak, where model FLOPs are the forward and the backward of the model as written, and
+hardware FLOPs what the kernels really compute. The two differ by recomputation: a fused attention backward
+recomputes the scores (the forward's Q K^T) instead of keeping them, so its hardware FLOPs are the five products
+shapeprof prices, its model FLOPs twice the forward's two. The optimizer update is in neither (it is in the time).
+
+    >>> import torch
+    >>> net = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.ReLU(), torch.nn.Linear(256, 10))
+    >>> step = train_step(net, torch.randn(32, 64), loss_fn=torch.nn.functional.cross_entropy,
+    ...                   targets=(torch.zeros(32, dtype=torch.long),))
+    >>> list(step.phases), step.memory["optimizer_state"] - 2 * step.memory["weights"]   # exp_avg, exp_avg_sq
+    (['forward', 'backward', 'optimizer'], 16)
+
+(The 16 bytes: AdamW's four fp32 step counters, one per parameter tensor.)
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+
+from .backward import TrainingPasses, capture_backward
+from .distributed import FitResult, smallest_fit
+from .hardware import get_spec
+from .optimizer_step import OptimizerStepCost, optimizer_step
+from .precision import resolve as resolve_precision
+from .text import fmt_bytes, fmt_flops, fmt_seconds
+
+__all__ = ["Phase", "TrainStep", "train_step"]
+
+
+@dataclass(frozen=True)
+class Phase:
+    """What one phase of the step costs on the spec (predicted: each op its own kernel, at the roofline)."""
+
+    flops: int
+    bytes_read: int
+    bytes_written: int
+    seconds: float
+
+    @property
+    def bytes(self) -> int:
+        return self.bytes_read + self.bytes_written
+
+
+@dataclass(frozen=True)
+class TrainStep:
+    """A training step on `spec`: `phases` forward / backward / optimizer, `memory` in bytes, MFU and HFU.
+
+    memory: weights (every parameter), gradients (the trainable ones'), optimizer_state (what the optimizer holds
+    after a step), activations (what autograd keeps for backward, each storage once), and their sum, which is
+    what one GPU holds at the end of the forward of a step whose previous gradients were kept (zero_grad with
+    set_to_none=False); with set_to_none (torch's default) the gradients replace the activations as backward
+    frees them, so the true peak lies between the sum without gradients and this one.
+    """
+
+    model: str
+    spec: str
+    dtype: str | None
+    passes: TrainingPasses
+    optimizer: OptimizerStepCost
+    model_flops: int              # forward + backward of the model as written (no recomputation)
+    hardware_flops: int           # forward + backward as the kernels compute them
+    peak_flops: float             # the spec's matmul peak in the step's dtype
+    memory: dict[str, int]        # weights, gradients, optimizer_state, activations, total (see above)
+    largest_unit_bytes: int       # FSDP: parameters of the largest unit (a block, or what the root keeps)
+    ddp: FitResult
+    fsdp: FitResult
+    notes: tuple[str, ...] = ()
+
+    @property
+    def phases(self) -> dict[str, Phase]:
+        p, o = self.passes, self.optimizer
+        return {"forward": Phase(p.forward.flops, p.forward.bytes_read, p.forward.bytes_written, p.forward.seconds),
+                "backward": Phase(p.backward.flops, p.backward.bytes_read, p.backward.bytes_written,
+                                  p.backward.seconds),
+                "optimizer": Phase(o.flops, o.bytes_read, o.bytes_written, o.seconds)}
+
+    @property
+    def seconds(self) -> float:
+        """Predicted time of the whole step (the phases one after the other)."""
+        return sum(ph.seconds for ph in self.phases.values())
+
+    @property
+    def mfu(self) -> float:
+        return self.model_flops / self.seconds / self.peak_flops if self.seconds else 0.0
+
+    @property
+    def hfu(self) -> float:
+        return self.hardware_flops / self.seconds / self.peak_flops if self.seconds else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"model": self.model, "spec": self.spec, "dtype": self.dtype,
+                "phases": {k: {**dataclasses.asdict(v), "bytes": v.bytes} for k, v in self.phases.items()},
+                "seconds": self.seconds, "model_flops": self.model_flops, "hardware_flops": self.hardware_flops,
+                "peak_flops": self.peak_flops, "mfu": self.mfu, "hfu": self.hfu, "memory": self.memory,
+                "largest_unit_bytes": self.largest_unit_bytes, "ddp": self.ddp.to_dict(),
+                "fsdp": self.fsdp.to_dict(), "passes": self.passes.to_dict(),
+                "optimizer": self.optimizer.to_dict(), "notes": list(self.notes)}
+
+    def __str__(self) -> str:
+        lines = [f"training step of {self.model} on {self.spec}" + (f" as {self.dtype}" if self.dtype else "") +
+                 f": predicted {fmt_seconds(self.seconds)}, MFU {self.mfu:.1%}, HFU {self.hfu:.1%}"]
+        for name, ph in self.phases.items():
+            lines.append(f"  {name:<9} {fmt_flops(ph.flops):>12} {fmt_bytes(ph.bytes):>10} "
+                         f"{fmt_seconds(ph.seconds):>10} ({ph.seconds / self.seconds:.0%})")
+        lines.append("  memory: " + ", ".join(f"{k} {fmt_bytes(v)}" for k, v in self.memory.items()))
+        for name, fit in (("DDP", self.ddp), ("FSDP", self.fsdp)):
+            lines.append(f"  {name}: {fit.reason}")
+        lines += [f"  note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+def train_step(model: nn.Module, *args: Any, optimizer: str | type[torch.optim.Optimizer] = "adamw",
+               optimizer_kwargs: dict[str, Any] | None = None, loss_fn: Callable[..., torch.Tensor] | None = None,
+               targets: tuple = (), spec: str | Any = None, dtype: torch.dtype | str | None = None,
+               **kwargs: Any) -> TrainStep:
+    """Price one training step of `model` on `args`: forward, backward, the optimizer's update.
+
+    Args:
+        model, *args, **kwargs, loss_fn, targets: as `shapeprof.backward.capture_backward` takes them.
+        optimizer: torch.optim's SGD, Adam or AdamW, by class or name (default AdamW), with `optimizer_kwargs`
+            (foreach, fused, momentum, weight_decay ...) as `shapeprof.optimizer_step.optimizer_step` takes them.
+        spec: the device (default A100-80GB SXM). dtype: parameters, activations and optimizer state in this dtype
+            (torch.optim keeps its state in the parameters' dtype).
+    """
+    device = get_spec(spec)
+    precision = resolve_precision(dtype, False)
+    passes = capture_backward(model, *args, loss_fn=loss_fn, targets=targets, spec=device, dtype=dtype, **kwargs)
+    opt = optimizer_step(optimizer, model, spec=device, param_dtype=precision.dtype, **(optimizer_kwargs or {}))
+    notes = list(passes.notes) + list(opt.notes)
+    element = precision.dtype.itemsize if precision.dtype is not None else _first_trainable(model).element_size()
+    weights = sum(p.numel() * (element if p.is_floating_point() and precision.dtype is not None
+                               else p.element_size()) for p in _unique_parameters(model))
+    grads = opt.parameters * element
+    unit = _largest_unit(model, weights)
+    memory = {"weights": weights, "gradients": grads, "optimizer_state": opt.state_bytes,
+              "activations": passes.saved_activation_bytes}
+    memory["total"] = sum(memory.values())
+    figures = dict(parameter_bytes=weights, gradient_bytes=grads, optimizer_state_bytes=opt.state_bytes,
+                   activation_bytes=passes.saved_activation_bytes, spec=device, param_dtype_bytes=element,
+                   largest_unit_bytes=unit)
+    if precision.dtype not in (None, torch.float32):
+        notes.append("mixed precision with fp32 master weights is not what this prices: parameters, gradients "
+                     f"and optimizer state are all {precision.name}, as torch.optim keeps them")
+    hardware = passes.forward.flops + passes.backward.flops
+    step = TrainStep(model=type(model).__name__, spec=device.name, dtype=precision.name if precision.dtype else None,
+                     passes=passes, optimizer=opt, model_flops=hardware - _recomputed(passes),
+                     hardware_flops=hardware,
+                     peak_flops=device.peak_for(precision.dtype or _first_trainable(model).dtype, matmul=True),
+                     memory=memory, largest_unit_bytes=unit, ddp=smallest_fit(strategy="ddp", **figures),
+                     fsdp=smallest_fit(strategy="fsdp", **figures), notes=tuple(notes))
+    return step
+
+
+def _recomputed(passes: TrainingPasses) -> int:
+    """FLOPs a fused attention backward recomputes: its products beyond twice the forward's (see the module
+    docstring). Each fused forward has its backward in a training step, so the totals pair up."""
+    forward = sum(o.flops for o in passes.ops if o.phase == "forward" and "attention" in o.op)
+    backward = sum(o.flops for o in passes.ops if o.phase == "backward" and "attention_backward" in o.op)
+    return max(0, backward - 2 * forward) if backward else 0
+
+
+def _unique_parameters(model: nn.Module) -> list[torch.Tensor]:
+    return list(model.parameters())     # parameters() yields a shared (tied) parameter once
+
+
+def _first_trainable(model: nn.Module) -> torch.Tensor:
+    return next(p for p in model.parameters() if p.requires_grad)
+
+
+def _largest_unit(model: nn.Module, weights: int) -> int:
+    """FSDP's largest unit as it is usually wrapped: one block of the longest ModuleList (a transformer's layers),
+    or what the root keeps besides them (embeddings, head), whichever is bigger; a model without such a list is
+    one unit."""
+    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) > 1]
+    if not lists:
+        return weights
+    layers = max(lists, key=len)
+    per = [sum(p.numel() * p.element_size() for p in block.parameters()) for block in layers]
+    scale = weights / max(1, sum(p.numel() * p.element_size() for p in model.parameters()))   # in the step's dtype
+    in_layers = sum(per)
+    return int(max(max(per), sum(p.numel() * p.element_size() for p in model.parameters()) - in_layers) * scale)
