@@ -83,5 +83,5 @@ def test_registering_a_name_twice_is_an_error():
     from shapeprof import output
     with pytest.raises(ValueError, match="an output format named 'json' is already registered"):
         output.register(type(output.get("json")))
-    with pytest.raises(KeyError, match="registered: json, markdown, tensorboard, terminal"):
+    with pytest.raises(KeyError, match="registered: html, json, markdown, tensorboard, terminal"):
         output.get("pdf")
