@@ -31,13 +31,14 @@ Forward: addmm 2*8*64*32 = 32768, the loss's sum 8*32 = 256. Backward: grad of t
 2*8*64*32 = 32768, and of the bias, a sum over the batch: 8*32 = 256; the input needs no gradient, so its
 matmul is never run.
 
-Counting convention: `shapeprof.costs.FLOP_CONVENTION`, and for the backward kernels registered here:
+Counting convention: `shapeprof.costs.FLOP_CONVENTION`, and for the backward kernels (costs.py's last sections):
 - convolution_backward: the forward's count for each gradient it computes (input, weight: its output_mask),
   the bias's sum left out, exactly as FlopCounterMode;
 - fused attention backward: five matmuls per kept score (the kernel recomputes Q K^T, then dV, dP, dQ, dK), as
   FlopCounterMode counts it, over the scores the mask keeps (causal: the half computed, as the forward).
-Backward ops of norms, softmax, embeddings and losses have no formula yet: they are listed in `uncovered` with
-their bytes (they are memory-bound: their predicted time is their bytes over the bandwidth).
+- norms, softmax, embeddings, losses, pooling, select/slice: as costs.py's "backward ops" section counts them.
+An op with no formula (glu_backward, the upsample backwards ...) is listed in `uncovered` with its bytes (it is
+memory-bound: its predicted time is its bytes over the bandwidth).
 """
 from __future__ import annotations
 

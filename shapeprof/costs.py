@@ -1169,3 +1169,211 @@ def _sdpa_backward(query, key, value, is_causal=False, *, output):
     lq, lk = query.shape[-2], key.shape[-2]
     scores = _kept_scores(lq, lk, hi=0) if is_causal else lq * lk
     return _attention_flops(math.prod(query.shape[:-2]), scores, 3 * query.shape[-1], 2 * value.shape[-1])
+
+
+# ---------------------------------------------------------------------------------------------
+# Backward kernels of norms, softmax, embeddings, losses, pooling and indexing (what a training step's
+# backward runs besides matmuls, convolutions and attention). Each counts its elementwise work in the
+# style of its forward formula above: FLOPs per element, the per-row or per-channel operations (a mean's
+# divide, w * rstd) left out. The backward of an activation is 1 FLOP per element, as every pointwise op:
+# the tagged ones (gelu_backward, silu_backward, tanh_backward, sigmoid_backward, threshold_backward ...) by
+# the pointwise rule, the untagged ones by _activation_backward below.
+#
+# Bytes: the default rule, except that an input which only gives a shape (max_pool's `self`, nll_loss's
+# `self`, layer norm's `bias`) is not read, and a gradient that is mostly zeros, which eager PyTorch makes
+# as a zero-filled tensor and then writes part of (select/slice/diagonal_backward, nll_loss_backward,
+# embedding_dense_backward), writes the whole tensor (the fill) plus the part written over it. A kernel that
+# computes every element of its gradient writes it once (a redundant zero fill before it, which some CUDA
+# pooling kernels run, is left out). Scratch buffers (embedding's index sort, partial sums) are left out.
+
+
+def _norm_backward_per_element(weight, output_mask, centred: bool) -> int:
+    """FLOPs per element of a layer/group norm (centred) or RMS norm backward, for the gradients asked for.
+
+    x_hat = (x - mean) * rstd is recomputed from the saved statistics: 2 (RMS: x * rstd, 1). grad_input
+    = rstd * (g - mean(g) - x_hat * mean(g * x_hat)) with g = dy * weight: g 1 (with a weight), sum(g) 1,
+    g * x_hat 1, its sum 1, x_hat * that mean 1, two subtracts 2, * rstd 1 -> 7 + weight (RMS has no
+    mean(g) term: 5 + weight). grad_weight: dy * x_hat 1, summed over rows 1 -> 2; grad_bias: dy summed 1.
+    All three with a weight (layer norm): 2 + 8 + 2 + 1 = 13 per element (forward: 5 + 2); RMS norm with
+    both: 1 + 6 + 2 = 9 (forward: 3 + 1).
+    """
+    dx, dw, db = (list(output_mask) + [False] * 3)[:3]
+    x_hat = (2 if centred else 1) if (dx or dw) else 0
+    grad_input = ((7 if centred else 5) + (weight is not None)) if dx else 0
+    return x_hat + grad_input + 2 * bool(dw) + bool(db)
+
+
+@register_cost(aten.native_layer_norm_backward)
+def _layer_norm_backward(grad_out, input, mean, rstd, weight, output_mask, *, output):
+    # reads dy, x, the saved mean and rstd, the weight; not the bias (its gradient's shape comes from it)
+    flops = input.numel * _norm_backward_per_element(weight, output_mask, centred=True)
+    return OpCost(flops, _nbytes(grad_out, input, mean, rstd, weight), _nbytes(output))
+
+
+@register_cost(aten.native_group_norm_backward)
+def _group_norm_backward(input, weight, output_mask, *, output):
+    # as layer norm (the forward counts both alike); the per-channel weight scales each element of dy once.
+    # Default bytes: dy, x, mean, rstd, weight (group norm's backward takes no bias)
+    return input.numel * _norm_backward_per_element(weight, output_mask, centred=True)
+
+
+@register_cost(*_existing("_fused_rms_norm_backward"))
+def _rms_norm_backward(input, weight, output_mask, *, output):
+    return input.numel * _norm_backward_per_element(weight, output_mask, centred=False)
+
+
+def _batch_norm_backward_cost(grad_out, input, weight, running, saved, train, output_mask, output,
+                              extra=()) -> OpCost:
+    # Training (batch statistics): x_hat recomputed 2; sum(dy) 1 and sum(dy * x_hat) 2, which are also the
+    # bias's and weight's gradients (the same per-channel sums); grad_input = (w * invstd) * (dy - mean(dy)
+    # - x_hat * mean(dy * x_hat)): x_hat * that mean 1, two subtracts 2, the per-channel scale 1 -> 4. All
+    # three: 2 + 1 + 2 + 4 = 9 per element (forward: 5 + affine). Inference (running statistics): grad_input
+    # = dy * (w * invstd) 1; grad_weight = sum(dy * x_hat) with x_hat recomputed: 2 + 2; grad_bias sum(dy)
+    # 1 -> 6 (forward: 2 + affine). Reads dy, x, the weight and the statistics its mode uses (+ cudnn's
+    # reserve space); writes the gradients asked for.
+    dx, dw, db = (bool(m) for m in output_mask)
+    if train:
+        per_element = 2 * (dx or dw) + (dx or db) + 2 * (dx or dw) + 4 * dx
+    else:
+        per_element = dx + 4 * dw + db
+    read = _nbytes(grad_out, input, weight, saved if train else running, list(extra))
+    # the meta kernel returns all three gradients whatever the mask (a GPU's leaves the others undefined):
+    # count only those asked for
+    written = [o for o, m in zip(output, output_mask) if m] if len(output) == 3 else output
+    return OpCost(input.numel * per_element, read, _nbytes(written))
+
+
+@register_cost(aten.native_batch_norm_backward)
+def _native_batch_norm_backward(grad_out, input, weight, running_mean, running_var, save_mean, save_invstd,
+                                train, output_mask, *, output):
+    return _batch_norm_backward_cost(grad_out, input, weight, [running_mean, running_var],
+                                     [save_mean, save_invstd], train, output_mask, output)
+
+
+@register_cost(aten.batch_norm_backward)
+def _batch_norm_backward(grad_out, input, weight, running_mean, running_var, save_mean, save_var, update,
+                         output_mask, reserve, *, output):
+    # the backward of _batch_norm_with_update (update=True: batch statistics) and _batch_norm_no_update
+    return _batch_norm_backward_cost(grad_out, input, weight, [running_mean, running_var],
+                                     [save_mean, save_var], update, output_mask, output, extra=(reserve,))
+
+
+@register_cost(aten.cudnn_batch_norm_backward, aten.miopen_batch_norm_backward)
+def _cudnn_batch_norm_backward(input, grad_output, weight, running_mean, running_var, save_mean, save_var,
+                               reserveSpace=None, *, output):
+    # training only, all three gradients (miopen's schema has no reserve space)
+    return _batch_norm_backward_cost(grad_output, input, weight, [running_mean, running_var],
+                                     [save_mean, save_var], True, (True, True, True), output,
+                                     extra=(reserveSpace,))
+
+
+def _register_taking_no_output(*ops: OpOverloadPacket):
+    """register_cost for ops whose schema has an argument named `output` (the softmax backwards: the saved
+    softmax output), which register_cost refuses because formulas get the op's outputs under that name. The
+    formula must not take `output` at all: it then sees neither, and `_apply` passes it only the arguments it
+    names. Duplicates and unknown argument names are refused as register_cost refuses them."""
+    def decorate(fn):
+        formula = _Formula(fn, False, _param_names(fn))
+        schema_names = {a.name for p in ops for name in p.overloads() for a in getattr(p, name)._schema.arguments}
+        if formula.params is None or "output" in formula.params or not formula.params <= schema_names:
+            raise ValueError(f"{fn.__qualname__} must name only arguments of {list(ops)}, and not 'output'")
+        for p in ops:
+            if p in _REGISTRY:
+                raise ValueError(f"a cost formula for {p} is already registered ({_REGISTRY[p].fn.__qualname__})")
+        for p in ops:
+            _REGISTRY[p] = formula
+        _RULES.clear()
+        return fn
+    return decorate
+
+
+@_register_taking_no_output(aten._softmax_backward_data, aten._log_softmax_backward_data)
+def _softmax_backward(grad_output):
+    # softmax: y * (dy - sum(dy * y)): dy * y 1, sum 1, subtract 1, * y 1 -> 4 per element; log_softmax:
+    # dy - exp(y) * sum(dy): sum 1, exp 1, multiply 1, subtract 1 -> 4 (forward: 5). Default bytes: dy and
+    # the saved output y read, the gradient written
+    return 4 * grad_output.numel
+
+
+@register_cost(aten.embedding_dense_backward)
+def _embedding_dense_backward(grad_output, indices, num_weights, scale_grad_by_freq, *, output):
+    # The weight's gradient: a zero-filled (num_weights, D) tensor into which each row of dy is added at its
+    # index (a scatter-add): 1 add per element of dy, as index_add counts; scale_grad_by_freq divides each
+    # by its index's count, 1 more. Rows at padding_idx are skipped by the kernel but counted here (which
+    # indices hit it is not in the shapes). Reads dy and the indices; writes the zero fill (the whole
+    # gradient) and then the rows the indices touch, at most one per index and num_weights in all.
+    dim = grad_output.shape[-1]    # dy is (*indices.shape, D)
+    flops = grad_output.numel * (1 + bool(scale_grad_by_freq))
+    touched = min(indices.numel, num_weights) * dim * output[0].itemsize
+    return OpCost(flops, _nbytes(grad_output, indices), _nbytes(output) + touched)
+
+
+@register_cost(aten.nll_loss_backward, aten.nll_loss2d_backward)
+def _nll_loss_backward(grad_output, target, weight, total_weight, *, output):
+    # The input's gradient is zero but at the picked log-probabilities, one per target, which get
+    # -grad_output (* the class weight / total_weight): 1 FLOP per target, as the forward counts 1 per target.
+    # Reads dy, the targets, the class weights and total_weight (not the input: it only gives the shape);
+    # writes the zero fill of the (N, C, ...) gradient and the picked elements over it.
+    picked = target.numel * output[0].itemsize
+    return OpCost(target.numel, _nbytes(grad_output, target, weight, total_weight), _nbytes(output) + picked)
+
+
+@register_cost(aten.mse_loss_backward)
+def _mse_loss_backward(self, *, output):
+    # (x - target) * (2 / n * dy): subtract 1, multiply 1 -> 2 per element; the scalar 2 / n * dy is left out
+    # (with reduction="none", dy is a tensor and that product 1 more per element, also left out). Default bytes
+    return 2 * self.numel
+
+
+@register_cost(aten.max_pool2d_with_indices_backward, aten.max_pool3d_with_indices_backward,
+               aten.adaptive_max_pool2d_backward, aten.adaptive_max_pool3d_backward)
+def _max_pool_backward(grad_output, indices, *, output):
+    # each element of dy is added into the input position its saved index names: 1 add per element of dy
+    # (windows overlap, so positions can sum several). Reads dy and the indices (not the input: its shape
+    # only); writes the input's gradient.
+    return OpCost(grad_output.numel, _nbytes(grad_output, indices), _nbytes(output))
+
+
+def _avg_pool_backward(dims: int):
+    def formula(grad_output, kernel_size, *, output):
+        # each element of dy (divided by its window's count, left out as in the forward) is added into every
+        # input position of its window: window adds per element of dy, the forward's count. Reads dy, not the
+        # input (its shape only); writes the input's gradient.
+        return OpCost(grad_output.numel * _window(kernel_size, dims), grad_output.nbytes, _nbytes(output))
+    formula.__qualname__ = f"_avg_pool{dims}d_backward"
+    return formula
+
+
+register_cost(aten.avg_pool2d_backward)(_avg_pool_backward(2))
+register_cost(aten.avg_pool3d_backward)(_avg_pool_backward(3))
+
+
+def _adaptive_avg_pool_backward(dims: int):
+    def formula(grad_output, self, *, output):
+        # each element of dy is added into every input position of its bin: the forward's count (the summed
+        # bin widths), with dy's shape as the pooled output. Reads dy, not the input (its shape only).
+        flops = _adaptive_pool(self, grad_output.shape[-dims:], output=(grad_output,))
+        return OpCost(flops, grad_output.nbytes, _nbytes(output))
+    formula.__qualname__ = f"_adaptive_avg_pool{dims}d_backward"
+    return formula
+
+
+register_cost(aten._adaptive_avg_pool2d_backward)(_adaptive_avg_pool_backward(2))
+register_cost(aten._adaptive_avg_pool3d_backward)(_adaptive_avg_pool_backward(3))
+
+
+@register_cost(aten.select_backward, aten.slice_backward, aten.diagonal_backward)
+def _view_backward(grad_output, *, output):
+    # The gradient of a view: a zero-filled tensor of the input's size with dy copied into the viewed part
+    # (eager: at::zeros, then a copy into the slice). Data movement, 0 FLOPs; reads dy, writes the fill and the
+    # viewed part over it.
+    return OpCost(0, grad_output.nbytes, _nbytes(output) + grad_output.numel * output[0].itemsize)
+
+
+@register_cost(*_existing("hardswish_backward", "hardsigmoid_backward", "leaky_relu_backward", "elu_backward",
+                          "softplus_backward", "hardtanh_backward", "log_sigmoid_backward", "softshrink_backward",
+                          "hardshrink_backward", "mish_backward", "rrelu_with_noise_backward"))
+def _activation_backward(*, output):
+    # dy * f'(x) of an elementwise activation whose backward lacks the pointwise tag: 1 per output element,
+    # as gelu_backward and silu_backward count by the pointwise rule. Default bytes (log_sigmoid's buffer too)
+    return output[0].numel

@@ -35,7 +35,7 @@ class Registry(Generic[T]):
         try:
             return self._items[name]
         except KeyError:
-            raise KeyError(f"no {self.kind} named {name!r}; registered: {', '.join(self._items) or 'none'}") \
+            raise KeyError(f"no {self.kind} named {name!r}; registered: {', '.join(sorted(self._items)) or 'none'}") \
                 from None
 
     def remove(self, name: str) -> T:

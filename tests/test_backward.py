@@ -355,13 +355,10 @@ def test_dtype_spec_and_json():
 
 
 def test_uncovered_backward_ops_are_listed_with_their_bytes():
-    ids = tokens()
-    p = capture_backward(GPT(GPTConfig.tiny()), ids, ids)
-    uncovered = {(o.op, o.phase): o for o in p.uncovered}
-    norm = uncovered[("aten.native_layer_norm_backward", "backward")]
-    assert norm.count == 5 and norm.flops == 0   # 2 per block + ln_f
-    # each reads grad_out, x (2, 16, 64) fp32, mean and rstd (2, 16, 1), weight and bias (64,); writes three grads
-    assert norm.bytes == 5 * (2 * 8192 + 2 * 128 + 2 * 256 + 8192 + 2 * 256)
+    p = capture_backward(nn.Sequential(nn.Linear(8, 16), nn.GLU()), torch.randn(4, 8))
+    glu = {(o.op, o.phase): o for o in p.uncovered}[("aten.glu_backward", "backward")]
+    # reads the sum's gradient (a stride-0 expand: 4 B) and the input (4, 16) fp32 256 B; writes (4, 16) 256 B
+    assert glu.count == 1 and glu.flops == 0 and glu.bytes == 4 + 256 + 256
     assert json.dumps(p.to_dict()["uncovered"])
 
 
