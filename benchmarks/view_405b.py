@@ -101,7 +101,8 @@ def main() -> None:
         print(f"{key:>14}: {_runs(values)}")
     med = {k: statistics.median(v) for k, v in timings.items()}
     print(f"open 405B (folded) / open MLP: {med['open'] / med['open MLP']:.2f}x; unfold / open: "
-          f"{med['unfold'] / med['open']:.2f}x; sort unfolded / folded: {med['sort unfolded'] / med['sort folded']:.2f}x")
+          f"{med['unfold'] / med['open']:.2f}x; sort unfolded / folded: "
+          f"{med['sort unfolded'] / med['sort folded']:.2f}x")
 
 
 def _until(page, condition: str, every: float = 0.01) -> None:

@@ -39,7 +39,8 @@ def test_every_node_is_in_the_view_with_the_reports_exact_figures(llama):
     for row, n in zip(view["nodes"], llama.nodes):
         assert (row["flops"], row["bytes"], row["predicted"], row["module"], row["op"]) == \
             (n.flops, n.bytes, n.predicted_seconds, n.module_path, n.op)
-        assert row["text"]["flops"] == fmt_flops(n.flops) and row["text"]["predicted"] == fmt_seconds(n.predicted_seconds)
+        assert row["text"]["flops"] == fmt_flops(n.flops)
+        assert row["text"]["predicted"] == fmt_seconds(n.predicted_seconds)
 
 
 def test_twin_groups_fold_the_repeated_layers_and_add_up_to_the_nodes(llama):

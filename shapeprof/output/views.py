@@ -177,7 +177,8 @@ def _roofline(report: Report, rows: list[dict[str, Any]], measured: bool) -> dic
     longest = max((r["predicted"] for r in drawn), default=1.0)
     template = ("<b>%{customdata[1]}</b><br>module %{customdata[2]}<br>op %{customdata[3]}<br>"
                 "FLOPs %{customdata[4]}<br>bytes %{customdata[5]}<br>intensity %{customdata[6]} FLOP/B<br>"
-                "predicted %{customdata[7]}" + ("<br>measured %{customdata[8]}" if measured else "") + "<extra></extra>")
+                "predicted %{customdata[7]}" + ("<br>measured %{customdata[8]}" if measured else "")
+                + "<extra></extra>")
     for bound in ("memory", "compute"):
         mine = [r for r in drawn if r["bound"] == bound]
         if not mine:
@@ -198,7 +199,8 @@ def _roofline(report: Report, rows: list[dict[str, Any]], measured: bool) -> dic
         xaxis={"type": "log", "title": {"text": "arithmetic intensity (FLOP / byte moved)"}, "range":
                [math.log10(x_lo), math.log10(x_hi)]},
         yaxis={"type": "log", "title": {"text": "FLOP/s"}}, height=520, margin={"l": 70, "r": 20, "t": 30, "b": 60},
-        legend={"x": 0.01, "y": 0.99, "bgcolor": "rgba(255,255,255,0.85)", "itemsizing": "constant"}, hovermode="closest",
+        legend={"x": 0.01, "y": 0.99, "bgcolor": "rgba(255,255,255,0.85)", "itemsizing": "constant"},
+        hovermode="closest",
         plot_bgcolor="white", paper_bgcolor="white")
     fig.update_xaxes(showgrid=True, gridcolor="#eeeeee")
     fig.update_yaxes(showgrid=True, gridcolor="#eeeeee")
