@@ -22,8 +22,7 @@ from ..rundir import TRACE_SCHEMA
 from .base import Format, Results, register
 
 __all__ = ["OPTIMIZE_SCHEMA", "OPTIMIZE_SCHEMA_VERSION", "SAVED_FILES", "SAVED_KINDS", "JsonFormat",
-           "optimize_document",
-           "read_saved", "saved_files"]
+           "optimize_document", "read_saved", "saved_files"]
 
 OPTIMIZE_SCHEMA = "shapeprof.optimize"
 OPTIMIZE_SCHEMA_VERSION = 1
