@@ -16,12 +16,13 @@ from .phases import Decode, PhaseError, Prefill
 from .optimize import OptimizeError, OptimizeReport, Tolerance, optimize
 from .profiling import ProfileError, ProfileResult, profile
 from .report import Report, ReportFormatError
+from .training import Train
 from .output.tensorboard import ExportError, export_tensorboard, tensorboard_trace_handler
 
 __all__ = [
     "Advice", "FLOP_CONVENTION", "META_KEY", "CaptureError", "DeviceSpec", "ExportError", "InputShape", "NodeError",
     "Decode", "OptimizeError", "OptimizeReport", "PhaseError", "Prefill", "ProfileError", "ProfileResult", "Report", "ReportFormatError", "SpecError",
-    "Tolerance", "UncoveredOpError", "advise", "analyze", "calibrate", "capture", "export_tensorboard", "get_spec",
+    "Tolerance", "Train", "UncoveredOpError", "advise", "analyze", "calibrate", "capture", "export_tensorboard", "get_spec",
     "generate_batch", "list_specs", "load_spec", "optimize", "profile", "tensorboard_trace_handler",
 ]
 

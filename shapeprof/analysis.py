@@ -34,7 +34,7 @@ class UncoveredOpError(RuntimeError):
 @collector_paused()   # no garbage collection while it runs: see capture.collector_paused
 def analyze(model: nn.Module, *args: Any, spec: str | DeviceSpec | None = None,
             dtype: torch.dtype | str | None = None, strict: bool = False, method: str = "auto", tf32: bool = False,
-            **kwargs: Any) -> Report:
+            train: bool | Any = False, **kwargs: Any) -> Report:
     """Trace `model` on its example inputs and say where the time goes on a GPU, and why.
 
     Counting convention: 1 multiply-add = 2 FLOPs; causal attention counts the half of the score matrix that is
@@ -61,6 +61,9 @@ def analyze(model: nn.Module, *args: Any, spec: str | DeviceSpec | None = None,
         strict: raise `UncoveredOpError` if any op has no cost formula, instead of listing it in `coverage`.
         method: "auto" (symbolic_trace, then export, then dispatch) or one of those.
         tf32: fp32 matmuls run on tensor cores in TF32 (as with torch.backends.cuda.matmul.allow_tf32).
+        train: True or a `shapeprof.Train(optimizer=..., loss_fn=..., targets=...)`: also price the whole training
+            step (forward, backward of the loss, the optimizer's update) into `report.training`, `report.phases`
+            and `report.memory` (`shapeprof.training`); the nodes stay the forward's.
 
     Returns:
         A `Report`.
@@ -69,6 +72,10 @@ def analyze(model: nn.Module, *args: Any, spec: str | DeviceSpec | None = None,
     device = get_spec(spec)
     precision = resolve_precision(dtype, tf32)
     target, resolved = model, None
+    if train is not False and train is not None and len(args) == 1 and not kwargs and is_phase(args[0]):
+        raise ValueError("train= prices a training step, and a Prefill/Decode phase is an inference step: give the "
+                         "model example inputs (and targets) instead")
+    training = _training_step(model, args, kwargs, train, device, dtype) if train else None
     if len(args) == 1 and not kwargs and is_phase(args[0]):   # Decode(batch, context) / Prefill(batch, tokens)
         resolved = resolve_phase(model, args[0], precision.dtype)
         target, args, kwargs = resolved.module, resolved.args, resolved.kwargs
@@ -103,9 +110,20 @@ def analyze(model: nn.Module, *args: Any, spec: str | DeviceSpec | None = None,
         coverage=coverage, findings=find(nodes, records_of, total_seconds, device, producers={
             cn.node.name: cn.node.all_input_nodes[0].name for cn, _ in rows if cn.node.all_input_nodes}),
         parameter_bytes=_parameter_bytes(model, weights_dtype), notes=tuple(notes),
-        phase=info,
+        phase=info, training=training,
         analysis_seconds=time.perf_counter() - start, graph_capture=cap)
     return report
+
+
+def _training_step(model: nn.Module, args: tuple, kwargs: dict, train: Any, device: DeviceSpec, dtype):
+    """`train` (True or a Train) priced as a whole step, as Report.training keeps it."""
+    from .training import Train, train_step
+    if train is True:
+        train = Train()
+    if not isinstance(train, Train):
+        raise TypeError(f"train= takes True or a shapeprof.Train(...), not {type(train).__name__}")
+    return train_step(model, *args, optimizer=train.optimizer, optimizer_kwargs=train.optimizer_kwargs,
+                      loss_fn=train.loss_fn, targets=train.targets, spec=device, dtype=dtype, **kwargs).summary()
 
 
 class _NodeCosts:

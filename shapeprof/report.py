@@ -22,10 +22,11 @@ from .files import write_atomic
 from .hardware import DeviceSpec
 from .jsondata import ReportFormatError, from_plain, json_kind, load_json, read_json_file
 from .phases import PhaseInfo
+from .training import Phase, TrainingSummary
 
 SCHEMA = "shapeprof.report"
-SCHEMA_VERSION = 2
-_READABLE_VERSIONS = (1, 2)   # version 1 had no `notes`
+SCHEMA_VERSION = 3
+_READABLE_VERSIONS = (1, 2, 3)   # version 1 had no `notes`, 2 no `training`
 
 
 @dataclass(frozen=True, slots=True)
@@ -260,8 +261,19 @@ class Report:
     parameter_bytes: int
     notes: tuple[str, ...] = ()   # what the numbers assume or leave out (attention pricing, masks, forward only)
     phase: PhaseInfo | None = None   # analysed as a prefill or a decode step (shapeprof.Prefill / Decode)
+    training: TrainingSummary | None = None   # analyze(..., train=...): the whole step; the nodes are its forward
     analysis_seconds: float = field(default=0.0, compare=False)
     graph_capture: Any = field(default=None, compare=False, repr=False)   # the Capture analysed (not saved)
+
+    @property
+    def phases(self) -> dict[str, Phase] | None:
+        """analyze(..., train=...): forward, backward and optimizer, each with flops, bytes, predicted_seconds."""
+        return self.training.phases if self.training is not None else None
+
+    @property
+    def memory(self) -> dict[str, int] | None:
+        """analyze(..., train=...): weights, gradients, optimizer_state, activations (kept for backward), total."""
+        return self.training.memory if self.training is not None else None
 
     @property
     def graph_module(self):
@@ -353,6 +365,7 @@ class Report:
         d["nodes"] = [asdict(n) for n in self.nodes]
         d["findings"] = [asdict(f) for f in self.findings]
         d["phase"] = asdict(self.phase) if self.phase is not None else None
+        d["training"] = asdict(self.training) if self.training is not None else None
         return {"schema": SCHEMA, "version": SCHEMA_VERSION, **d}
 
     def to_json(self, path: str | os.PathLike | None = None) -> str:

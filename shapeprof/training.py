@@ -22,20 +22,37 @@ shapeprof prices, its model FLOPs twice the forward's two. The optimizer update 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
-from typing import Any, Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 import torch.nn as nn
 
-from .backward import TrainingPasses, capture_backward
-from .distributed import FitResult, smallest_fit
 from .hardware import get_spec
-from .optimizer_step import OptimizerStepCost, optimizer_step
 from .precision import resolve as resolve_precision
 from .text import fmt_bytes, fmt_flops, fmt_seconds
 
-__all__ = ["Phase", "TrainStep", "train_step"]
+if TYPE_CHECKING:   # imported where used: backward imports analysis, which the Report (and so this) is under
+    from .backward import TrainingPasses
+    from .distributed import FitResult
+    from .optimizer_step import OptimizerStepCost
+
+__all__ = ["Phase", "Train", "TrainStep", "TrainingSummary", "train_step"]
+
+
+@dataclass(frozen=True)
+class Train:
+    """What `analyze(model, x, train=Train(...))` prices as a training step (train=True: all defaults).
+
+    optimizer: torch.optim's SGD, Adam or AdamW by name or class, with `optimizer_kwargs` (foreach, fused,
+    momentum, weight_decay ...); loss_fn(output, *targets) the loss, else the model's own (HF `.loss` with labels,
+    nanoGPT's `(logits, loss)`), else output.sum() with a note.
+    """
+
+    optimizer: Any = "adamw"
+    optimizer_kwargs: dict[str, Any] = field(default_factory=dict)
+    loss_fn: Callable[..., torch.Tensor] | None = None
+    targets: tuple = ()
 
 
 @dataclass(frozen=True)
@@ -45,11 +62,41 @@ class Phase:
     flops: int
     bytes_read: int
     bytes_written: int
-    seconds: float
+    predicted_seconds: float
 
     @property
     def bytes(self) -> int:
         return self.bytes_read + self.bytes_written
+
+
+@dataclass(frozen=True)
+class TrainingSummary:
+    """The training step as a Report keeps it (`Report.training`; JSON round trip): phases, memory, MFU, GPUs."""
+
+    optimizer: str                # "AdamW (foreach)"
+    loss: str                     # where the loss came from: "model .loss", "output[1]", "loss_fn", "output.sum()"
+    phases: dict[str, Phase]      # forward, backward, optimizer
+    memory: dict[str, int]        # weights, gradients, optimizer_state, activations, total
+    model_flops: int
+    hardware_flops: int
+    peak_flops: float
+    ddp_gpus: int | None          # the smallest N that fits (None: none does), and why, per strategy
+    ddp: str
+    fsdp_gpus: int | None
+    fsdp: str
+    notes: tuple[str, ...] = ()
+
+    @property
+    def seconds(self) -> float:
+        return sum(p.predicted_seconds for p in self.phases.values())
+
+    @property
+    def mfu(self) -> float:
+        return self.model_flops / self.seconds / self.peak_flops if self.seconds else 0.0
+
+    @property
+    def hfu(self) -> float:
+        return self.hardware_flops / self.seconds / self.peak_flops if self.seconds else 0.0
 
 
 @dataclass(frozen=True)
@@ -88,15 +135,21 @@ class TrainStep:
     @property
     def seconds(self) -> float:
         """Predicted time of the whole step (the phases one after the other)."""
-        return sum(ph.seconds for ph in self.phases.values())
+        return self.summary().seconds
 
     @property
     def mfu(self) -> float:
-        return self.model_flops / self.seconds / self.peak_flops if self.seconds else 0.0
+        return self.summary().mfu
 
     @property
     def hfu(self) -> float:
-        return self.hardware_flops / self.seconds / self.peak_flops if self.seconds else 0.0
+        return self.summary().hfu
+
+    def summary(self) -> TrainingSummary:
+        return TrainingSummary(f"{self.optimizer.optimizer} ({self.optimizer.implementation})",
+                               self.passes.loss_source, self.phases, dict(self.memory), self.model_flops,
+                               self.hardware_flops, self.peak_flops, self.ddp.gpus, self.ddp.reason,
+                               self.fsdp.gpus, self.fsdp.reason, self.notes)
 
     def to_dict(self) -> dict[str, Any]:
         return {"model": self.model, "spec": self.spec, "dtype": self.dtype,
@@ -112,7 +165,7 @@ class TrainStep:
                  f": predicted {fmt_seconds(self.seconds)}, MFU {self.mfu:.1%}, HFU {self.hfu:.1%}"]
         for name, ph in self.phases.items():
             lines.append(f"  {name:<9} {fmt_flops(ph.flops):>12} {fmt_bytes(ph.bytes):>10} "
-                         f"{fmt_seconds(ph.seconds):>10} ({ph.seconds / self.seconds:.0%})")
+                         f"{fmt_seconds(ph.predicted_seconds):>10} ({ph.predicted_seconds / self.seconds:.0%})")
         lines.append("  memory: " + ", ".join(f"{k} {fmt_bytes(v)}" for k, v in self.memory.items()))
         for name, fit in (("DDP", self.ddp), ("FSDP", self.fsdp)):
             lines.append(f"  {name}: {fit.reason}")
@@ -133,6 +186,9 @@ def train_step(model: nn.Module, *args: Any, optimizer: str | type[torch.optim.O
         spec: the device (default A100-80GB SXM). dtype: parameters, activations and optimizer state in this dtype
             (torch.optim keeps its state in the parameters' dtype).
     """
+    from .backward import capture_backward
+    from .distributed import smallest_fit
+    from .optimizer_step import optimizer_step
     device = get_spec(spec)
     precision = resolve_precision(dtype, False)
     passes = capture_backward(model, *args, loss_fn=loss_fn, targets=targets, spec=device, dtype=dtype, **kwargs)

@@ -63,9 +63,45 @@ def test_mfu_and_hfu_follow_from_the_steps_own_figures():
     step = train_step(net, torch.randn(32, 64), loss_fn=torch.nn.functional.cross_entropy,
                       targets=(torch.zeros(32, dtype=torch.long),), dtype=torch.bfloat16)
     phases = step.phases
-    assert step.seconds == pytest.approx(sum(p.seconds for p in phases.values()))
+    assert step.seconds == pytest.approx(sum(p.predicted_seconds for p in phases.values()))
     assert step.mfu == pytest.approx(step.model_flops / step.seconds / 312e12)
     assert step.model_flops == step.hardware_flops == phases["forward"].flops + phases["backward"].flops
     assert phases["optimizer"].bytes == step.optimizer.bytes
     json.dumps(step.to_dict(), allow_nan=False)
     assert "DDP: fits on 1 GPU" in str(step)
+
+
+def test_analyze_train_prices_the_step_and_keeps_the_forward_nodes():
+    import shapeprof
+    model = GPT(GPTConfig.tiny())
+    x = torch.randint(0, 256, (2, 32))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rep = shapeprof.analyze(model, x, x, train=True)
+    assert list(rep.phases) == ["forward", "backward", "optimizer"]
+    assert rep.memory["total"] == sum(v for k, v in rep.memory.items() if k != "total")
+    assert rep.training.loss == "output[1]" and rep.training.optimizer.startswith("AdamW")
+    plain = shapeprof.analyze(model, x, x)
+    assert [(n.name, n.flops) for n in rep.nodes] == [(n.name, n.flops) for n in plain.nodes]
+    back = shapeprof.Report.from_json(rep.to_json())
+    assert back == rep and back.training.mfu == rep.training.mfu
+    text = str(rep)
+    assert "Training step:" in text and "optimizer" in text and "FSDP:" in text
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(p.grad is None for p in model.parameters())
+    sgd = shapeprof.analyze(model, x, x, train=shapeprof.Train(optimizer="sgd", optimizer_kwargs={"momentum": 0.9}))
+    assert sgd.training.optimizer.startswith("SGD") and sgd.phases["optimizer"].bytes < rep.phases["optimizer"].bytes
+
+
+def test_analyze_train_refuses_what_is_not_a_training_step():
+    import shapeprof
+    model = GPT(GPTConfig.tiny())
+    x = torch.randint(0, 256, (2, 32))
+    with pytest.raises(ValueError, match="a Prefill/Decode phase is an inference step"):
+        shapeprof.analyze(model, shapeprof.Decode(batch=1, context=8), train=True)
+    with pytest.raises(TypeError, match="train= takes True or a shapeprof.Train"):
+        shapeprof.analyze(model, x, x, train="adamw")
+    with torch.inference_mode(), pytest.raises(ValueError, match="inference_mode"):
+        shapeprof.analyze(model, x, x, train=True)
+    frozen = torch.nn.Linear(4, 4).requires_grad_(False)
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        shapeprof.analyze(frozen, torch.randn(2, 4), train=True)

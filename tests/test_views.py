@@ -151,3 +151,12 @@ def test_a_measured_report_shows_measured_times(tmp_path):
     page = result.to_html(tmp_path / "profile.html").read_text(encoding="utf-8")
     names = [v["name"] for v in json.loads(re.search(r'id="shapeprof-views">(.*?)</script>', page).group(1))]
     assert len(names) == 2 and "measured on" in names[0] and "predicted on" in names[1]
+
+
+def test_a_training_report_shows_its_step_in_the_summary():
+    from examples.nanogpt import GPT, GPTConfig
+    x = torch.randint(0, 256, (2, 16))
+    rep = shapeprof.analyze(GPT(GPTConfig.tiny()), x, x, train=True)
+    summary = dict(report_view(rep)["report"]["summary"])
+    assert summary["training step"].startswith(f"{fmt_seconds(rep.training.seconds)} predicted")
+    assert fmt_bytes(rep.memory["total"]) in summary["training memory"]

@@ -54,7 +54,8 @@ class _Rendering:
 
     def __rich_console__(self, console, options):
         r, width = self.report, options.max_width
-        parts = [_header(r, width), *([_notes(r)] if r.notes else []),
+        parts = [_header(r, width), *([_training(r)] if r.training is not None else []),
+                 *([_notes(r)] if r.notes else []),
                  *_top_table(r, self.top, width), *_module_table(r, self.module_depth, width)]
         if r.findings:
             parts.append(_findings(r))
@@ -118,6 +119,22 @@ def _fill(segments: list[Text], sep: str, width: int) -> Text:
         out.append_text(seg)
         used += seg.cell_len
     return out
+
+
+def _training(r: Report) -> Group:
+    """The training step, phase by phase (`analyze(..., train=...)`); the node tables below are its forward."""
+    t = r.training
+    table = Table(title=f"Training step: {fmt_seconds(t.seconds)} predicted, MFU {t.mfu:.1%}, HFU {t.hfu:.1%} "
+                        f"({t.optimizer}, loss from {t.loss})", title_justify="left", box=box.SIMPLE_HEAD)
+    for header in ("phase", "FLOPs", "bytes", "predicted", "share"):
+        table.add_column(header, justify="left" if header == "phase" else "right")
+    for name, phase in t.phases.items():
+        table.add_row(name, fmt_flops(phase.flops), fmt_bytes(phase.bytes), fmt_seconds(phase.predicted_seconds),
+                      f"{phase.predicted_seconds / t.seconds:.0%}" if t.seconds else "")
+    memory = Text("memory: " + ", ".join(f"{k.replace('_', ' ')} {fmt_bytes(v)}" for k, v in t.memory.items()))
+    gpus = Text(f"DDP: {t.ddp}\nFSDP: {t.fsdp}")
+    return Group(table, memory, gpus, *[Text(f"note: {n}", style="dim") for n in t.notes if n not in r.notes],
+                 Text("the tables below are the forward pass", style="dim"))
 
 
 def _notes(r: Report) -> Text:

@@ -145,6 +145,12 @@ def _summary(report: Report) -> list[list[str]]:
         rows.append(["phase", f"{p.kind}, batch {p.batch}" + (f", context {p.context}" if p.kind == "decode"
                                                                 else f", {p.tokens} tokens")])
     rows.append(["parameters", fmt_bytes(report.parameter_bytes)])
+    if report.training is not None:   # analyze(train=...): the step, phase by phase; the nodes are its forward
+        tr = report.training
+        rows.append(["training step", f"{fmt_seconds(tr.seconds)} predicted, MFU {tr.mfu:.1%}, HFU {tr.hfu:.1%} ("
+                     + ", ".join(f"{k} {fmt_seconds(p.predicted_seconds)}" for k, p in tr.phases.items()) + ")"])
+        rows.append(["training memory", ", ".join(f"{k.replace('_', ' ')} {fmt_bytes(v)}"
+                                                  for k, v in tr.memory.items())])
     return rows
 
 
