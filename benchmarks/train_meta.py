@@ -6,7 +6,8 @@ Both in this one process, alternating within each round, medians printed with ev
 - FlopCounterMode over forward + cross-entropy + backward of the meta model (FLOPs only);
 - `shapeprof.backward.capture_backward` (forward and backward captured on a meta shadow, every op priced, each
   backward op tied to its module, saved activations counted): the issue's target is <= 1.0x FlopCounterMode;
-- `shapeprof.training.train_step` (the same plus the optimizer's update captured and priced, memory, DDP/FSDP).
+- `shapeprof.training.train_step` (the same plus the optimizer's update captured and priced, memory, DDP/FSDP);
+- `shapeprof.analyze(..., train=True)`: the forward's node-by-node report as analyze makes it, plus train_step.
 The matmul FLOPs of both are printed: they must agree.
 """
 import argparse
@@ -20,6 +21,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import shapeprof  # noqa: E402
 from examples.llama import LlamaConfig, Transformer  # noqa: E402
 from shapeprof.backward import capture_backward  # noqa: E402
 from shapeprof.training import train_step  # noqa: E402
@@ -51,7 +53,11 @@ def main() -> None:
     def step():
         return train_step(model, idx, loss_fn=loss_fn, targets=(idx,)).model_flops
 
-    ways = {"FlopCounterMode": flop_counter, "capture_backward": ours, "train_step": step}
+    def analyze_train():
+        return shapeprof.analyze(model, idx, train=shapeprof.Train(loss_fn=loss_fn, targets=(idx,))).total.flops
+
+    ways = {"FlopCounterMode": flop_counter, "capture_backward": ours, "train_step": step,
+            "analyze(train=)": analyze_train}
     times: dict[str, list[float]] = {k: [] for k in ways}
     answers = {}
     for _ in range(args.rounds):
