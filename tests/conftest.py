@@ -1,5 +1,7 @@
 """Fixtures more than one test file uses."""
+import os
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -29,3 +31,12 @@ def json_paths():
     """paths(data): every key path into a JSON document; into a list's first item only (the others have the same
     structure). For tests that damage a saved report at every place."""
     return _paths
+
+
+@pytest.fixture(scope="module")
+def shots(tmp_path_factory) -> Path:
+    """Where a browser test saves its screenshots: SHAPEPROF_SCREENSHOTS=<folder> keeps them (docs/ has some)."""
+    keep = os.environ.get("SHAPEPROF_SCREENSHOTS")
+    folder = Path(keep) if keep else tmp_path_factory.mktemp("screenshots")
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder

@@ -7,8 +7,6 @@ Set SHAPEPROF_SCREENSHOTS=<folder> to keep the screenshots.
 """
 from __future__ import annotations
 
-import os
-import shutil
 from pathlib import Path
 
 import matplotlib.image
@@ -23,23 +21,9 @@ from tests.tensorboard_server import serve
 
 pytestmark = pytest.mark.browser
 
-CHROMIUM = shutil.which("chromium")
-if CHROMIUM is None:
-    pytest.skip("no `chromium` on PATH (Debian: apt-get install -y chromium)", allow_module_level=True)
-sync_playwright = pytest.importorskip("playwright.sync_api",
-                                      reason="the playwright package drives chromium").sync_playwright
+from tests.browser import CHROMIUM, FLAGS, sync_playwright  # noqa: E402  (skips without chromium)
 
 RUN = "MLP-predicted-a100-80gb-sxm"
-FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-         "--disable-component-update", "--disable-sync"]
-
-
-@pytest.fixture(scope="module")
-def shots(tmp_path_factory) -> Path:
-    keep = os.environ.get("SHAPEPROF_SCREENSHOTS")
-    folder = Path(keep) if keep else tmp_path_factory.mktemp("screenshots")
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder
 
 
 @pytest.fixture(scope="module")

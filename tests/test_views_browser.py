@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import subprocess
 import sys
 from dataclasses import replace
@@ -31,25 +30,11 @@ from tests.tensorboard_server import serve
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
-CHROMIUM = shutil.which("chromium")
-if CHROMIUM is None:
-    pytest.skip("no `chromium` on PATH (Debian: apt-get install -y chromium)", allow_module_level=True)
-sync_playwright = pytest.importorskip("playwright.sync_api",
-                                      reason="the playwright package drives chromium").sync_playwright
+from tests.browser import CHROMIUM, FLAGS, sync_playwright  # noqa: E402  (skips without chromium)
 
-FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-         "--disable-component-update", "--disable-sync"]
 ROOT = Path(__file__).resolve().parents[1]
 HOSTILE = "<img src=x onerror=alert(1)>"
 HOSTILE_MODULE = "blocks.<script>alert(2)</script>"
-
-
-@pytest.fixture(scope="module")
-def shots(tmp_path_factory) -> Path:
-    keep = os.environ.get("SHAPEPROF_SCREENSHOTS")
-    folder = Path(keep) if keep else tmp_path_factory.mktemp("screenshots")
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder
 
 
 @pytest.fixture(scope="module")
