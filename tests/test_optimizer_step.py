@@ -1,6 +1,9 @@
 """Tests for shapeprof/optimizer_step.py: bytes of a torch.optim step counted by hand from the ops torch runs."""
 import copy
+import dataclasses
+import itertools
 import json
+import re
 
 import pytest
 import torch
@@ -279,3 +282,135 @@ def test_llama_8b_sized_parameter_list():
     assert (c.parameters, c.tensors) == (n, len(shapes)) == (8_030_261_248, 291)
     assert (c.bytes_read, c.bytes_written) == (4 * BF16 * n + 2 * F32 * 291, 3 * BF16 * n + F32 * 291)
     assert all(p.grad is None for p in params)
+
+
+# ---------------------------------------------------------------------------------------------
+# One representative per distinct parameter: the same figures as the step over every parameter
+
+def same_cost(fast, exact):
+    """Every figure equal (ints exactly, seconds to float rounding): the step over representatives is the
+    step over every parameter."""
+    as_dict = dataclasses.asdict
+    a, b = as_dict(fast), as_dict(exact)
+    for c in (a, b):
+        c["seconds_"] = c.pop("seconds")
+        c["ideal_seconds"] = c["ideal"].pop("seconds")
+        c["op_seconds"] = {k: op.pop("seconds") for k, op in c["ops"].items()}
+    assert a.pop("seconds_") == pytest.approx(b.pop("seconds_"), rel=1e-12)
+    assert a.pop("ideal_seconds") == pytest.approx(b.pop("ideal_seconds"), rel=1e-12)
+    sa, sb = a.pop("op_seconds"), b.pop("op_seconds")
+    assert sa.keys() == sb.keys() and all(sa[k] == pytest.approx(sb[k], rel=1e-12) for k in sa)
+    assert a == b
+
+
+def llama_8b():
+    from examples.llama import LlamaConfig, Transformer
+    with torch.device("meta"):
+        return Transformer(LlamaConfig.llama3_8b()).to(torch.bfloat16)
+
+
+def gpt2_small():
+    from examples.nanogpt import GPT, GPTConfig
+    with torch.device("meta"):
+        return GPT(GPTConfig.gpt2())   # lm_head tied to the token embedding: stepped once
+
+
+def stack(layers=4, width=16):
+    return nn.Sequential(*[nn.Linear(width, width) for _ in range(layers)])
+
+
+def frozen_and_tied():
+    m = stack(5)
+    m[1].requires_grad_(False)     # skipped
+    m[0].weight = m[4].weight      # stepped once
+    return m
+
+
+def mixed_dtypes():
+    return nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8).double(), nn.Linear(8, 8), nn.Linear(8, 8).double())
+
+
+def param_groups():
+    m = stack(4, 8)
+    # the biases and one weight in a group of their own settings; one weight also listed again (stepped once)
+    return [{"params": [m[0].weight, m[1].weight, m[2].weight]},
+            {"params": [m[0].bias, m[1].bias, m[2].bias, m[3].weight, m[3].bias, m[0].weight], "lr": 0.5,
+             "weight_decay": 0.0}]
+
+
+def layouts():
+    a, b = nn.Linear(8, 8), nn.Linear(8, 8)
+    return [a.weight, b.weight.t(), nn.Linear(8, 8).weight, nn.Linear(8, 8).weight.t(), a.bias, b.bias]
+
+
+CONFIGS = [("adamw", {}), ("adam", {"amsgrad": True, "maximize": True, "weight_decay": 0.1}), ("sgd", {}),
+           ("sgd", {"momentum": 0.9}), ("sgd", {"momentum": 0.9, "nesterov": True, "weight_decay": 0.1})]
+
+
+@pytest.mark.parametrize("model", [llama_8b, gpt2_small], ids=["llama-3-8b", "gpt2"])
+@pytest.mark.parametrize("name,kwargs", CONFIGS)
+def test_dedupe_is_the_step_over_every_parameter_big_models(model, name, kwargs):
+    model = model()
+    for impl in IMPLS:
+        same_cost(step(name, model, impl, **kwargs), step(name, model, impl, _dedupe=False, **kwargs))
+
+
+SMALL_CONFIGS = CONFIGS + [("adam", {}), ("adamw", {"amsgrad": True}), ("adamw", {"weight_decay": 0.0}),
+                           ("sgd", {"momentum": 0.9, "dampening": 0.1, "maximize": True}),
+                           ("adamw", {"lr": torch.tensor(0.01)}), ("sgd", {"lr": torch.tensor(0.1), "momentum": 0.5})]
+
+
+@pytest.mark.parametrize("model", [small_model, stack, frozen_and_tied, mixed_dtypes, param_groups, layouts])
+def test_dedupe_is_the_step_over_every_parameter_small_models(model):
+    for (name, kwargs), impl in itertools.product(SMALL_CONFIGS, IMPLS):
+        params = model()
+        try:
+            exact = step(name, params, impl, _dedupe=False, **kwargs)
+        except RuntimeError as e:   # a Tensor lr torch cannot run on meta (fused) or refuses (foreach)
+            with pytest.raises(RuntimeError) as err:
+                step(name, params, impl, **kwargs)
+            assert str(err.value) == str(e)
+            continue
+        except ValueError as e:
+            with pytest.raises(ValueError, match=re.escape(str(e))):
+                step(name, params, impl, **kwargs)
+            continue
+        same_cost(step(name, params, impl, **kwargs), exact)
+        same_cost(step(name, params, impl, param_dtype=torch.bfloat16, **kwargs),
+                  step(name, params, impl, param_dtype=torch.bfloat16, _dedupe=False, **kwargs))
+
+
+def test_dedupe_runs_the_step_on_one_parameter_per_shape(monkeypatch):
+    import shapeprof.optimizer_step as module
+    ran = []
+    record = module._record
+
+    def counting(cls, impl, groups, *args, **kwargs):
+        ran.append(sum(len(g["params"]) for g in groups))
+        return record(cls, impl, groups, *args, **kwargs)
+
+    monkeypatch.setattr(module, "_record", counting)
+    model = llama_8b()   # 291 tensors of 6 shapes: embedding/lm_head, wq/wo, wk/wv, w1/w3, w2, the norms
+    for impl in IMPLS:
+        ran.clear()
+        c = step("adamw", model, impl)
+        assert ran == [6] and c.tensors == 291
+    # the for-loop's ops still count once per tensor, a foreach op once, fused once per call
+    assert step("adamw", model, "for-loop").kernels == 8 * 291
+    assert step("adamw", model, "foreach").kernels == 8
+    assert step("adamw", model, "fused").kernels == 2
+    # a subclass whose step is its own runs every parameter, as does a Tensor lr in the for-loop
+    class Mine(torch.optim.AdamW):
+        def step(self, closure=None):
+            return super().step(closure)
+
+    model = stack(4)   # 8 tensors of 2 shapes
+    ran.clear()
+    optimizer_step(torch.optim.AdamW, model, foreach=True)
+    assert ran == [2]
+    ran.clear()
+    optimizer_step(Mine, model, foreach=True)
+    assert ran == [8]
+    ran.clear()
+    optimizer_step("adamw", model, foreach=False, lr=torch.tensor(0.01))
+    assert ran == [8]
