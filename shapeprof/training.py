@@ -195,8 +195,9 @@ def train_step(model: nn.Module, *args: Any, optimizer: str | type[torch.optim.O
     opt = optimizer_step(optimizer, model, spec=device, param_dtype=precision.dtype, **(optimizer_kwargs or {}))
     notes = list(passes.notes) + list(opt.notes)
     element = precision.dtype.itemsize if precision.dtype is not None else _first_trainable(model).element_size()
+    # every parameter, frozen ones too; parameters() yields a tied one once
     weights = sum(p.numel() * (element if p.is_floating_point() and precision.dtype is not None
-                               else p.element_size()) for p in _unique_parameters(model))
+                               else p.element_size()) for p in model.parameters())
     grads = opt.parameters * element
     unit = _largest_unit(model, weights)
     memory = {"weights": weights, "gradients": grads, "optimizer_state": opt.state_bytes,
@@ -226,10 +227,6 @@ def _recomputed(passes: TrainingPasses) -> int:
     return max(0, backward - 2 * forward) if backward else 0
 
 
-def _unique_parameters(model: nn.Module) -> list[torch.Tensor]:
-    return list(model.parameters())     # parameters() yields a shared (tied) parameter once
-
-
 def _first_trainable(model: nn.Module) -> torch.Tensor:
     return next(p for p in model.parameters() if p.requires_grad)
 
@@ -241,8 +238,9 @@ def _largest_unit(model: nn.Module, weights: int) -> int:
     lists = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) > 1]
     if not lists:
         return weights
-    layers = max(lists, key=len)
-    per = [sum(p.numel() * p.element_size() for p in block.parameters()) for block in layers]
-    scale = weights / max(1, sum(p.numel() * p.element_size() for p in model.parameters()))   # in the step's dtype
-    in_layers = sum(per)
-    return int(max(max(per), sum(p.numel() * p.element_size() for p in model.parameters()) - in_layers) * scale)
+    def nbytes(m: nn.Module) -> int:
+        return sum(p.numel() * p.element_size() for p in m.parameters())
+    per_block = [nbytes(block) for block in max(lists, key=len)]
+    as_is = nbytes(model)
+    largest = max(max(per_block), as_is - sum(per_block))      # a block, or the root's own parameters
+    return int(largest * weights / max(1, as_is))               # in the step's dtype, as `weights` is

@@ -31,9 +31,9 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 import torch
 
-from ..report import NodeStats, Report
+from ..report import Report
 from ..text import fmt_bytes, fmt_flops, fmt_intensity, fmt_seconds
-from .tensorboard.plots import BOUND_COLOR, MEMORY_COLOR, roofs
+from .tensorboard.plots import BOUND_COLOR, MEMORY_COLOR, group_bound, roofs
 
 __all__ = ["VIEW_SCHEMA", "VIEW_VERSION", "optimize_view", "report_view", "view_of"]
 
@@ -81,7 +81,7 @@ def report_view(report: Report, title: str = "") -> dict[str, Any]:
         label = f"{report.pattern_of(first) or first.name} · {first.op}"
         group_rows.append(_row(gid, label, len(group), report.pattern_of(first), first.op,
                                sum(g.flops for g in group), sum(g.bytes for g in group), seconds,
-                               sum(times) if times else None, seconds / total, _bound(group), first.output,
+                               sum(times) if times else None, seconds / total, group_bound(group), first.output,
                                module_type=first.module_type, source=first.source,
                                members=[index[g.name] for g in group]))
     return {
@@ -125,11 +125,6 @@ def _row(id_: int, name: str, count: int, module: str, op: str, flops: int, nbyt
                    "measured": fmt_seconds(measured) if measured is not None else "",
                    "share": f"{share:.1%}", "bound": bound, "output": output}
     return row
-
-
-def _bound(group: list[NodeStats]) -> str:
-    memory = sum(g.predicted_seconds for g in group if g.bound == "memory")
-    return "memory" if memory > sum(g.predicted_seconds for g in group) - memory else "compute"
 
 
 def _summary(report: Report) -> list[list[str]]:

@@ -83,11 +83,11 @@ def points(report: Report, *, measured: bool = False) -> tuple[list[Point], int]
             continue
         label = f"{report.pattern_of(n) or n.name} · {n.op}" + (f" x{len(group)}" if len(group) > 1 else "")
         out.append(Point(label, flops / nbytes, flops / seconds, seconds, seconds / total if total else 0.0,
-                         _bound(group)))
+                         group_bound(group)))
     return sorted(out, key=lambda p: -p.seconds), left_out
 
 
-def _bound(group: list[NodeStats]) -> str:
+def group_bound(group: list[NodeStats]) -> str:
     """The bound holding most of the group's predicted time (as Report rollups decide it)."""
     memory = sum(g.predicted_seconds for g in group if g.bound == "memory")
     return "memory" if memory > sum(g.predicted_seconds for g in group) - memory else "compute"
