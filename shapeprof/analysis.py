@@ -72,7 +72,7 @@ def analyze(model: nn.Module, *args: Any, spec: str | DeviceSpec | None = None,
     device = get_spec(spec)
     precision = resolve_precision(dtype, tf32)
     target, resolved = model, None
-    if train is not False and train is not None and len(args) == 1 and not kwargs and is_phase(args[0]):
+    if train and len(args) == 1 and not kwargs and is_phase(args[0]):
         raise ValueError("train= prices a training step, and a Prefill/Decode phase is an inference step: give the "
                          "model example inputs (and targets) instead")
     training = _training_step(model, args, kwargs, train, device, dtype) if train else None

@@ -588,12 +588,11 @@ def _cmd_report(ns: argparse.Namespace) -> int:
 
 def _write_report_html(out: Path, source: Path, reports: list[tuple[Path, Any]]) -> int:
     from .output.html import write_html
-    from .output.jsonfiles import SAVED_KINDS
+    from .output.jsonfiles import saved_label
     if out.is_dir():
         raise CliError(f"--html {out} is a folder: give the file to write, e.g. {out / 'report.html'}")
     base = source if source.is_dir() else source.parent
-    named = [(f"{p.parent.relative_to(base).as_posix() if p.parent != base else r.model} · "
-              f"{SAVED_KINDS.get(p.name, p.stem)}", r) for p, r in reports]
+    named = [(saved_label(p, base, r.model), r) for p, r in reports]
     try:
         write_html(out, named, title=f"shapeprof: {source.name}")
     except OSError as e:

@@ -36,11 +36,10 @@ from typing import Any, Iterable
 
 import torch
 import torch.nn as nn
-from torch.utils import _pytree as pytree
 
 from .costs import OpCost, cost_of
 from .hardware import DeviceSpec, get_spec
-from .records import OpRecord, OpRecorder, TensorMeta
+from .records import OpRecord, OpRecorder, TensorMeta, tensors_in
 from .roofline import compute_dtype, node_time, op_time, record_time
 
 __all__ = ["IdealStep", "OptimizerStepCost", "StepOp", "optimizer_step"]
@@ -330,7 +329,7 @@ class _StepRecorder(OpRecorder):
         if op.namespace == "profiler":
             return   # the record_function range torch.optim opens around step(): no work
         super().record(op, args, kwargs, out)
-        devices = {t.device.type for t in _tensors((args, kwargs, out))}
+        devices = {t.device.type for t in tensors_in((args, kwargs, out))}
         self.on_host.append(bool(devices) and "meta" not in devices)
         if self.owners is not None:
             self.layout.append(self._attribute(args, kwargs, out))
@@ -362,7 +361,7 @@ class _StepRecorder(OpRecorder):
                             return None
             if None in entries or len(set(entries)) != n:
                 return None
-            returned = list(_tensors(out))
+            returned = list(tensors_in(out))
             if returned:
                 if not (isinstance(out, (list, tuple)) and len(out) == n == len(returned)):
                     return None
@@ -370,22 +369,17 @@ class _StepRecorder(OpRecorder):
                     if not self._own(t, k):
                         return None
             return "list", tuple(entries)
-        found = {owners[id(t)][0] for t in _tensors((args, kwargs)) if id(t) in owners}
+        found = {owners[id(t)][0] for t in tensors_in((args, kwargs)) if id(t) in owners}
         if len(found) > 1:
             return None
         if not found:
             return "all", None
         k = found.pop()
-        return ("one", k) if all(self._own(t, k) for t in _tensors(out)) else None
+        return ("one", k) if all(self._own(t, k) for t in tensors_in(out)) else None
 
     def _own(self, t: torch.Tensor, k: int) -> bool:
         owner = self.owners.setdefault(id(t), (k, t))
         return owner[0] == k
-
-
-def _tensors(x):
-    """The tensors in lists, tuples and dicts, in order (torch's pytree walks them)."""
-    return (leaf for leaf in pytree.tree_leaves(x) if isinstance(leaf, torch.Tensor))
 
 
 def _steady_step(opt: torch.optim.Optimizer, index: dict[int, int] | None = None) -> _StepRecorder:
@@ -409,7 +403,7 @@ def _owners(opt: torch.optim.Optimizer, index: dict[int, int] | None) -> dict[in
     for group in opt.param_groups:
         for p in group["params"]:
             k = index[id(p)]
-            for t in (p, p.grad, *_tensors(opt.state.get(p, {}))):
+            for t in (p, p.grad, *tensors_in(opt.state.get(p, {}))):
                 if isinstance(t, torch.Tensor):
                     owners.setdefault(id(t), (k, t))
     return owners
@@ -457,7 +451,7 @@ def _dedupe_step(cls, impl: str, groups: list[dict], params: list[torch.Tensor],
     if len(reps) == len(params):
         return None
     settings = [kwargs, *({k: v for k, v in g.items() if k != "params"} for g in groups)]
-    if impl == "for-loop" and next(_tensors(settings), None) is not None:
+    if impl == "for-loop" and next(tensors_in(settings), None) is not None:
         return None   # a Tensor lr, beta ...: the for-loop may compute on it once per parameter
     _give_grads(reps)
     index = {id(p): k for k, p in enumerate(reps)}

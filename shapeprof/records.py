@@ -171,19 +171,20 @@ class OpRecorder(TorchDispatchMode):
 
 
 def _mixes_meta(tree: Any) -> bool:
-    devices = {t.device.type for t in _tensors_in(tree)}
+    devices = {t.device.type for t in tensors_in(tree)}
     return "meta" in devices and len(devices) > 1
 
 
-def _tensors_in(x: Any):
+def tensors_in(x: Any):
+    """The tensors in `x` and in the lists, tuples and dicts inside it, in order."""
     if isinstance(x, torch.Tensor):
         yield x
     elif isinstance(x, (list, tuple)):
         for v in x:
-            yield from _tensors_in(v)
+            yield from tensors_in(v)
     elif isinstance(x, dict):
         for v in x.values():
-            yield from _tensors_in(v)
+            yield from tensors_in(v)
 
 
 def _as_meta(x: Any) -> Any:

@@ -22,7 +22,7 @@ from ..rundir import TRACE_SCHEMA
 from .base import Format, Results, register
 
 __all__ = ["OPTIMIZE_SCHEMA", "OPTIMIZE_SCHEMA_VERSION", "SAVED_FILES", "SAVED_KINDS", "JsonFormat",
-           "optimize_document", "read_saved", "saved_files"]
+           "optimize_document", "read_saved", "saved_files", "saved_label"]
 
 OPTIMIZE_SCHEMA = "shapeprof.optimize"
 OPTIMIZE_SCHEMA_VERSION = 1
@@ -61,6 +61,13 @@ def optimize_document(report: Any) -> dict[str, Any]:
     device spec rather than its name (a spec file from `calibrate` has no built-in to be found by)."""
     return {"schema": OPTIMIZE_SCHEMA, "version": OPTIMIZE_SCHEMA_VERSION, **report.to_dict(),
             "spec": report.spec.to_dict()}
+
+
+def saved_label(path: Path, root: Path, root_name: str) -> str:
+    """How a saved report is named in a list of them: its folder under `root` (`root_name` for `root` itself) and
+    what it is, 'mlp-20250101-000000/MLP · measured'."""
+    folder = path.parent.relative_to(root).as_posix()
+    return f"{folder if folder != '.' else root_name} · {SAVED_KINDS.get(path.name, path.stem)}"
 
 
 def saved_files(folder: str | os.PathLike) -> list[Path]:

@@ -27,7 +27,7 @@ from werkzeug import wrappers
 from ...jsondata import ReportFormatError
 from ...text import one_line
 from ..html import static_file
-from ..jsonfiles import SAVED_KINDS, read_saved, saved_files
+from ..jsonfiles import read_saved, saved_files, saved_label
 from ..views import view_of
 
 __all__ = ["PLUGIN_NAME", "ShapeprofPlugin"]
@@ -102,8 +102,7 @@ class ShapeprofPlugin(base_plugin.TBPlugin):
         return path.relative_to(self._logdir).as_posix()
 
     def _name(self, path: Path) -> str:
-        folder = path.parent.relative_to(self._logdir).as_posix()
-        return f"{folder if folder != '.' else self._logdir.name} · {SAVED_KINDS[path.name]}"
+        return saved_label(path, self._logdir, self._logdir.name)
 
     def _view_of(self, path: Path) -> dict[str, Any]:
         """The view of one file, kept until the file changes; a file that cannot be read is a view that says
