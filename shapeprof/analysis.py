@@ -123,7 +123,8 @@ def _training_step(model: nn.Module, args: tuple, kwargs: dict, train: Any, devi
     if not isinstance(train, Train):
         raise TypeError(f"train= takes True or a shapeprof.Train(...), not {type(train).__name__}")
     return train_step(model, *args, optimizer=train.optimizer, optimizer_kwargs=train.optimizer_kwargs,
-                      loss_fn=train.loss_fn, targets=train.targets, spec=device, dtype=dtype, **kwargs).summary()
+                      loss_fn=train.loss_fn, targets=train.targets, spec=device, dtype=dtype,
+                      checkpoint=train.checkpoint, **kwargs).summary()
 
 
 class _NodeCosts:

@@ -60,10 +60,12 @@ from .capture import _user_global_hooks_silenced, collector_paused, meta_inputs,
 from .hardware import DeviceSpec, get_spec
 from .precision import Precision
 from .precision import resolve as resolve_precision
-from .records import OpRecord, OpRecorder
+from .records import OpRecord, OpRecorder, tensors_in
+from .step_memory import LiveBytes, PeakAt
 from .text import one_line
 
-__all__ = ["LOSS", "UNATTRIBUTED", "ModulePasses", "OpTotal", "PassCost", "TrainingPasses", "capture_backward"]
+__all__ = ["LOSS", "UNATTRIBUTED", "BlockCheckpoint", "ModulePasses", "OpTotal", "PassCost", "TrainingPasses",
+           "blocks_of", "capture_backward"]
 
 aten = torch.ops.aten
 
@@ -113,6 +115,17 @@ class OpTotal:
 
 
 @dataclass(frozen=True)
+class BlockCheckpoint:
+    """What activation checkpointing one block would trade: the activations it would no longer keep for
+    backward (what it saves, less its input, which a checkpoint keeps), for its forward run again in backward."""
+
+    path: str
+    saves_bytes: int
+    recompute_flops: int
+    recompute_seconds: float
+
+
+@dataclass(frozen=True)
 class TrainingPasses:
     """The forward and backward pass of one training step on `spec`, in total and per module.
 
@@ -134,6 +147,16 @@ class TrainingPasses:
     unattributed_ops: int
     notes: tuple[str, ...] = ()
     capture_seconds: float = 0.0    # what this capture took on the host
+    # memory over forward and backward, above the weights and inputs (shapeprof.step_memory): the most alive at
+    # once and where, and what is left when backward ends (the gradients, and the output the loop still holds)
+    peak_bytes: int = 0
+    peak_at: PeakAt | None = None
+    end_bytes: int = 0
+    input_bytes: int = 0            # the inputs and targets, each storage once
+    checkpointed: tuple[str, ...] = ()          # blocks run under activation checkpointing
+    recompute_flops: int = 0                    # their forward, run again in backward
+    blocks: tuple[BlockCheckpoint, ...] = ()    # per block of the model's longest layer list: what checkpointing
+                                                # it would trade (in the step as priced)
 
     @property
     def seconds(self) -> float:
@@ -180,7 +203,8 @@ class TrainingPasses:
 @collector_paused()   # no garbage collection while it runs: see capture.collector_paused
 def capture_backward(model: nn.Module, *args: Any, loss_fn: Callable[..., torch.Tensor] | None = None,
                      targets: tuple = (), spec: str | DeviceSpec | None = None,
-                     dtype: torch.dtype | str | None = None, **kwargs: Any) -> TrainingPasses:
+                     dtype: torch.dtype | str | None = None, checkpoint: str | tuple | list | None = None,
+                     **kwargs: Any) -> TrainingPasses:
     """Capture the forward and backward pass of a training step on meta and price both, per module.
 
         >>> import torch
@@ -199,6 +223,10 @@ def capture_backward(model: nn.Module, *args: Any, loss_fn: Callable[..., torch.
         loss_fn: called as `loss_fn(output, *targets)` for the loss; without it the loss is the model's own
             (a `.loss` output, or a 0-dim tensor requiring grad in a tuple it returns), else `output.sum()`.
         targets: tensors passed to `loss_fn` after the output.
+        checkpoint: run these modules under activation checkpointing (``torch.utils.checkpoint``, non-reentrant,
+            as a training script applies it): "blocks" for every block of the model's longest ModuleList (a
+            transformer's layers), or a list of module paths. Their forward runs again in backward (counted in
+            `recompute_flops`, hardware FLOPs, not model FLOPs) and they keep only their inputs for backward.
         spec: the device (a name, a spec file or a DeviceSpec); default A100-80GB SXM.
         dtype: price as if parameters, buffers and floating inputs were in this dtype (a torch.dtype or a name:
             "bf16", "fp16", "fp32", "tf32"), as `analyze` does. 8-bit formats are refused: they price W8A8
@@ -231,11 +259,50 @@ def capture_backward(model: nn.Module, *args: Any, loss_fn: Callable[..., torch.
         shadow = meta_shadow(model, precision.dtype)
         meta_args, meta_kwargs = _meta_inputs_keeping_grad((args, kwargs), precision.dtype)
         meta_targets = tuple(meta_inputs(tuple(targets), precision.dtype))
-        run = _Run(shadow)
+        run = _Run(shadow, blocks_of(shadow))
+        run.memory.know(tensors_in((meta_args, meta_kwargs, meta_targets)))
+        run.checkpoint(_checkpoint_paths(shadow, checkpoint, name))
         source, loss_notes = run.forward(meta_args, meta_kwargs, loss_fn, meta_targets, name)
         run.backward(name)
     notes += loss_notes + run.notes
-    return _price(name, run, source, device, precision, notes, start)
+    inputs = _unique_bytes(tensors_in((meta_args, meta_kwargs, meta_targets)))
+    return _price(name, run, source, device, precision, notes, start, inputs)
+
+
+def blocks_of(model: nn.Module) -> tuple[str, ...]:
+    """The paths of the blocks of `model`'s longest ModuleList (a transformer's layers): what checkpointing and
+    FSDP wrap, one unit each. None when it has no list of two or more."""
+    lists = [(path, m) for path, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) > 1]
+    if not lists:
+        return ()
+    path, longest = max(lists, key=lambda pm: len(pm[1]))
+    return tuple(f"{path}.{i}" if path else str(i) for i in range(len(longest)))
+
+
+def _checkpoint_paths(model: nn.Module, checkpoint, name: str) -> tuple[str, ...]:
+    if checkpoint is None:
+        return ()
+    if checkpoint == "blocks":
+        paths = blocks_of(model)
+        if not paths:
+            raise ValueError(f'checkpoint="blocks": {name} has no ModuleList of blocks to checkpoint; give the '
+                             f'module paths to checkpoint')
+        return paths
+    if isinstance(checkpoint, str) or not all(isinstance(p, str) for p in checkpoint):
+        raise TypeError(f'checkpoint= takes "blocks" or a list of module paths, not {checkpoint!r}')
+    known = dict(model.named_modules())
+    for p in checkpoint:
+        if p not in known or p == "":
+            raise ValueError(f"checkpoint: {name} has no submodule {p!r}")
+    return tuple(checkpoint)
+
+
+def _unique_bytes(tensors) -> int:
+    seen: dict[int, int] = {}
+    for t in tensors:
+        key, nbytes = _storage_key(t)
+        seen[key] = nbytes
+    return sum(seen.values())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -268,10 +335,17 @@ class _PassRecorder(OpRecorder):
         self._whole = contextlib.nullcontext()
         self.run = run
         self.paths: list[str] = []
+        self.recomputed: list[bool] = []    # run again in backward by activation checkpointing
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = super().__torch_dispatch__(func, types, args, kwargs)
+        self.run.memory.created(out, func, self.run.where)   # every op, recorded or not (a fused kernel's own)
+        return out
 
     def record(self, op, args, kwargs, out) -> None:
         super().record(op, args, kwargs, out)
         self.paths.append(self.run.path_now())
+        self.recomputed.append(bool(self.run.recomputing))
 
 
 # torch's own Python functions that call F.scaled_dot_product_attention inside (nn.MultiheadAttention's, in training
@@ -283,9 +357,16 @@ _CALLS_ATTENTION = frozenset({F.multi_head_attention_forward})
 class _Run(TorchFunctionMode):
     """Runs the shadow's forward and backward, knowing at each op which module it belongs to."""
 
-    def __init__(self, shadow: nn.Module) -> None:
+    def __init__(self, shadow: nn.Module, blocks: tuple[str, ...] = ()) -> None:
         super().__init__()
         self.shadow = shadow
+        self.blocks = blocks
+        self._handles: list = []
+        self.end_bytes = 0
+        self.block_inputs: dict[str, set[int]] = {}   # block path -> the storages of its inputs (first call)
+        self.last_save: dict[str, int] = {}     # block path -> records made before its last saved tensor
+        self.recomputing: list[str] = []     # checkpointed blocks whose forward is running again in backward
+        self.checkpointed: tuple[str, ...] = ()
         self.recorder = _PassRecorder(self)
         self.stack: list[str] = []          # module paths whose forward is running, innermost last
         self.in_backward = False
@@ -300,8 +381,10 @@ class _Run(TorchFunctionMode):
                     self.param_paths.setdefault(id(p), path)
         self.weight_storages = {_storage_key(t)[0] for t in (*shadow.parameters(), *shadow.buffers())}
         self.saved: dict[int, tuple[int, bool, str]] = {}   # storage -> (bytes, is a parameter/buffer, path)
+        self.memory = LiveBytes(known=(*shadow.parameters(), *shadow.buffers()))
         self.n_forward = 0
         self.loss: torch.Tensor | None = None
+        self.output: Any = None   # held until backward ends, as a training loop holds its logits
         self.notes: list[str] = []
 
     # ------------------------------------------------------------------ where an op belongs
@@ -309,10 +392,16 @@ class _Run(TorchFunctionMode):
     def path_now(self) -> str:
         if not self.in_backward:
             return self.stack[-1] if self.stack else LOSS
+        if self.recomputing:   # a checkpointed block's forward again: filed under its modules, as in forward
+            return self.stack[-1] if self.stack else self.recomputing[-1]
         node = torch._C._current_autograd_node()
         if node is None:
             return UNATTRIBUTED
         return self.node_paths.get(id(node), UNATTRIBUTED)
+
+    def where(self) -> tuple[str, str]:
+        """(phase, module path) of the op running now: where LiveBytes files a new peak."""
+        return ("backward" if self.in_backward else "forward"), self.path_now()
 
     def _claim(self, value: Any, path: str) -> None:
         """File every autograd node behind `value`'s tensors that no earlier call claimed under `path`."""
@@ -342,6 +431,8 @@ class _Run(TorchFunctionMode):
                 out = torch.overrides.redispatch_function(func, types, args, kwargs)
         else:
             out = func(*args, **kwargs)
+        if self.in_backward:   # a checkpointed block's forward again: its nodes are freed as backward goes on
+            return out
         path = self.stack[-1] if self.stack else LOSS
         self._claim(out, path)
         self._claim(args, path)    # an in-place op gives its tensor argument a new node (add_, copy_, setitem)
@@ -375,7 +466,44 @@ class _Run(TorchFunctionMode):
         key, nbytes = _storage_key(t)
         if key not in self.saved:
             self.saved[key] = (nbytes, key in self.weight_storages, self.stack[-1] if self.stack else LOSS)
+        if not self.in_backward:
+            for path in self.stack:   # a checkpoint of a block stops recomputing once its last saved tensor is back
+                if path in self.blocks:
+                    self.last_save[path] = len(self.recorder.records)
         return t
+
+    # ------------------------------------------------------------------ activation checkpointing
+
+    def checkpoint(self, paths: tuple[str, ...]) -> None:
+        """Run each of these modules' forward under torch.utils.checkpoint (non-reentrant), as a training
+        script wraps them: autograd keeps their inputs, and their forward runs again when backward needs it."""
+        for path in paths:
+            module = self.shadow.get_submodule(path)
+            module.forward = self._checkpointed(module.forward, path)
+        self.checkpointed = tuple(paths)
+
+    def _checkpointed(self, forward: Callable, path: str) -> Callable:
+        from torch.utils.checkpoint import checkpoint
+
+        def again(*args, **kwargs):
+            if not self.in_backward:
+                return forward(*args, **kwargs)
+            self.recomputing.append(path)
+            try:
+                with self:   # the autograd engine runs this without the forward's function modes: attention fused
+                    return forward(*args, **kwargs)
+            finally:
+                self.recomputing.pop()
+
+        def run(*args, **kwargs):
+            for t in tensors_in((args, kwargs)):   # what the checkpoint keeps for backward: its inputs
+                if t.requires_grad or t.grad_fn is not None:
+                    key, nbytes = _storage_key(t)
+                    if key not in self.saved:
+                        self.saved[key] = (nbytes, key in self.weight_storages, path)
+            # no RNG state to keep on meta; dropout's masks are drawn again, as with preserve_rng_state off
+            return checkpoint(again, *args, use_reentrant=False, preserve_rng_state=False, **kwargs)
+        return run
 
     # ------------------------------------------------------------------ the passes
 
@@ -383,6 +511,8 @@ class _Run(TorchFunctionMode):
         def enter(path: str) -> Callable:
             def hook(module, args):
                 self.stack.append(path)
+                if path in self.blocks and path not in self.block_inputs and not self.in_backward:
+                    self.block_inputs[path] = {_storage_key(t)[0] for t in tensors_in(args)}
             return hook
 
         def leave(module, args, output):   # returns None: a forward hook's return value replaces the output
@@ -402,10 +532,13 @@ class _Run(TorchFunctionMode):
                     where = f" in module '{path}'" if path else " in its own forward" if path == "" else ""
                     raise RuntimeError(f"{name}'s forward cannot run on meta tensors{where}: {one_line(e)}") from e
                 loss, source, notes = _loss_of(output, loss_fn, targets, name)
-        finally:
+        except BaseException:
             for h in handles:
                 h.remove()
+            raise
+        self._handles = handles   # kept through backward: a checkpointed block's submodules run again there
         self.n_forward = len(self.recorder.records)
+        self.output = output
         self.loss = loss
         return source, notes
 
@@ -431,6 +564,11 @@ class _Run(TorchFunctionMode):
             raise RuntimeError(f"{name}'s backward cannot run on meta tensors: {one_line(e)}") from e
         finally:
             self.in_backward = False
+            for h in self._handles:
+                h.remove()
+        self.end_bytes = self.memory.current
+        self.loss = self.output = seed = None
+        self.memory.close()
 
 
 def _unpack(t: torch.Tensor) -> torch.Tensor:
@@ -532,14 +670,17 @@ def _differentiable(t: torch.Tensor, what: str, name: str) -> torch.Tensor:
 
 
 def _price(name: str, run: _Run, source: str, device: DeviceSpec, precision: Precision, notes: list[str],
-           start: float) -> TrainingPasses:
+           start: float, input_bytes: int) -> TrainingPasses:
     rec = run.recorder
     groups: dict[tuple[str, str], list[OpRecord]] = defaultdict(list)
     order: dict[str, None] = {}
-    for i, (record, path) in enumerate(zip(rec.records, rec.paths)):
+    recomputed: list[OpRecord] = []
+    for i, (record, path, again) in enumerate(zip(rec.records, rec.paths, rec.recomputed)):
         phase = "forward" if i < run.n_forward else "backward"
         groups[(phase, path)].append(record)
         order.setdefault(path, None)
+        if again:
+            recomputed.append(record)
     coster = _NodeCoster(device, precision)
     costs: dict[tuple[str, str], PassCost] = {}
     ops: dict[tuple[str, str], list] = defaultdict(lambda: [0, 0, 0, 0.0, True])   # count, flops, bytes, s, covered
@@ -573,7 +714,32 @@ def _price(name: str, run: _Run, source: str, device: DeviceSpec, precision: Pre
         saved_activation_bytes=sum(n for n, w, _ in run.saved.values() if not w),
         saved_parameter_bytes=sum(n for n, w, _ in run.saved.values() if w),
         unattributed_ops=unattributed, notes=tuple(notes + coster.notes([])),
-        capture_seconds=time.perf_counter() - start)
+        capture_seconds=time.perf_counter() - start, peak_bytes=run.memory.peak, peak_at=run.memory.peak_at,
+        end_bytes=run.end_bytes, input_bytes=input_bytes, checkpointed=run.checkpointed,
+        recompute_flops=coster(tuple(recomputed)).flops if recomputed else 0,
+        blocks=_block_trades(run, coster))
+
+
+def _block_trades(run: _Run, coster: _NodeCoster) -> tuple[BlockCheckpoint, ...]:
+    """Per block: the activations it saves that are not its inputs (what a checkpoint of it would free), and the
+    part of its forward a checkpoint runs again: torch's non-reentrant checkpoint stops once the last tensor
+    backward needs is back, so the ops after the block's last saved tensor are not recomputed. A block already
+    checkpointed keeps only its inputs: it trades nothing more."""
+    def under(path: str, block: str) -> bool:
+        return path == block or path.startswith(block + ".")
+    rec = run.recorder
+    out = []
+    for block in run.blocks:
+        if block in run.checkpointed:
+            continue
+        inputs = run.block_inputs.get(block, set())
+        saves = sum(n for key, (n, weight, path) in run.saved.items()
+                    if not weight and key not in inputs and under(path, block))
+        last = min(run.last_save.get(block, 0), run.n_forward)
+        again = tuple(r for r, path in zip(rec.records[:last], rec.paths[:last]) if under(path, block))
+        cost = coster(again)
+        out.append(BlockCheckpoint(block, saves, cost.flops, cost.time.seconds))
+    return tuple(out)
 
 
 def _sum(costs: dict[tuple[str, str], PassCost], phase: str) -> PassCost:

@@ -42,7 +42,7 @@ from .hardware import DeviceSpec, get_spec
 from .records import OpRecord, OpRecorder, TensorMeta, tensors_in
 from .roofline import compute_dtype, node_time, op_time, record_time
 
-__all__ = ["IdealStep", "OptimizerStepCost", "StepOp", "optimizer_step"]
+__all__ = ["IdealStep", "OptimizerStepCost", "StepOp", "optimizer_step", "step_temporaries"]
 
 _OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
 
@@ -179,6 +179,35 @@ def optimizer_step(optimizer_cls_or_name: type[torch.optim.Optimizer] | str = "a
     opt, recorder, notes = _record(cls, impl, groups, kwargs, optimizer_kwargs, notes)
     return _price(cls.__name__, impl, params, _entries(recorder), device, tuple(notes), _single_pass(opt),
                   _state_bytes(opt))
+
+
+def step_temporaries(optimizer_cls_or_name: type[torch.optim.Optimizer] | str, params_or_model: nn.Module,
+                     param_dtype: torch.dtype | None = None, **optimizer_kwargs: Any) -> int:
+    """The most bytes a steady-state step holds at once beyond the parameters, gradients and state: the
+    temporaries its ops make (foreach's out-of-place list ops take a copy of every tensor in the group at
+    once; the for-loop's, one parameter's at a time). Fused kernels update in place and make none: 0.
+
+    Measured by following the step's storages on meta (`shapeprof.step_memory.LiveBytes`), every parameter
+    stepped (the temporaries of a foreach op depend on all of them at once).
+    """
+    from .step_memory import LiveBytes
+    cls = _optimizer_class(optimizer_cls_or_name)
+    impl, _ = _implementation(optimizer_kwargs)
+    if impl == "fused":
+        return 0
+    groups = _meta_groups(params_or_model, param_dtype)
+    opt = cls(_fresh(groups), **{**optimizer_kwargs, "foreach": impl == "foreach", "fused": False})
+    try:
+        opt.step()   # the first step makes the state; the steady one is watched
+        params = [p for g in opt.param_groups for p in g["params"]]
+        live = LiveBytes(known=[*params, *(p.grad for p in params), *tensors_in(list(opt.state.values()))])
+        with live.watching():
+            opt.step()
+    except (RuntimeError, NotImplementedError, AssertionError) as e:
+        raise RuntimeError(f"torch {torch.__version__} cannot run a {impl} {cls.__name__} step on meta tensors: "
+                           f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from e
+    live.close()
+    return live.peak
 
 
 def _record(cls, impl: str, groups: list[dict], kwargs: dict, optimizer_kwargs: dict, notes: list[str],

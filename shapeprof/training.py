@@ -37,7 +37,7 @@ if TYPE_CHECKING:   # imported where used: backward imports analysis, which the 
     from .distributed import FitResult
     from .optimizer_step import OptimizerStepCost
 
-__all__ = ["Phase", "Train", "TrainStep", "TrainingSummary", "train_step"]
+__all__ = ["BlockTrade", "Phase", "Train", "TrainStep", "TrainingSummary", "train_step"]
 
 
 @dataclass(frozen=True)
@@ -46,13 +46,15 @@ class Train:
 
     optimizer: torch.optim's SGD, Adam or AdamW by name or class, with `optimizer_kwargs` (foreach, fused,
     momentum, weight_decay ...); loss_fn(output, *targets) the loss, else the model's own (HF `.loss` with labels,
-    nanoGPT's `(logits, loss)`), else output.sum() with a note.
+    nanoGPT's `(logits, loss)`), else output.sum() with a note. checkpoint: "blocks" (every block of the
+    model's longest ModuleList) or module paths, run under activation checkpointing (torch.utils.checkpoint).
     """
 
     optimizer: Any = "adamw"
     optimizer_kwargs: dict[str, Any] = field(default_factory=dict)
     loss_fn: Callable[..., torch.Tensor] | None = None
     targets: tuple = ()
+    checkpoint: str | tuple[str, ...] | list[str] | None = None
 
 
 @dataclass(frozen=True)
@@ -70,13 +72,24 @@ class Phase:
 
 
 @dataclass(frozen=True)
+class BlockTrade:
+    """What checkpointing one block would trade in the step as priced: bytes no longer kept for backward, for
+    FLOPs and predicted seconds of its forward run again in backward."""
+
+    path: str
+    saves_bytes: int
+    recompute_flops: int
+    recompute_seconds: float
+
+
+@dataclass(frozen=True)
 class TrainingSummary:
     """The training step as a Report keeps it (`Report.training`; JSON round trip): phases, memory, MFU, GPUs."""
 
     optimizer: str                # "AdamW (foreach)"
     loss: str                     # where the loss came from: "model .loss", "output[1]", "loss_fn", "output.sum()"
     phases: dict[str, Phase]      # forward, backward, optimizer
-    memory: dict[str, int]        # weights, gradients, optimizer_state, activations, total
+    memory: dict[str, int]        # weights, gradients, optimizer_state, activations, peak
     model_flops: int
     hardware_flops: int
     peak_flops: float
@@ -85,6 +98,9 @@ class TrainingSummary:
     fsdp_gpus: int | None
     fsdp: str
     notes: tuple[str, ...] = ()
+    peak_at: str = ""             # where the peak falls: "backward in 'transformer.h.0.mlp' (aten.mm)", "optimizer step"
+    checkpointed: tuple[str, ...] = ()     # the blocks priced under activation checkpointing
+    blocks: tuple[BlockTrade, ...] = ()    # per block not checkpointed: what checkpointing it would trade
 
     @property
     def seconds(self) -> float:
@@ -104,10 +120,13 @@ class TrainStep:
     """A training step on `spec`: `phases` forward / backward / optimizer, `memory` in bytes, MFU and HFU.
 
     memory: weights (every parameter), gradients (the trainable ones'), optimizer_state (what the optimizer holds
-    after a step), activations (what autograd keeps for backward, each storage once), and their sum, which is
-    what one GPU holds at the end of the forward of a step whose previous gradients were kept (zero_grad with
-    set_to_none=False); with set_to_none (torch's default) the gradients replace the activations as backward
-    frees them, so the true peak lies between the sum without gradients and this one.
+    after a step), activations (what autograd keeps for backward, each storage once; under checkpointing, the
+    checkpointed blocks' inputs instead of their insides), and peak: the most one GPU holds at once over the
+    step, `peak_at` saying where. The peak follows every storage of forward and backward on meta
+    (`shapeprof.step_memory`: the activations, the gradients as backward makes them, each op's temporaries, the
+    output the loop holds) on top of the weights, inputs and optimizer state, and the optimizer step's own
+    temporaries on top of the gradients; it is that of a steady-state step with zero_grad(set_to_none=True),
+    torch's default (with set_to_none=False the previous gradients are alive through forward too).
     """
 
     model: str
@@ -118,7 +137,8 @@ class TrainStep:
     model_flops: int              # forward + backward of the model as written (no recomputation)
     hardware_flops: int           # forward + backward as the kernels compute them
     peak_flops: float             # the spec's matmul peak in the step's dtype
-    memory: dict[str, int]        # weights, gradients, optimizer_state, activations, total (see above)
+    memory: dict[str, int]        # weights, gradients, optimizer_state, activations, peak (see above)
+    peak_at: str
     largest_unit_bytes: int       # FSDP: parameters of the largest unit (a block, or what the root keeps)
     ddp: FitResult
     fsdp: FitResult
@@ -149,13 +169,17 @@ class TrainStep:
         return TrainingSummary(f"{self.optimizer.optimizer} ({self.optimizer.implementation})",
                                self.passes.loss_source, self.phases, dict(self.memory), self.model_flops,
                                self.hardware_flops, self.peak_flops, self.ddp.gpus, self.ddp.reason,
-                               self.fsdp.gpus, self.fsdp.reason, self.notes)
+                               self.fsdp.gpus, self.fsdp.reason, self.notes, self.peak_at,
+                               self.passes.checkpointed,
+                               tuple(BlockTrade(b.path, b.saves_bytes, b.recompute_flops, b.recompute_seconds)
+                                     for b in self.passes.blocks))
 
     def to_dict(self) -> dict[str, Any]:
         return {"model": self.model, "spec": self.spec, "dtype": self.dtype,
                 "phases": {k: {**dataclasses.asdict(v), "bytes": v.bytes} for k, v in self.phases.items()},
                 "seconds": self.seconds, "model_flops": self.model_flops, "hardware_flops": self.hardware_flops,
                 "peak_flops": self.peak_flops, "mfu": self.mfu, "hfu": self.hfu, "memory": self.memory,
+                "peak_at": self.peak_at,
                 "largest_unit_bytes": self.largest_unit_bytes, "ddp": self.ddp.to_dict(),
                 "fsdp": self.fsdp.to_dict(), "passes": self.passes.to_dict(),
                 "optimizer": self.optimizer.to_dict(), "notes": list(self.notes)}
@@ -166,7 +190,8 @@ class TrainStep:
         for name, ph in self.phases.items():
             lines.append(f"  {name:<9} {fmt_flops(ph.flops):>12} {fmt_bytes(ph.bytes):>10} "
                          f"{fmt_seconds(ph.predicted_seconds):>10} ({ph.predicted_seconds / self.seconds:.0%})")
-        lines.append("  memory: " + ", ".join(f"{k} {fmt_bytes(v)}" for k, v in self.memory.items()))
+        lines.append("  memory: " + ", ".join(f"{k} {fmt_bytes(v)}" for k, v in self.memory.items()) +
+                     f" (the peak in {self.peak_at})")
         for name, fit in (("DDP", self.ddp), ("FSDP", self.fsdp)):
             lines.append(f"  {name}: {fit.reason}")
         lines += [f"  note: {n}" for n in self.notes]
@@ -176,7 +201,7 @@ class TrainStep:
 def train_step(model: nn.Module, *args: Any, optimizer: str | type[torch.optim.Optimizer] = "adamw",
                optimizer_kwargs: dict[str, Any] | None = None, loss_fn: Callable[..., torch.Tensor] | None = None,
                targets: tuple = (), spec: str | Any = None, dtype: torch.dtype | str | None = None,
-               **kwargs: Any) -> TrainStep:
+               checkpoint: str | tuple[str, ...] | list[str] | None = None, **kwargs: Any) -> TrainStep:
     """Price one training step of `model` on `args`: forward, backward, the optimizer's update.
 
     Args:
@@ -185,14 +210,17 @@ def train_step(model: nn.Module, *args: Any, optimizer: str | type[torch.optim.O
             (foreach, fused, momentum, weight_decay ...) as `shapeprof.optimizer_step.optimizer_step` takes them.
         spec: the device (default A100-80GB SXM). dtype: parameters, activations and optimizer state in this dtype
             (torch.optim keeps its state in the parameters' dtype).
+        checkpoint: "blocks" or module paths to run under activation checkpointing (see capture_backward).
     """
     from .backward import capture_backward
     from .distributed import smallest_fit
-    from .optimizer_step import optimizer_step
+    from .optimizer_step import optimizer_step, step_temporaries
     device = get_spec(spec)
     precision = resolve_precision(dtype, False)
-    passes = capture_backward(model, *args, loss_fn=loss_fn, targets=targets, spec=device, dtype=dtype, **kwargs)
+    passes = capture_backward(model, *args, loss_fn=loss_fn, targets=targets, spec=device, dtype=dtype,
+                              checkpoint=checkpoint, **kwargs)
     opt = optimizer_step(optimizer, model, spec=device, param_dtype=precision.dtype, **(optimizer_kwargs or {}))
+    temporaries = step_temporaries(optimizer, model, precision.dtype, **(optimizer_kwargs or {}))
     notes = list(passes.notes) + list(opt.notes)
     element = precision.dtype.itemsize if precision.dtype is not None else _first_trainable(model).element_size()
     # every parameter, frozen ones too; parameters() yields a tied one once
@@ -202,7 +230,10 @@ def train_step(model: nn.Module, *args: Any, optimizer: str | type[torch.optim.O
     unit = _largest_unit(model, weights)
     memory = {"weights": weights, "gradients": grads, "optimizer_state": opt.state_bytes,
               "activations": passes.saved_activation_bytes}
-    memory["total"] = sum(memory.values())
+    base = weights + opt.state_bytes + passes.input_bytes    # alive all through the step
+    in_passes, in_step = base + passes.peak_bytes, base + passes.end_bytes + temporaries
+    memory["peak"] = max(in_passes, in_step)
+    peak_at = str(passes.peak_at) if in_passes >= in_step else "optimizer step"
     figures = dict(parameter_bytes=weights, gradient_bytes=grads, optimizer_state_bytes=opt.state_bytes,
                    activation_bytes=passes.saved_activation_bytes, spec=device, param_dtype_bytes=element,
                    largest_unit_bytes=unit)
@@ -211,17 +242,19 @@ def train_step(model: nn.Module, *args: Any, optimizer: str | type[torch.optim.O
                      f"and optimizer state are all {precision.name}, as torch.optim keeps them")
     hardware = passes.forward.flops + passes.backward.flops
     step = TrainStep(model=type(model).__name__, spec=device.name, dtype=precision.name if precision.dtype else None,
-                     passes=passes, optimizer=opt, model_flops=hardware - _recomputed(passes),
+                     passes=passes, optimizer=opt,
+                     model_flops=hardware - _recomputed(passes) - passes.recompute_flops,
                      hardware_flops=hardware,
                      peak_flops=device.peak_for(precision.dtype or _first_trainable(model).dtype, matmul=True),
-                     memory=memory, largest_unit_bytes=unit, ddp=smallest_fit(strategy="ddp", **figures),
+                     memory=memory, peak_at=peak_at, largest_unit_bytes=unit, ddp=smallest_fit(strategy="ddp", **figures),
                      fsdp=smallest_fit(strategy="fsdp", **figures), notes=tuple(notes))
     return step
 
 
 def _recomputed(passes: TrainingPasses) -> int:
     """FLOPs a fused attention backward recomputes: its products beyond twice the forward's (see the module
-    docstring). Each fused forward has its backward in a training step, so the totals pair up."""
+    docstring). Each fused forward has its backward in a training step, so the totals pair up (a checkpointed
+    block's attention forward, run again in backward, is in `passes.recompute_flops`)."""
     forward = sum(o.flops for o in passes.ops if o.phase == "forward" and "attention" in o.op)
     backward = sum(o.flops for o in passes.ops if o.phase == "backward" and "attention_backward" in o.op)
     return max(0, backward - 2 * forward) if backward else 0
@@ -235,12 +268,13 @@ def _largest_unit(model: nn.Module, weights: int) -> int:
     """FSDP's largest unit as it is usually wrapped: one block of the longest ModuleList (a transformer's layers),
     or what the root keeps besides them (embeddings, head), whichever is bigger; a model without such a list is
     one unit."""
-    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) > 1]
-    if not lists:
+    from .backward import blocks_of
+    blocks = blocks_of(model)
+    if not blocks:
         return weights
     def nbytes(m: nn.Module) -> int:
         return sum(p.numel() * p.element_size() for p in m.parameters())
-    per_block = [nbytes(block) for block in max(lists, key=len)]
+    per_block = [nbytes(model.get_submodule(b)) for b in blocks]
     as_is = nbytes(model)
     largest = max(max(per_block), as_is - sum(per_block))      # a block, or the root's own parameters
     return int(largest * weights / max(1, as_is))               # in the step's dtype, as `weights` is

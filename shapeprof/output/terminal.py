@@ -131,10 +131,31 @@ def _training(r: Report) -> Group:
     for name, phase in t.phases.items():
         table.add_row(name, fmt_flops(phase.flops), fmt_bytes(phase.bytes), fmt_seconds(phase.predicted_seconds),
                       f"{phase.predicted_seconds / t.seconds:.0%}" if t.seconds else "")
-    memory = Text("memory: " + ", ".join(f"{k.replace('_', ' ')} {fmt_bytes(v)}" for k, v in t.memory.items()))
+    memory = Text("memory: " + ", ".join(f"{k.replace('_', ' ')} {fmt_bytes(v)}" for k, v in t.memory.items()) +
+                  (f" (the peak in {t.peak_at})" if t.peak_at else ""))
     gpus = Text(f"DDP: {t.ddp}\nFSDP: {t.fsdp}")
-    return Group(table, memory, gpus, *[Text(f"note: {n}", style="dim") for n in t.notes if n not in r.notes],
+    return Group(table, memory, *_checkpointing(t), gpus,
+                 *[Text(f"note: {n}", style="dim") for n in t.notes if n not in r.notes],
                  Text("the tables below are the forward pass", style="dim"))
+
+
+def _checkpointing(t) -> list[Text]:
+    """What activation checkpointing does (priced with it) or would trade (per block, summed)."""
+    out = []
+    if t.checkpointed:
+        out.append(Text(f"activation checkpointing on {len(t.checkpointed)} module(s) "
+                        f"({', '.join(t.checkpointed[:3])}{', ...' if len(t.checkpointed) > 3 else ''}): "
+                        f"their forward runs again in backward, counted in HFU, not in MFU"))
+    if t.blocks:
+        saves = sum(b.saves_bytes for b in t.blocks)
+        flops = sum(b.recompute_flops for b in t.blocks)
+        seconds = sum(b.recompute_seconds for b in t.blocks)
+        each = t.blocks[0]
+        out.append(Text(f"checkpointing each of the {len(t.blocks)} blocks ({each.path}: saves "
+                        f"{fmt_bytes(each.saves_bytes)} for {fmt_flops(each.recompute_flops)} again) would keep "
+                        f"{fmt_bytes(saves)} less for {fmt_flops(flops)} recomputed, "
+                        f"{fmt_seconds(seconds)} more per step (Train(checkpoint=\"blocks\"))"))
+    return out
 
 
 def _notes(r: Report) -> Text:
