@@ -12,6 +12,7 @@ from .calibration import calibrate
 from .capture import CaptureError, InputShape, NodeError, capture
 from .costs import FLOP_CONVENTION
 from .hardware import DeviceSpec, SpecError, get_spec, list_specs, load_spec
+from .measured_step import MeasuredStep
 from .phases import Decode, PhaseError, Prefill
 from .optimize import OptimizeError, OptimizeReport, Tolerance, optimize
 from .profiling import ProfileError, ProfileResult, profile
@@ -21,7 +22,7 @@ from .output.tensorboard import ExportError, export_tensorboard, tensorboard_tra
 
 __all__ = [
     "Advice", "FLOP_CONVENTION", "META_KEY", "CaptureError", "DeviceSpec", "ExportError", "InputShape", "NodeError",
-    "Decode", "OptimizeError", "OptimizeReport", "PhaseError", "Prefill", "ProfileError", "ProfileResult", "Report", "ReportFormatError", "SpecError",
+    "Decode", "MeasuredStep", "OptimizeError", "OptimizeReport", "PhaseError", "Prefill", "ProfileError", "ProfileResult", "Report", "ReportFormatError", "SpecError",
     "Tolerance", "Train", "UncoveredOpError", "advise", "analyze", "calibrate", "capture", "export_tensorboard", "get_spec",
     "generate_batch", "list_specs", "load_spec", "optimize", "profile", "tensorboard_trace_handler",
 ]

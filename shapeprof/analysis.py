@@ -117,11 +117,8 @@ def analyze(model: nn.Module, *args: Any, spec: str | DeviceSpec | None = None,
 
 def _training_step(model: nn.Module, args: tuple, kwargs: dict, train: Any, device: DeviceSpec, dtype):
     """`train` (True or a Train) priced as a whole step, as Report.training keeps it."""
-    from .training import Train, train_step
-    if train is True:
-        train = Train()
-    if not isinstance(train, Train):
-        raise TypeError(f"train= takes True or a shapeprof.Train(...), not {type(train).__name__}")
+    from .training import as_train, train_step
+    train = as_train(model, train)
     return train_step(model, *args, optimizer=train.optimizer, optimizer_kwargs=train.optimizer_kwargs,
                       loss_fn=train.loss_fn, targets=train.targets, spec=device, dtype=dtype,
                       checkpoint=train.checkpoint, **kwargs).summary()

@@ -65,7 +65,7 @@ from .step_memory import LiveBytes, PeakAt
 from .text import one_line
 
 __all__ = ["LOSS", "UNATTRIBUTED", "BlockCheckpoint", "ModulePasses", "OpTotal", "PassCost", "TrainingPasses",
-           "blocks_of", "capture_backward"]
+           "blocks_of", "capture_backward", "refuse_untrainable"]
 
 aten = torch.ops.aten
 
@@ -241,13 +241,8 @@ def capture_backward(model: nn.Module, *args: Any, loss_fn: Callable[..., torch.
     """
     start = time.perf_counter()
     name = type(model).__name__
-    if torch.is_inference_mode_enabled():
-        raise ValueError(f"capture_backward({name}) was called under torch.inference_mode, where autograd records "
-                         f"nothing: there is no backward to capture; call it outside inference_mode")
+    refuse_untrainable(model)
     model = unwrap(model)
-    if not any(p.requires_grad for p in model.parameters()):
-        raise ValueError(f"{name} has no trainable parameters (none with requires_grad=True): a training step "
-                         f"would compute no weight gradient")
     precision = resolve_precision(dtype)
     if precision.matmul_dtype is not None:
         raise ValueError(f"dtype {dtype!r} prices a W8A8 quantised model for inference; a training step's dtype "
@@ -267,6 +262,18 @@ def capture_backward(model: nn.Module, *args: Any, loss_fn: Callable[..., torch.
     notes += loss_notes + run.notes
     inputs = _unique_bytes(tensors_in((meta_args, meta_kwargs, meta_targets)))
     return _price(name, run, source, device, precision, notes, start, inputs)
+
+
+def refuse_untrainable(model: nn.Module) -> None:
+    """ValueError (one line, naming why) where a training step of `model` cannot be: under inference_mode, or
+    with no trainable parameter."""
+    name = type(model).__name__
+    if torch.is_inference_mode_enabled():
+        raise ValueError(f"a training step of {name} was asked for under torch.inference_mode, where autograd "
+                         f"records nothing: there is no backward; call it outside inference_mode")
+    if not any(p.requires_grad for p in unwrap(model).parameters()):
+        raise ValueError(f"{name} has no trainable parameters (none with requires_grad=True): a training step "
+                         f"would compute no weight gradient")
 
 
 def blocks_of(model: nn.Module) -> tuple[str, ...]:

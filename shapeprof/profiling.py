@@ -26,7 +26,7 @@ import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import torch
 import torch.fx as fx
@@ -43,6 +43,10 @@ from .hardware import DeviceSpec, get_spec
 from .phases import is_phase, real_inputs
 from .report import Report
 from .snapshot import WriteSnapshot, copy_inputs, rng_kept
+
+if TYPE_CHECKING:   # imported where used: measured_step imports this module (ProfileError)
+    from .measured_step import MeasuredStep
+    from .training import Train
 
 __all__ = ["ProfileError", "ProfileResult", "profile"]
 
@@ -77,6 +81,9 @@ class ProfileResult:
         node_level: whether node-level times were measured (False for a dispatch-level capture, whose graph
             cannot be run: then only the model total is measured, and `note` says so).
         note: how the measurement was made, in a sentence or two.
+        training: with `train=`, the training step measured phase by phase on this machine, with measured MFU and
+            HFU (`shapeprof.measured_step.MeasuredStep`); `measured.training` is its prediction on this machine,
+            `predicted.training` on `spec`. None without `train=`.
     """
 
     measured: Report
@@ -90,6 +97,7 @@ class ProfileResult:
     step_seconds: tuple[float, ...] = ()
     node_level: bool = True
     note: str = ""
+    training: MeasuredStep | None = None
 
     def to_html(self, path: str | os.PathLike) -> Path:
         """The measured report (predicted and measured times on this machine) and the predicted one on the chosen
@@ -104,7 +112,7 @@ class ProfileResult:
 def profile(model: nn.Module, *args: Any, logdir: str | os.PathLike | None = None,
             spec: str | DeviceSpec | None = None, steps: int = 5, warmup: int = 2,
             dtype: torch.dtype | str | None = None, machine_spec: str | DeviceSpec | None = None,
-            method: str = "auto", **kwargs: Any) -> ProfileResult:
+            method: str = "auto", train: bool | Train = False, **kwargs: Any) -> ProfileResult:
     """Measure every node of `model` on this machine and join the times to the predicted ones.
 
     The model is captured as `analyze` captures it, and the captured graph is run on the real model (its own
@@ -128,6 +136,11 @@ def profile(model: nn.Module, *args: Any, logdir: str | os.PathLike | None = Non
     CUDA device's) is put back. To know what a forward writes, it is run once more, unmeasured, before the
     warmup steps (see `shapeprof.snapshot`).
 
+    With `train=`, a real training step is measured too, after the forward's nodes: on a copy of the model
+    (``copy.deepcopy``: it costs a second set of weights), a fresh optimizer and copies of the inputs, `warmup`
+    then `steps` steps, each phase (forward and loss, backward, ``optimizer.step()``) timed on its own
+    (`shapeprof.measured_step`), into ``result.training``; both Reports then price the step (`analyze(train=)`).
+
         >>> import torch
         >>> from shapeprof.profiling import profile
         >>> model = torch.nn.Sequential(torch.nn.Linear(256, 1024), torch.nn.ReLU())
@@ -150,12 +163,17 @@ def profile(model: nn.Module, *args: Any, logdir: str | os.PathLike | None = Non
         machine_spec: the roofline of the machine it runs on; default ``shapeprof.calibrate()`` of that device
             (measured once per process, about 3 s).
         method: the capture method, as for `analyze` ("auto", "symbolic_trace", "export", "dispatch").
+        train: True or a `shapeprof.Train(optimizer=..., optimizer_kwargs=..., loss_fn=..., targets=...)`: also
+            measure a training step (``result.training``) and predict it (``measured.training`` on this machine,
+            ``predicted.training`` on `spec`), as `analyze(train=...)` prices it.
 
     Returns:
         A `ProfileResult`.
 
     Raises:
-        ValueError: steps < 1, warmup < 0, a model or inputs on the meta device, or `InputShape` inputs.
+        ValueError: steps < 1, warmup < 0, a model or inputs on the meta device, or `InputShape` inputs; with
+            `train=`, a model without trainable parameters, or a Prefill/Decode phase.
+        TypeError: `train` is neither a bool nor a `shapeprof.Train`.
         ProfileError: the model failed during the measured run (naming the node, its op and source line), the
             logdir cannot be written, or a measured step wrote a parameter or buffer the first run did not
             (so its values before profiling could not be kept).
@@ -168,6 +186,13 @@ def profile(model: nn.Module, *args: Any, logdir: str | os.PathLike | None = Non
     if not isinstance(model, nn.Module):
         raise TypeError(f"expected an nn.Module, got {type(model).__name__}")
     phase = args[0] if len(args) == 1 and not kwargs and is_phase(args[0]) else None
+    if train:   # refused before the calibration and the captures, as analyze(train=...) refuses it
+        from .measured_step import measure
+        from .training import as_train
+        if phase is not None:
+            raise ValueError("train= prices a training step, and a Prefill/Decode phase is an inference step: give "
+                             "the model example inputs (and targets) instead")
+        train = as_train(model, train)
     user_model = model
     if phase is not None:   # a measured prefill or decode step: the module and inputs that step runs
         model, args, kwargs = real_inputs(model, phase)
@@ -183,10 +208,10 @@ def profile(model: nn.Module, *args: Any, logdir: str | os.PathLike | None = Non
         tf32 = cuda and torch.get_float32_matmul_precision() != "highest"
         # "auto" here prefers a graph that runs on the model's weights (export before dispatch): node-level times
         measured = analyze(model, *args, spec=machine_spec, method="runnable" if method == "auto" else method,
-                           tf32=tf32, **kwargs)
+                           tf32=tf32, train=train, **kwargs)
         cap = measured.graph_capture
-        target = analyze(model, *args, spec=spec, dtype=dtype, method=cap.method, **kwargs) if phase is None else \
-            analyze(user_model, phase, spec=spec, dtype=dtype)
+        target = analyze(model, *args, spec=spec, dtype=dtype, method=cap.method, train=train, **kwargs) \
+            if phase is None else analyze(user_model, phase, spec=spec, dtype=dtype)
 
         eager = cap.method.startswith("dispatch")   # dispatch and dispatch_real: no graph runs on the weights
         if eager:
@@ -197,6 +222,9 @@ def profile(model: nn.Module, *args: Any, logdir: str | os.PathLike | None = Non
             runner, names = _symbolic_runner(model, cap, device)
 
         events, trace, output = _run_profiled(runner, model, args, kwargs, device, steps, warmup)
+        # the step as the model runs it here (its own dtype): the FLOPs and phases this machine's prediction gives
+        training = measure(model, args, kwargs, train, machine_spec, measured.training, device, steps=steps,
+                           warmup=warmup, tf32=tf32) if train else None
     step_seconds, node_seconds = _measurements(events, set(names.values()), steps, cuda)
     total = statistics.median(step_seconds)
     report = measured.with_measurements({k: statistics.median(v) for k, v in node_seconds.items()}, total)
@@ -209,7 +237,7 @@ def profile(model: nn.Module, *args: Any, logdir: str | os.PathLike | None = Non
                 f"the {how}.")
     result = ProfileResult(measured=report, predicted=target, machine_spec=machine_spec, trace=trace, steps=steps,
                            output=output, step_seconds=tuple(step_seconds), node_level=not eager,
-                           note=note)
+                           note=note, training=training)
     if logdir is not None:
         _export(result, Path(logdir))
     return result

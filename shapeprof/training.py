@@ -37,7 +37,7 @@ if TYPE_CHECKING:   # imported where used: backward imports analysis, which the 
     from .distributed import FitResult
     from .optimizer_step import OptimizerStepCost
 
-__all__ = ["BlockTrade", "Phase", "Train", "TrainStep", "TrainingSummary", "train_step"]
+__all__ = ["BlockTrade", "Phase", "Train", "TrainStep", "TrainingSummary", "as_train", "train_step"]
 
 
 @dataclass(frozen=True)
@@ -55,6 +55,18 @@ class Train:
     loss_fn: Callable[..., torch.Tensor] | None = None
     targets: tuple = ()
     checkpoint: str | tuple[str, ...] | list[str] | None = None
+
+
+def as_train(model: nn.Module, train: Any) -> Train:
+    """`train=` as analyze and profile take it (True or a Train) as a Train, refused before any work: TypeError
+    for anything else, ValueError (one line) where no training step can be (see backward.refuse_untrainable)."""
+    from .backward import refuse_untrainable
+    if train is True:
+        train = Train()
+    if not isinstance(train, Train):
+        raise TypeError(f"train= takes True or a shapeprof.Train(...), not {type(train).__name__}")
+    refuse_untrainable(model)
+    return train
 
 
 @dataclass(frozen=True)
