@@ -121,7 +121,7 @@ def _training_step(model: nn.Module, args: tuple, kwargs: dict, train: Any, devi
     train = as_train(model, train)
     return train_step(model, *args, optimizer=train.optimizer, optimizer_kwargs=train.optimizer_kwargs,
                       loss_fn=train.loss_fn, targets=train.targets, spec=device, dtype=dtype,
-                      checkpoint=train.checkpoint, **kwargs).summary()
+                      checkpoint=train.checkpoint, autocast=train.autocast, **kwargs).summary()
 
 
 class _NodeCosts:
@@ -138,6 +138,7 @@ class _NodeCoster:
     def __init__(self, spec: DeviceSpec, precision: Precision):
         self.spec, self.precision = spec, precision
         self.cache: dict[int, tuple[tuple[OpRecord, ...], _NodeCosts]] = {}
+        self.op_cache: dict[tuple, tuple] = {}    # one record's (cost, time) by what it is: a model's repeated
         self.missing_peaks: dict[str, str] = {}   # dtype -> the peak used instead
         self.attention = False
 
@@ -163,6 +164,17 @@ class _NodeCoster:
         return result
 
     def _cost(self, rec: OpRecord):
+        # layers repeat: a record of the same op on the same shapes (and arguments) costs what the first did
+        try:
+            key = (rec.op, _frozen(rec.args), _frozen(rec.kwargs), rec.outputs)
+            hit = self.op_cache.get(key)
+        except TypeError:   # an argument that cannot be a key (an unhashable value): priced on its own
+            return self._price(rec)
+        if hit is None:
+            hit = self.op_cache[key] = self._price(rec)
+        return hit
+
+    def _price(self, rec: OpRecord):
         cost = cost_of(rec)
         dtype = compute_dtype(rec.input_metas(), rec.outputs)
         attention = rec.name in ATTENTION_OPS
@@ -188,6 +200,15 @@ class _NodeCoster:
             notes.append(f"{self.spec.name} has no {dtype} peak: {dtype} ops are priced at its {used} peak "
                          f"(their predicted time is then optimistic)")
         return notes
+
+
+def _frozen(x):
+    """A hashable stand-in for an op's arguments: lists as tuples, dicts as their sorted items."""
+    if isinstance(x, (list, tuple)):
+        return tuple(_frozen(v) for v in x)
+    if isinstance(x, dict):
+        return tuple(sorted((k, _frozen(v)) for k, v in x.items()))
+    return x
 
 
 def _node_stats(cn: CapturedNode, c: _NodeCosts, total_seconds: float) -> NodeStats:

@@ -58,6 +58,7 @@ from torch.utils import _pytree as pytree
 from .analysis import _NodeCoster, _precision_name
 from .capture import _user_global_hooks_silenced, collector_paused, meta_inputs, meta_shadow, unwrap
 from .hardware import DeviceSpec, get_spec
+from .mixed_precision import AutocastPolicy
 from .precision import Precision
 from .precision import resolve as resolve_precision
 from .records import OpRecord, OpRecorder, tensors_in
@@ -204,7 +205,7 @@ class TrainingPasses:
 def capture_backward(model: nn.Module, *args: Any, loss_fn: Callable[..., torch.Tensor] | None = None,
                      targets: tuple = (), spec: str | DeviceSpec | None = None,
                      dtype: torch.dtype | str | None = None, checkpoint: str | tuple | list | None = None,
-                     **kwargs: Any) -> TrainingPasses:
+                     autocast: torch.dtype | str | None = None, **kwargs: Any) -> TrainingPasses:
     """Capture the forward and backward pass of a training step on meta and price both, per module.
 
         >>> import torch
@@ -227,6 +228,10 @@ def capture_backward(model: nn.Module, *args: Any, loss_fn: Callable[..., torch.
             as a training script applies it): "blocks" for every block of the model's longest ModuleList (a
             transformer's layers), or a list of module paths. Their forward runs again in backward (counted in
             `recompute_flops`, hardware FLOPs, not model FLOPs) and they keep only their inputs for backward.
+        autocast: bf16 or fp16 mixed precision: the forward (and loss) as under ``torch.autocast("cuda", dtype)``
+            with the parameters kept in their own dtype (fp32 master weights): matmuls on cast copies, the casts
+            and their gradients recorded and priced (`shapeprof.mixed_precision`). Not with a `dtype` other than
+            fp32.
         spec: the device (a name, a spec file or a DeviceSpec); default A100-80GB SXM.
         dtype: price as if parameters, buffers and floating inputs were in this dtype (a torch.dtype or a name:
             "bf16", "fp16", "fp32", "tf32"), as `analyze` does. 8-bit formats are refused: they price W8A8
@@ -244,6 +249,7 @@ def capture_backward(model: nn.Module, *args: Any, loss_fn: Callable[..., torch.
     refuse_untrainable(model)
     model = unwrap(model)
     precision = resolve_precision(dtype)
+    policy = _autocast_policy(autocast, precision)
     if precision.matmul_dtype is not None:
         raise ValueError(f"dtype {dtype!r} prices a W8A8 quantised model for inference; a training step's dtype "
                          f"is a float type (bf16, fp16, fp32, tf32)")
@@ -254,7 +260,7 @@ def capture_backward(model: nn.Module, *args: Any, loss_fn: Callable[..., torch.
         shadow = meta_shadow(model, precision.dtype)
         meta_args, meta_kwargs = _meta_inputs_keeping_grad((args, kwargs), precision.dtype)
         meta_targets = tuple(meta_inputs(tuple(targets), precision.dtype))
-        run = _Run(shadow, blocks_of(shadow))
+        run = _Run(shadow, blocks_of(shadow), policy)
         run.memory.know(tensors_in((meta_args, meta_kwargs, meta_targets)))
         run.checkpoint(_checkpoint_paths(shadow, checkpoint, name))
         source, loss_notes = run.forward(meta_args, meta_kwargs, loss_fn, meta_targets, name)
@@ -262,6 +268,18 @@ def capture_backward(model: nn.Module, *args: Any, loss_fn: Callable[..., torch.
     notes += loss_notes + run.notes
     inputs = _unique_bytes(tensors_in((meta_args, meta_kwargs, meta_targets)))
     return _price(name, run, source, device, precision, notes, start, inputs)
+
+
+def _autocast_policy(autocast, precision: Precision) -> AutocastPolicy | None:
+    if autocast is None:
+        return None
+    if precision.dtype not in (None, torch.float32):
+        raise ValueError(f"autocast={autocast!r} keeps fp32 master weights: it cannot be priced with parameters in "
+                         f"{precision.name} (leave dtype unset, or fp32)")
+    low = resolve_precision(autocast).dtype
+    if low not in (torch.bfloat16, torch.float16):
+        raise ValueError(f"autocast={autocast!r}: mixed precision is bf16 or fp16")
+    return AutocastPolicy(low)
 
 
 def refuse_untrainable(model: nn.Module) -> None:
@@ -364,9 +382,10 @@ _CALLS_ATTENTION = frozenset({F.multi_head_attention_forward})
 class _Run(TorchFunctionMode):
     """Runs the shadow's forward and backward, knowing at each op which module it belongs to."""
 
-    def __init__(self, shadow: nn.Module, blocks: tuple[str, ...] = ()) -> None:
+    def __init__(self, shadow: nn.Module, blocks: tuple[str, ...] = (), autocast: AutocastPolicy | None = None) -> None:
         super().__init__()
         self.shadow = shadow
+        self.autocast = autocast
         self.blocks = blocks
         self._handles: list = []
         self.end_bytes = 0
@@ -431,6 +450,8 @@ class _Run(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if self.autocast is not None:
+            args, kwargs = self.autocast.cast(func, args, kwargs)
         if func is F.scaled_dot_product_attention:
             out = self.attention(*args, **kwargs)
         elif func in _CALLS_ATTENTION:
@@ -539,6 +560,8 @@ class _Run(TorchFunctionMode):
                     where = f" in module '{path}'" if path else " in its own forward" if path == "" else ""
                     raise RuntimeError(f"{name}'s forward cannot run on meta tensors{where}: {one_line(e)}") from e
                 loss, source, notes = _loss_of(output, loss_fn, targets, name)
+                if self.autocast is not None:   # the autocast region ends with the loss: its cached casts go
+                    self.autocast.clear()
         except BaseException:
             for h in handles:
                 h.remove()
@@ -732,20 +755,30 @@ def _block_trades(run: _Run, coster: _NodeCoster) -> tuple[BlockCheckpoint, ...]
     part of its forward a checkpoint runs again: torch's non-reentrant checkpoint stops once the last tensor
     backward needs is back, so the ops after the block's last saved tensor are not recomputed. A block already
     checkpointed keeps only its inputs: it trades nothing more."""
-    def under(path: str, block: str) -> bool:
-        return path == block or path.startswith(block + ".")
+    blocks = [b for b in run.blocks if b not in run.checkpointed]
+    if not blocks:
+        return ()
+    block_of: dict[str, str | None] = {}    # module path -> the block it is in (each path looked up once)
+
+    def of(path: str) -> str | None:
+        if path not in block_of:
+            block_of[path] = next((b for b in blocks if path == b or path.startswith(b + ".")), None)
+        return block_of[path]
+    saves: dict[str, int] = defaultdict(int)
+    for key, (n, weight, path) in run.saved.items():
+        b = of(path)
+        if b is not None and not weight and key not in run.block_inputs.get(b, ()):
+            saves[b] += n
+    again: dict[str, list[OpRecord]] = defaultdict(list)
     rec = run.recorder
+    for i in range(run.n_forward):
+        b = of(rec.paths[i])
+        if b is not None and i < run.last_save.get(b, 0):
+            again[b].append(rec.records[i])
     out = []
-    for block in run.blocks:
-        if block in run.checkpointed:
-            continue
-        inputs = run.block_inputs.get(block, set())
-        saves = sum(n for key, (n, weight, path) in run.saved.items()
-                    if not weight and key not in inputs and under(path, block))
-        last = min(run.last_save.get(block, 0), run.n_forward)
-        again = tuple(r for r, path in zip(rec.records[:last], rec.paths[:last]) if under(path, block))
-        cost = coster(again)
-        out.append(BlockCheckpoint(block, saves, cost.flops, cost.time.seconds))
+    for b in blocks:
+        cost = coster(tuple(again[b]))
+        out.append(BlockCheckpoint(b, saves[b], cost.flops, cost.time.seconds))
     return tuple(out)
 
 

@@ -21,6 +21,7 @@ user's and the RNG state are as they were afterwards. The loss is the one the pr
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import statistics
@@ -37,6 +38,7 @@ from .capture import unwrap
 from .hardware import DeviceSpec, get_spec
 from .optimizer_step import _optimizer_class
 from .profiling import ProfileError, _run_device
+from .precision import resolve as resolve_precision
 from .snapshot import copy_inputs, rng_kept
 from .text import fmt_bytes, fmt_flops, fmt_seconds, one_line
 from .training import Train, TrainingSummary, as_train
@@ -227,6 +229,9 @@ def measure(model: nn.Module, args: tuple, kwargs: dict, cfg: Train, spec: Devic
                 torch.cuda.synchronize(device)   # the GPU's queued work is part of the phase it was launched in
             return time.perf_counter()
 
+        # mixed precision as the prediction priced it: the forward and loss under autocast, fp32 master weights
+        region = torch.autocast(device.type, dtype=resolve_precision(cfg.autocast).dtype) \
+            if cfg.autocast is not None else contextlib.nullcontext()
         phase = "forward"
         try:
             for i in range(warmup + steps):
@@ -237,8 +242,9 @@ def measure(model: nn.Module, args: tuple, kwargs: dict, cfg: Train, spec: Devic
                     torch.cuda.reset_peak_memory_stats(device)
                 phase = "forward"
                 t0 = clock()
-                output = shadow(*step_args, **step_kwargs)
-                loss, source, loss_notes = _loss_of(output, cfg.loss_fn, targets, name)
+                with region:
+                    output = shadow(*step_args, **step_kwargs)
+                    loss, source, loss_notes = _loss_of(output, cfg.loss_fn, targets, name)
                 t1 = clock()
                 phase = "backward"
                 loss.backward()
@@ -258,7 +264,7 @@ def measure(model: nn.Module, args: tuple, kwargs: dict, cfg: Train, spec: Devic
             raise ProfileError(f"{name} failed in the {phase} phase of a measured training step: "
                                f"{one_line(e)}") from e
         state_bytes = _state_bytes(optimizer)
-    dtype = params[0].dtype
+    dtype = resolve_precision(cfg.autocast).dtype if cfg.autocast is not None else params[0].dtype
     ran = f"{cls.__name__} ({implementation})"
     notes = list(loss_notes)
     if ran != prediction.optimizer:

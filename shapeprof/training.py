@@ -48,6 +48,8 @@ class Train:
     momentum, weight_decay ...); loss_fn(output, *targets) the loss, else the model's own (HF `.loss` with labels,
     nanoGPT's `(logits, loss)`), else output.sum() with a note. checkpoint: "blocks" (every block of the
     model's longest ModuleList) or module paths, run under activation checkpointing (torch.utils.checkpoint).
+    autocast: "bf16" or "fp16" mixed precision, fp32 master weights: the forward as under torch.autocast("cuda"),
+    gradients and optimizer state in the parameters' fp32 (`shapeprof.mixed_precision`).
     """
 
     optimizer: Any = "adamw"
@@ -55,6 +57,7 @@ class Train:
     loss_fn: Callable[..., torch.Tensor] | None = None
     targets: tuple = ()
     checkpoint: str | tuple[str, ...] | list[str] | None = None
+    autocast: torch.dtype | str | None = None
 
 
 def as_train(model: nn.Module, train: Any) -> Train:
@@ -213,7 +216,8 @@ class TrainStep:
 def train_step(model: nn.Module, *args: Any, optimizer: str | type[torch.optim.Optimizer] = "adamw",
                optimizer_kwargs: dict[str, Any] | None = None, loss_fn: Callable[..., torch.Tensor] | None = None,
                targets: tuple = (), spec: str | Any = None, dtype: torch.dtype | str | None = None,
-               checkpoint: str | tuple[str, ...] | list[str] | None = None, **kwargs: Any) -> TrainStep:
+               checkpoint: str | tuple[str, ...] | list[str] | None = None,
+               autocast: torch.dtype | str | None = None, **kwargs: Any) -> TrainStep:
     """Price one training step of `model` on `args`: forward, backward, the optimizer's update.
 
     Args:
@@ -223,6 +227,9 @@ def train_step(model: nn.Module, *args: Any, optimizer: str | type[torch.optim.O
         spec: the device (default A100-80GB SXM). dtype: parameters, activations and optimizer state in this dtype
             (torch.optim keeps its state in the parameters' dtype).
         checkpoint: "blocks" or module paths to run under activation checkpointing (see capture_backward).
+        autocast: "bf16" / "fp16" (or the torch.dtype): mixed precision with the parameters, gradients and
+            optimizer state in the model's own dtype (fp32 master weights), the forward as autocast runs it; MFU
+            and HFU against that dtype's matmul peak.
     """
     from .backward import capture_backward
     from .distributed import smallest_fit
@@ -230,7 +237,7 @@ def train_step(model: nn.Module, *args: Any, optimizer: str | type[torch.optim.O
     device = get_spec(spec)
     precision = resolve_precision(dtype, False)
     passes = capture_backward(model, *args, loss_fn=loss_fn, targets=targets, spec=device, dtype=dtype,
-                              checkpoint=checkpoint, **kwargs)
+                              checkpoint=checkpoint, autocast=autocast, **kwargs)
     opt = optimizer_step(optimizer, model, spec=device, param_dtype=precision.dtype, **(optimizer_kwargs or {}))
     temporaries = step_temporaries(optimizer, model, precision.dtype, **(optimizer_kwargs or {}))
     notes = list(passes.notes) + list(opt.notes)
@@ -250,14 +257,16 @@ def train_step(model: nn.Module, *args: Any, optimizer: str | type[torch.optim.O
                    activation_bytes=passes.saved_activation_bytes, spec=device, param_dtype_bytes=element,
                    largest_unit_bytes=unit)
     if precision.dtype not in (None, torch.float32):
-        notes.append("mixed precision with fp32 master weights is not what this prices: parameters, gradients "
-                     f"and optimizer state are all {precision.name}, as torch.optim keeps them")
+        notes.append(f"parameters, gradients and optimizer state are all {precision.name}, as torch.optim keeps "
+                     f"them; for mixed precision with fp32 master weights, price it with autocast=\"bf16\"")
+    compute = resolve_precision(autocast).dtype if autocast is not None else None
     hardware = passes.forward.flops + passes.backward.flops
     step = TrainStep(model=type(model).__name__, spec=device.name, dtype=precision.name if precision.dtype else None,
                      passes=passes, optimizer=opt,
                      model_flops=hardware - _recomputed(passes) - passes.recompute_flops,
                      hardware_flops=hardware,
-                     peak_flops=device.peak_for(precision.dtype or _first_trainable(model).dtype, matmul=True),
+                     peak_flops=device.peak_for(compute or precision.dtype or _first_trainable(model).dtype,
+                                                matmul=True),
                      memory=memory, peak_at=peak_at, largest_unit_bytes=unit, ddp=smallest_fit(strategy="ddp", **figures),
                      fsdp=smallest_fit(strategy="fsdp", **figures), notes=tuple(notes))
     return step
