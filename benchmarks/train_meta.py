@@ -2,7 +2,8 @@
 
     python benchmarks/train_meta.py [--rounds 5] [--layers 32]
 
-Both in this one process, alternating within each round, medians printed with every run:
+Both in this one process, alternating within each round, medians and the median of each round's ratio printed
+with every run:
 - FlopCounterMode over forward + cross-entropy + backward of the meta model (FLOPs only);
 - `shapeprof.backward.capture_backward` (forward and backward captured on a meta shadow, every op priced, each
   backward op tied to its module, saved activations counted): the issue's target is <= 1.0x FlopCounterMode;
@@ -72,8 +73,11 @@ def main() -> None:
     base = statistics.median(times["FlopCounterMode"])
     for name, values in times.items():
         med = statistics.median(values)
-        print(f"{name:>16}: median {med:.2f} s ({med / base:.2f}x FlopCounterMode); runs "
-              + ", ".join(f"{v:.2f}" for v in values))
+        # each round's own ratio (the two ran seconds apart, under the same load), then their median: this
+        # machine's load comes and goes, and a ratio of two medians taken over different rounds mixes loads
+        ratio = statistics.median(v / f for v, f in zip(values, times["FlopCounterMode"]))
+        print(f"{name:>16}: median {med:.2f} s ({med / base:.2f}x FlopCounterMode's median; per-round ratio "
+              f"median {ratio:.2f}x); runs " + ", ".join(f"{v:.2f}" for v in values))
 
 
 if __name__ == "__main__":

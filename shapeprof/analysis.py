@@ -121,7 +121,7 @@ def _training_step(model: nn.Module, args: tuple, kwargs: dict, train: Any, devi
     train = as_train(model, train)
     return train_step(model, *args, optimizer=train.optimizer, optimizer_kwargs=train.optimizer_kwargs,
                       loss_fn=train.loss_fn, targets=train.targets, spec=device, dtype=dtype,
-                      checkpoint=train.checkpoint, autocast=train.autocast, **kwargs).summary()
+                      checkpoint=train.checkpoint, autocast=train.autocast, model_kwargs=kwargs).summary()
 
 
 class _NodeCosts:
@@ -166,7 +166,7 @@ class _NodeCoster:
     def _cost(self, rec: OpRecord):
         # layers repeat: a record of the same op on the same shapes (and arguments) costs what the first did
         try:
-            key = (rec.op, _frozen(rec.args), _frozen(rec.kwargs), rec.outputs)
+            key = (rec.op, _frozen(rec.args), _frozen(rec.kwargs) if rec.kwargs else (), rec.outputs)
             hit = self.op_cache.get(key)
         except TypeError:   # an argument that cannot be a key (an unhashable value): priced on its own
             return self._price(rec)
@@ -202,13 +202,15 @@ class _NodeCoster:
         return notes
 
 
+_CONTAINERS = (list, tuple, dict)
+
+
 def _frozen(x):
-    """A hashable stand-in for an op's arguments: lists as tuples, dicts as their sorted items."""
-    if isinstance(x, (list, tuple)):
-        return tuple(_frozen(v) for v in x)
-    if isinstance(x, dict):
-        return tuple(sorted((k, _frozen(v)) for k, v in x.items()))
-    return x
+    """A hashable stand-in for an op's arguments: lists as tuples, dicts as their sorted items (leaves as they
+    are: this runs once per op record, so it calls itself only for containers)."""
+    if type(x) is dict:
+        return tuple(sorted((k, v if type(v) not in _CONTAINERS else _frozen(v)) for k, v in x.items()))
+    return tuple(v if type(v) not in _CONTAINERS else _frozen(v) for v in x)
 
 
 def _node_stats(cn: CapturedNode, c: _NodeCosts, total_seconds: float) -> NodeStats:

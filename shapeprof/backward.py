@@ -205,7 +205,8 @@ class TrainingPasses:
 def capture_backward(model: nn.Module, *args: Any, loss_fn: Callable[..., torch.Tensor] | None = None,
                      targets: tuple = (), spec: str | DeviceSpec | None = None,
                      dtype: torch.dtype | str | None = None, checkpoint: str | tuple | list | None = None,
-                     autocast: torch.dtype | str | None = None, **kwargs: Any) -> TrainingPasses:
+                     autocast: torch.dtype | str | None = None, model_kwargs: dict[str, Any] | None = None,
+                     **kwargs: Any) -> TrainingPasses:
     """Capture the forward and backward pass of a training step on meta and price both, per module.
 
         >>> import torch
@@ -232,6 +233,8 @@ def capture_backward(model: nn.Module, *args: Any, loss_fn: Callable[..., torch.
             with the parameters kept in their own dtype (fp32 master weights): matmuls on cast copies, the casts
             and their gradients recorded and priced (`shapeprof.mixed_precision`). Not with a `dtype` other than
             fp32.
+        model_kwargs: keyword inputs of the model whose names are this function's own (nanoGPT's
+            ``model(idx, targets=y)``): passed to its forward with **kwargs.
         spec: the device (a name, a spec file or a DeviceSpec); default A100-80GB SXM.
         dtype: price as if parameters, buffers and floating inputs were in this dtype (a torch.dtype or a name:
             "bf16", "fp16", "fp32", "tf32"), as `analyze` does. 8-bit formats are refused: they price W8A8
@@ -246,6 +249,7 @@ def capture_backward(model: nn.Module, *args: Any, loss_fn: Callable[..., torch.
     """
     start = time.perf_counter()
     name = type(model).__name__
+    kwargs = {**kwargs, **(model_kwargs or {})}
     refuse_untrainable(model)
     model = unwrap(model)
     precision = resolve_precision(dtype)

@@ -182,32 +182,64 @@ def optimizer_step(optimizer_cls_or_name: type[torch.optim.Optimizer] | str = "a
 
 
 def step_temporaries(optimizer_cls_or_name: type[torch.optim.Optimizer] | str, params_or_model: nn.Module,
-                     param_dtype: torch.dtype | None = None, **optimizer_kwargs: Any) -> int:
+                     param_dtype: torch.dtype | None = None, _dedupe: bool = True, **optimizer_kwargs: Any) -> int:
     """The most bytes a steady-state step holds at once beyond the parameters, gradients and state: the
     temporaries its ops make (foreach's out-of-place list ops take a copy of every tensor in the group at
     once; the for-loop's, one parameter's at a time). Fused kernels update in place and make none: 0.
 
-    Measured by following the step's storages on meta (`shapeprof.step_memory.LiveBytes`), every parameter
-    stepped (the temporaries of a foreach op depend on all of them at once).
+    Measured by following the step's storages on meta (`shapeprof.step_memory.LiveBytes`). The for-loop steps
+    every parameter (what is alive at once depends on their order). Foreach steps each param group on its own
+    (torch.optim's groups run one after the other, each op over the group's whole list, its temporaries gone when
+    the group is done) over one representative per (shape, strides, dtype), each of its list entries counted
+    for the parameters it stands for; tests/test_step_memory.py holds this equal to stepping every parameter.
     """
-    from .step_memory import LiveBytes
     cls = _optimizer_class(optimizer_cls_or_name)
     impl, _ = _implementation(optimizer_kwargs)
     if impl == "fused":
         return 0
     groups = _meta_groups(params_or_model, param_dtype)
-    opt = cls(_fresh(groups), **{**optimizer_kwargs, "foreach": impl == "foreach", "fused": False})
+    kwargs = {**optimizer_kwargs, "foreach": impl == "foreach", "fused": False}
     try:
-        opt.step()   # the first step makes the state; the steady one is watched
-        params = [p for g in opt.param_groups for p in g["params"]]
-        live = LiveBytes(known=[*params, *(p.grad for p in params), *tensors_in(list(opt.state.values()))])
-        with live.watching():
-            opt.step()
+        if impl == "for-loop" or not _dedupe or not _steps_as_torch(cls):
+            return _watched_step(cls, groups, kwargs)
+        return max(_watched_step(cls, reps, kwargs, weight)
+                   for reps, weight in (_representatives(group) for group in groups))
     except (RuntimeError, NotImplementedError, AssertionError) as e:
         raise RuntimeError(f"torch {torch.__version__} cannot run a {impl} {cls.__name__} step on meta tensors: "
                            f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from e
+
+
+def _representatives(group: dict) -> tuple[list[dict], Any]:
+    """A param group over the first parameter of each (shape, strides, dtype), and a weight for LiveBytes: a
+    tensor shaped like a representative counts for the parameters it stands for; a 0-dim one (a per-parameter
+    scalar of a foreach list, one per entry) for the group's parameters over its representatives."""
+    counts: dict[tuple, int] = defaultdict(int)
+    firsts: dict[tuple, torch.Tensor] = {}
+    for p in group["params"]:
+        key = (tuple(p.shape), tuple(p.stride()), p.dtype)
+        counts[key] += 1
+        firsts.setdefault(key, p)
+    per_scalar = len(group["params"]) / len(firsts)
+
+    def weight(t: torch.Tensor) -> float:
+        if t.dim() == 0:
+            return per_scalar
+        return counts.get((tuple(t.shape), tuple(t.stride()), t.dtype), 1)
+    return [{**group, "params": list(firsts.values())}], weight
+
+
+def _watched_step(cls, groups: list[dict], kwargs: dict, weight=None) -> int:
+    """The most bytes alive at once in a steady-state step beyond the parameters, gradients and state."""
+    from .step_memory import LiveBytes
+    opt = cls(_fresh(groups), **kwargs)
+    opt.step()   # the first step makes the state; the steady one is watched
+    params = [p for g in opt.param_groups for p in g["params"]]
+    live = LiveBytes(known=[*params, *(p.grad for p in params), *tensors_in(list(opt.state.values()))],
+                     weight=weight)
+    with live.watching():
+        opt.step()
     live.close()
-    return live.peak
+    return int(round(live.peak))
 
 
 def _record(cls, impl: str, groups: list[dict], kwargs: dict, optimizer_kwargs: dict, notes: list[str],

@@ -171,8 +171,23 @@ class OpRecorder(TorchDispatchMode):
 
 
 def _mixes_meta(tree: Any) -> bool:
-    devices = {t.device.type for t in tensors_in(tree)}
-    return "meta" in devices and len(devices) > 1
+    # runs for every op of a meta capture: a loop, no generator, and it stops at the first mix
+    meta = other = False
+    todo = [tree]
+    while todo:
+        x = todo.pop()
+        if isinstance(x, torch.Tensor):
+            if x.is_meta:
+                meta = True
+            else:
+                other = True
+            if meta and other:
+                return True
+        elif isinstance(x, (list, tuple)):
+            todo.extend(x)
+        elif isinstance(x, dict):
+            todo.extend(x.values())
+    return False
 
 
 def tensors_in(x: Any):

@@ -56,12 +56,13 @@ class LiveBytes:
     (phase, module) only when a new peak is reached.
     """
 
-    def __init__(self, known: Iterable[torch.Tensor] = ()) -> None:
+    def __init__(self, known: Iterable[torch.Tensor] = (), weight: Callable[[torch.Tensor], int] | None = None) -> None:
         # torch imports torch._dynamo on the first call of a function it keeps dynamo out of (F.linear's path
         # has one): imported in the middle of a run, the frames running then stay referenced by the import's
         # own cycles, and their tensors would count as alive until a garbage collection. Import it first.
         import torch._dynamo  # noqa: F401
         self._known = {_key(t) for t in known}
+        self._weight = weight   # a storage counts for this many (a representative standing for its twins)
         self._alive: dict[int, int] = {}
         self._finalizers: list[weakref.finalize] = []
         self.current = 0
@@ -81,7 +82,7 @@ class LiveBytes:
             key = storage._cdata
             if key in self._alive or key in self._known:
                 continue
-            nbytes = storage.nbytes()
+            nbytes = storage.nbytes() * (self._weight(t) if self._weight is not None else 1)
             self._alive[key] = nbytes
             self._finalizers.append(weakref.finalize(storage, self._free, key))
             self.current += nbytes

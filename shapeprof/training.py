@@ -217,11 +217,13 @@ def train_step(model: nn.Module, *args: Any, optimizer: str | type[torch.optim.O
                optimizer_kwargs: dict[str, Any] | None = None, loss_fn: Callable[..., torch.Tensor] | None = None,
                targets: tuple = (), spec: str | Any = None, dtype: torch.dtype | str | None = None,
                checkpoint: str | tuple[str, ...] | list[str] | None = None,
-               autocast: torch.dtype | str | None = None, **kwargs: Any) -> TrainStep:
+               autocast: torch.dtype | str | None = None, model_kwargs: dict[str, Any] | None = None,
+               **kwargs: Any) -> TrainStep:
     """Price one training step of `model` on `args`: forward, backward, the optimizer's update.
 
     Args:
-        model, *args, **kwargs, loss_fn, targets: as `shapeprof.backward.capture_backward` takes them.
+        model, *args, **kwargs, loss_fn, targets, model_kwargs: as `shapeprof.backward.capture_backward` takes
+            them (model_kwargs: the model's keyword inputs named like an argument here, e.g. targets=).
         optimizer: torch.optim's SGD, Adam or AdamW, by class or name (default AdamW), with `optimizer_kwargs`
             (foreach, fused, momentum, weight_decay ...) as `shapeprof.optimizer_step.optimizer_step` takes them.
         spec: the device (default A100-80GB SXM). dtype: parameters, activations and optimizer state in this dtype
@@ -237,7 +239,7 @@ def train_step(model: nn.Module, *args: Any, optimizer: str | type[torch.optim.O
     device = get_spec(spec)
     precision = resolve_precision(dtype, False)
     passes = capture_backward(model, *args, loss_fn=loss_fn, targets=targets, spec=device, dtype=dtype,
-                              checkpoint=checkpoint, autocast=autocast, **kwargs)
+                              checkpoint=checkpoint, autocast=autocast, model_kwargs=model_kwargs, **kwargs)
     opt = optimizer_step(optimizer, model, spec=device, param_dtype=precision.dtype, **(optimizer_kwargs or {}))
     temporaries = step_temporaries(optimizer, model, precision.dtype, **(optimizer_kwargs or {}))
     notes = list(passes.notes) + list(opt.notes)

@@ -218,3 +218,19 @@ def test_checkpoint_errors_are_one_line():
         capture_backward(nanogpt(), torch.zeros(1, 8, dtype=torch.long), checkpoint=["nope"])
     with pytest.raises(TypeError, match="checkpoint= takes"):
         capture_backward(nanogpt(), torch.zeros(1, 8, dtype=torch.long), checkpoint="everything")
+
+
+@pytest.mark.parametrize("optimizer,kwargs", [("adamw", {"foreach": True}), ("adam", {"foreach": True, "amsgrad": True}),
+                                              ("sgd", {"foreach": True, "momentum": 0.9, "nesterov": True}),
+                                              ("adamw", {"foreach": True, "weight_decay": 0.1})])
+def test_foreach_temporaries_from_representatives_equal_stepping_every_parameter(optimizer, kwargs):
+    # a Llama-shaped model (many tensors, few shapes) in two param groups, as weight-decay setups split them
+    with torch.device("meta"):
+        model = GPT(GPTConfig(block_size=64, vocab_size=256, n_layer=4, n_head=4, n_embd=64, dropout=0.0))
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    rest = [p for n, p in model.named_parameters() if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}]
+    for params in (model, groups):
+        fast = step_temporaries(optimizer, params, **kwargs)
+        assert fast == step_temporaries(optimizer, params, _dedupe=False, **kwargs)
+        assert fast > 0 or optimizer == "sgd"    # SGD's foreach updates in place

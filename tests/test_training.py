@@ -109,3 +109,14 @@ def test_analyze_train_refuses_what_is_not_a_training_step():
     frozen = torch.nn.Linear(4, 4).requires_grad_(False)
     with pytest.raises(ValueError, match="no trainable parameters"):
         shapeprof.analyze(frozen, torch.randn(2, 4), train=True)
+
+
+def test_a_model_keyword_named_like_a_training_option_reaches_the_model():
+    # nanoGPT is called model(idx, targets=y): analyze passes the model's keywords to it, not to the step
+    import shapeprof
+    model = GPT(GPTConfig.tiny())
+    x = torch.randint(0, 256, (2, 32))
+    by_keyword = shapeprof.analyze(model, x, targets=x, train=True).training
+    by_position = shapeprof.analyze(model, x, x, train=True).training
+    assert by_keyword.loss == by_position.loss == "output[1]"
+    assert by_keyword.phases == by_position.phases
