@@ -22,12 +22,27 @@ region); inside a region that torch.compile traces the hooks do nothing, so they
 model called only from inside a compiled *function* is not seen.
 
 Calls made by the autograd engine (activation checkpointing recomputes blocks during ``backward()``) are not
-top level: they are part of the model that owns them. Analysis covers the forward pass only; whether the script
-also ran backward through a model is read from its parameters' ``.grad`` (only read: no hook on a tensor, nothing
-patched) at each later top-level call and when the script ends, and the model's report then says so
-(`TracedModel.ran_backward`; `shapeprof.session` notes it). The hooks are removed in ``finally``, even when the script
-raises; nothing is left on the user's modules (global hooks live in torch's tables, not on the modules).
-Analysis happens after the script finishes, on the recorded shadows.
+top level: they are part of the model that owns them. Whether the script also trained a model is seen three ways,
+none of which puts anything on the user's tensors or modules:
+
+- backward: its parameters' ``.grad`` is read (only read) at each later top-level call, at each optimizer step and
+  when the script ends (`TracedModel.ran_backward`);
+- the optimizer: torch's *global* optimizer step post-hook
+  (``torch.optim.optimizer.register_optimizer_step_post_hook``) sees every ``optimizer.step()``; at an optimizer's
+  first step the models whose parameters its param groups hold (by identity) get `TracedModel.optimizer`: its
+  class, its settings (param group 0's, as its constructor takes them: foreach, fused, momentum, weight_decay,
+  amsgrad ...) and its state's dtypes after that step (`OptimizerSeen`). Only ids of the parameters are compared:
+  nothing of the optimizer or its tensors is kept;
+- the loss: a top-level module without parameters (``nn.CrossEntropyLoss()``) whose first call took a model's
+  output (that tensor or a view of it of the same size; failing that, a tensor of the same shape and dtype as the
+  output of the model that returned last) as its first argument and returned a tensor that requires grad becomes
+  that model's `TracedModel.loss` (`LossSeen`). The model keeps weak references to the tensors its last call
+  returned until a loss is found, to compare them; a loss computed by a function (``F.cross_entropy``) is not seen.
+
+`shapeprof.session` then prices the training step (forward, backward, the script's optimizer) of a model that ran
+backward. The hooks are removed in ``finally``, even when the script raises; nothing is left on the user's modules
+or optimizers (global hooks live in torch's tables, not on them). Analysis happens after the script finishes, on
+the recorded shadows.
 
     >>> import torch, torch.nn as nn
     >>> model = nn.Sequential(nn.Linear(8, 8), nn.ReLU())
@@ -40,6 +55,7 @@ Analysis happens after the script finishes, on the recorded shadows.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 import runpy
 import sys
@@ -54,13 +70,69 @@ from typing import Any, Iterator
 import torch
 import torch.nn as nn
 from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
+from torch.optim.optimizer import register_optimizer_step_post_hook
 from torch.utils import _pytree as pytree
 
 from .batching import observe_batches
 from .capture import meta_shadow, unwrap
 from .text import one_line
 
-__all__ = ["ModelRecorder", "ScriptNotFound", "ScriptRun", "TracedModel", "check_target", "run_script", "script_name"]
+__all__ = ["LossSeen", "ModelRecorder", "OptimizerSeen", "ScriptNotFound", "ScriptRun", "TracedModel", "check_target",
+           "run_script", "script_name"]
+
+#: Optimizer settings that change what a step moves through memory (which passes, which state), as opposed to
+#: the numbers it computes with (lr, betas, eps): a param group that sets one of these otherwise is told of.
+PRICED_SETTINGS = ("foreach", "fused", "momentum", "dampening", "nesterov", "weight_decay", "amsgrad", "maximize",
+                   "capturable", "differentiable", "decoupled_weight_decay")
+
+
+@dataclass
+class OptimizerSeen:
+    """The optimizer whose ``step()`` updated a model's parameters, as at its first step.
+
+    Nothing of the optimizer itself is kept, nor any of its tensors: its class, plain copies of its settings and
+    its state's dtypes.
+    """
+
+    cls: type                           # the optimizer's class (torch.optim.AdamW ...)
+    kwargs: dict[str, Any]              # param group 0's settings that its constructor takes (0-dim tensors as numbers)
+    state_dtypes: dict[str, torch.dtype]   # after that step, of a parameter of group 0: exp_avg -> torch.float32 ...
+    parameters: int                     # the model's parameters (tensors) it holds
+    trainable: int                      # the model's parameters with requires_grad
+    groups: int                         # its param groups
+    differing: tuple[str, ...] = ()     # PRICED_SETTINGS that another group sets otherwise than group 0
+    others: list[str] = field(default_factory=list)   # class names of other optimizers stepping this model too
+
+    @property
+    def name(self) -> str:
+        return self.cls.__name__
+
+    def describe(self) -> str:
+        """'AdamW(weight_decay=0.1, foreach=True, fused=False)': the settings that change what a step moves, where
+        they differ from the constructor's defaults."""
+        try:
+            defaults = {k: p.default for k, p in inspect.signature(self.cls.__init__).parameters.items()}
+        except (TypeError, ValueError):
+            defaults = {}
+        shown = [f"{k}={v!r}" for k, v in self.kwargs.items()
+                 if k in PRICED_SETTINGS and (k not in defaults or defaults[k] != v)]
+        return f"{self.name}({', '.join(shown)})"
+
+
+@dataclass
+class LossSeen:
+    """A loss module the script called on a model's output: ``loss_fn(model(x), y)``."""
+
+    module: "TracedModel"               # the loss module's own record: its shadow, and its first call's inputs
+    output: int                         # which tensor of the model's output it took (in pytree leaf order)
+    shape: tuple[int, ...]              # the shape it took it in (a view of the output: logits.view(-1, V))
+    by_identity: bool = True            # False: matched only by shape and dtype
+
+    @property
+    def targets(self) -> tuple:
+        """Its other positional inputs (meta tensors), as its first call had them."""
+        return tuple(self.module.args[1:])
+
 
 @dataclass(eq=False)
 class TracedModel:
@@ -74,11 +146,15 @@ class TracedModel:
     signatures: set = field(default_factory=set, repr=False)   # distinct input shapes seen (capped)
     has_state: bool = True         # has parameters or buffers (known once the first call returned)
     first_call_raised: bool = False
-    ran_backward: bool = False     # its parameters had gradients at a later call or at the end (backward ran)
+    ran_backward: bool = False     # its parameters had gradients at a later call, a step or the end (backward ran)
+    optimizer: OptimizerSeen | None = None   # the optimizer that stepped its parameters, at its first step
+    loss: LossSeen | None = None   # the loss module called on its output, if one was
     finished: bool = False         # its first call has returned (or raised); has_state and shadow are set
     shadow: nn.Module | None = field(default=None, repr=False)    # meta copy, taken when the first call returned
     real: tuple | None = field(default=None, repr=False)          # (module, args, kwargs) for profile/optimize
     _ref: Any = field(default=None, repr=False)                   # weakref to the script's module
+    _outputs: list = field(default_factory=list, repr=False)      # weakrefs to the last call's output tensors
+    _loss_of: tuple | None = field(default=None, repr=False)      # (model, leaf, shape, by identity): a candidate
 
     @property
     def distinct_inputs(self) -> int:
@@ -128,10 +204,15 @@ class ModelRecorder:
         self._local = threading.local()
         self._lock = threading.RLock()
         self._handles: list[Any] = []
+        # each optimizer seen stepping -> ids of the TracedModels already compared with it (the optimizer itself
+        # is only weakly referenced: a script that makes a new one per epoch frees the old ones)
+        self._optimizers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self._last_returned: TracedModel | None = None   # the model whose top-level call returned last
 
     def __enter__(self) -> "ModelRecorder":
         self._handles = [register_module_forward_pre_hook(self._pre_hook),
-                         register_module_forward_hook(self._hook, with_kwargs=True, always_call=True)]
+                         register_module_forward_hook(self._hook, with_kwargs=True, always_call=True),
+                         register_optimizer_step_post_hook(self._optimizer_hook)]
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -141,10 +222,13 @@ class ModelRecorder:
             # torch.compile'd modules warn about global hooks for the rest of the process
             torch.nn.modules.module.__dict__.get("_global_forward_hooks_with_kwargs", {}).pop(handle.id, None)
         self._handles = []
+        self._optimizers = weakref.WeakKeyDictionary()
+        self._last_returned = None
         for traced in self.models:   # a first call that never returned (the script raised or exited inside it)
             if not traced.finished:
                 self._finish_first_call(traced, traced.module)
             self._check_backward(traced, traced.module)   # a script whose last step was a backward
+            traced._outputs, traced._loss_of = [], None
 
     # -- hooks ---------------------------------------------------------------------------------------------
     def _stack(self) -> list[nn.Module]:
@@ -182,13 +266,30 @@ class ModelRecorder:
             return None
         try:
             traced = self._by_id.get(id(module))
-            if traced is not None and traced.module is module and not traced.finished:
+            if traced is None or traced.module is not module:
+                return None
+            if not traced.finished:
                 if len(rest) == 2 and traced.kwargs is _PENDING:
                     traced.kwargs = _to_meta(dict(rest[0]))
                 if len(rest) != 2:
                     traced.first_call_raised = True
                 self._finish_first_call(traced, module)
+                if traced._loss_of is not None:
+                    self._confirm_loss(traced, rest[1] if len(rest) == 2 else None)
+            if len(rest) == 2 and traced.has_state and traced.loss is None:
+                # what the loss (a module called next, at top level) will be compared with: see _loss_candidate
+                traced._outputs = [weakref.ref(t) for t in _tensor_leaves(rest[1])]
+                self._last_returned = traced
         except Exception as e:
+            self._internal_error(e)
+        return None
+
+    def _optimizer_hook(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
+        if torch.compiler.is_compiling():
+            return None
+        try:
+            self._on_optimizer_step(optimizer)
+        except Exception as e:   # never break the user's script
             self._internal_error(e)
         return None
 
@@ -210,8 +311,67 @@ class ModelRecorder:
                 signatures={_signature(args, kwargs)}, _ref=weakref.ref(module))
             if self.keep_real:
                 traced.real = (module, _clone(tuple(args)), _clone(dict(kwargs or {})))
+            if args and isinstance(args[0], torch.Tensor) and not any(True for _ in unwrap(module).parameters()):
+                traced._loss_of = self._loss_candidate(args[0])
             self._by_id[id(module)] = traced
             self.models.append(traced)
+
+    def _loss_candidate(self, x: torch.Tensor) -> tuple | None:
+        """(model, which output tensor, shape, by identity) if `x` is a model's last output: that tensor, or a
+        view of it with as many elements (``logits.view(-1, V)``); else a tensor of the shape and dtype of an
+        output of the model that returned last. None if neither."""
+        base = x._base
+        for traced in reversed(self.models):
+            if traced.loss is not None:
+                continue
+            for i, ref in enumerate(traced._outputs):
+                t = ref()
+                if t is None:
+                    continue
+                if x is t or (base is not None and (base is t or base is t._base) and x.numel() == t.numel()):
+                    return traced, i, tuple(x.shape), True
+        last = self._last_returned
+        if last is not None and last.loss is None:
+            for i, ref in enumerate(last._outputs):
+                t = ref()
+                if t is not None and t.shape == x.shape and t.dtype == x.dtype:
+                    return last, i, tuple(x.shape), False
+        return None
+
+    @staticmethod
+    def _confirm_loss(traced: TracedModel, output: Any) -> None:
+        """A candidate loss is one if its call returned a tensor autograd can differentiate (an inference-time
+        softmax under no_grad is not a loss)."""
+        model, leaf, shape, by_identity = traced._loss_of
+        traced._loss_of = None
+        if isinstance(output, torch.Tensor) and output.requires_grad and model.loss is None:
+            model.loss = LossSeen(traced, leaf, shape, by_identity)
+            model._outputs = []
+
+    def _on_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        with self._lock:
+            compared = self._optimizers.get(optimizer)
+            if compared is None:
+                compared = self._optimizers[optimizer] = set()
+            todo = [t for t in self.models if t.finished and t.has_state and id(t) not in compared]
+            if not todo:
+                return
+            held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+            for traced in todo:
+                compared.add(id(traced))
+                module = traced.module
+                if module is None:
+                    continue
+                params = list(unwrap(module).parameters())
+                mine = sum(id(p) in held for p in params)
+                if not mine:
+                    continue
+                if not traced.ran_backward:   # the step used gradients: they are still there after it
+                    traced.ran_backward = any(p.grad is not None for p in params)
+                if traced.optimizer is None:
+                    traced.optimizer = _optimizer_seen(optimizer, mine, sum(p.requires_grad for p in params))
+                elif len(traced.optimizer.others) < 10:
+                    traced.optimizer.others.append(type(optimizer).__name__)
 
     def _finish_first_call(self, traced: TracedModel, module: nn.Module | None) -> None:
         traced.finished = True
@@ -241,6 +401,55 @@ class ModelRecorder:
     def _internal_error(self, e: Exception) -> None:
         if len(self.errors) < 20:
             self.errors.append(one_line(e))
+
+
+def _optimizer_seen(optimizer: torch.optim.Optimizer, parameters: int, trainable: int) -> OptimizerSeen:
+    """What is kept of an optimizer at its first step (see `OptimizerSeen`)."""
+    cls = type(optimizer)
+    groups = optimizer.param_groups
+    keys = _constructor_keys(cls)
+    if keys is None:
+        keys = set(getattr(optimizer, "defaults", {}))
+    kwargs = {k: _plain(v) for k, v in groups[0].items() if k != "params" and k in keys}
+    differing = tuple(k for k in PRICED_SETTINGS if k in kwargs
+                      and any(_plain(g.get(k, kwargs[k])) != kwargs[k] for g in groups[1:]))
+    state_dtypes: dict[str, torch.dtype] = {}
+    for p in groups[0]["params"]:
+        state = optimizer.state.get(p)
+        if state:
+            state_dtypes = {k: v.dtype for k, v in state.items() if isinstance(v, torch.Tensor)}
+            break
+    return OptimizerSeen(cls, kwargs, state_dtypes, parameters, trainable, len(groups), differing)
+
+
+def _constructor_keys(cls: type) -> set[str] | None:
+    """The keyword arguments an optimizer class's constructor takes by name (a subclass whose __init__ takes
+    **kwargs: its nearest base's that names them); None if no class in its MRO names them."""
+    for c in cls.__mro__:
+        if c in (torch.optim.Optimizer, object):
+            break
+        try:
+            params = inspect.signature(c.__init__).parameters
+        except (TypeError, ValueError):
+            continue
+        if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+            continue
+        return {name for name in params if name not in ("self", "params")}
+    return None
+
+
+def _plain(value: Any) -> Any:
+    """A setting as a plain value: a one-element tensor (a Tensor lr) as its number, tuples item by item; the
+    optimizer's own tensors are never kept."""
+    if isinstance(value, torch.Tensor):
+        return value.item() if value.numel() == 1 else None
+    if isinstance(value, tuple):
+        return tuple(_plain(v) for v in value)
+    return value
+
+
+def _tensor_leaves(tree: Any) -> list[torch.Tensor]:
+    return [x for x in pytree.tree_leaves(tree) if isinstance(x, torch.Tensor)]
 
 
 class _Pending(dict):

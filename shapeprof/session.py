@@ -1,9 +1,10 @@
 """A trace session: the models a script ran, each analysed (and profiled, optimized) and written out.
 
 What `shapeprof trace` does between running the script (`shapeprof.scripts`) and printing (`shapeprof.cli`): for
-each recorded model, analyse it on the chosen spec, profile and optimize it when asked, write every output format
-(`shapeprof.output`) into its run directory, and keep the run directory's trace.json (`summary`) up to date, so
-that an interrupted trace still lists what was finished.
+each recorded model, analyse it on the chosen spec (one the script trained, as its training step: forward, backward
+and the update of the optimizer the script stepped it with), profile and optimize it when asked, write every output
+format (`shapeprof.output`) into its run directory, and keep the run directory's trace.json (`summary`) up to date,
+so that an interrupted trace still lists what was finished.
 
     >>> import torch, tempfile, shapeprof
     >>> from shapeprof.scripts import ModelRecorder
@@ -24,22 +25,31 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+import torch
+from torch.utils import _pytree as pytree
+
 from . import output
-from .analysis import analyze
+from .analysis import UncoveredOpError, analyze
 from .hardware import DEFAULT_SPEC_NAME, DeviceSpec
 from .output import Results
 from .output.jsonfiles import optimize_document
 from .precision import resolve as resolve_precision
 from .report import Report
 from .rundir import RUN_NAME, TRACE_SCHEMA, TRACE_SCHEMA_VERSION, RunDir
-from .scripts import ScriptRun, TracedModel
+from .scripts import OptimizerSeen, ScriptRun, TracedModel
 from .text import one_line
+from .training import Train
 
-__all__ = ["FORWARD_ONLY", "ModelResult", "TraceConfig", "analyse_all", "analyse_model", "problems", "summary",
-           "with_trace_notes"]
+__all__ = ["FORWARD_ONLY", "NO_OPTIMIZER_STEP", "ModelResult", "TraceConfig", "analyse_all", "analyse_model",
+           "problems", "summary", "training_step_of", "with_trace_notes"]
 
-#: The note a report gets when the script ran backward through its model: the costs are the forward's alone.
+#: The note a report gets when the script ran backward through its model and the report has no training step
+#: (it could not be priced, or the report is a measured forward): its costs are the forward's alone.
 FORWARD_ONLY = "forward pass only: backward and the optimizer step are not analysed"
+
+#: The note of a model that ran backward while no torch.optim optimizer stepped its parameters.
+NO_OPTIMIZER_STEP = ("backward ran but no optimizer.step() of a torch.optim optimizer was seen for it: the step is "
+                     "priced with AdamW, shapeprof's default")
 
 
 @dataclass
@@ -115,29 +125,127 @@ class ModelResult:
 
 # ---------------------------------------------------------------------------------------------- analysing
 
-_ANALYZE_KEYWORDS = ("spec", "dtype", "strict", "method", "tf32")
+_ANALYZE_KEYWORDS = ("spec", "dtype", "strict", "method", "tf32", "train")
 
 
 def analyse_model(traced: TracedModel, config: TraceConfig, spec: Any = None) -> Report:
     """`shapeprof.analyze` of a recorded model on its first call's inputs, as `config` says, with the notes of
     what the script did that the analysis leaves out (`with_trace_notes`).
 
+    A model the script ran backward through is priced as a training step (`report.training`: forward, backward,
+    the optimizer's update) with the optimizer and loss the script used (`training_step_of`), unless `config`
+    asks for a phase (an inference step). If the step cannot be priced, the report is the forward's, with a note
+    saying why.
+
     Args:
         spec: an already resolved DeviceSpec (default: `config.spec`).
     """
+    report, notes = _analyse(traced, config, spec)
+    return with_trace_notes(report, traced, notes)
+
+
+def _analyse(traced: TracedModel, config: TraceConfig, spec: Any) -> tuple[Report, tuple[str, ...]]:
+    """analyze's report, and the notes of how the script's training step was (or was not) priced."""
     _check_clash(traced.type_name, traced.kwargs, _ANALYZE_KEYWORDS, "analyze")
     phase = config.phase_input()
     args, kwargs = ((phase,), {}) if phase is not None else (traced.args, traced.kwargs)
-    report = analyze(traced.target(), *args, spec=spec if spec is not None else config.spec,
-                     dtype=config.dtype, strict=config.strict, method=config.method, **kwargs)
-    return with_trace_notes(report, traced)
+    options = dict(spec=spec if spec is not None else config.spec, dtype=config.dtype, strict=config.strict,
+                   method=config.method)
+    train, notes = training_step_of(traced) if phase is None else (None, [])
+    if train is not None:
+        try:
+            return analyze(traced.target(), *args, train=train, **options, **kwargs), tuple(notes)
+        except UncoveredOpError:   # strict: the forward's own error, which the forward alone would raise too
+            raise
+        except Exception as e:   # the forward's report is never lost for the step's sake
+            _debug_traceback(e)
+            notes = [f"the training step could not be priced: {one_line(e)}"]
+    return analyze(traced.target(), *args, **options, **kwargs), tuple(notes)
 
 
-def with_trace_notes(report: Report, traced: TracedModel) -> Report:
-    """`report` with the notes of what the script did that the analysis leaves out (`FORWARD_ONLY` when it ran
-    backward through the model), each once."""
-    notes = (FORWARD_ONLY,) if traced.ran_backward else ()
-    missing = tuple(n for n in notes if n not in report.notes)
+def training_step_of(traced: TracedModel) -> tuple[Train | None, list[str]]:
+    """The `shapeprof.Train` that prices the training step the script ran on this model, and notes saying where
+    its parts came from; (None, why) when there is no step to price (no backward ran: (None, [])).
+
+    The optimizer is the one whose step() held the model's parameters (its class, group 0's settings); with none
+    seen, AdamW (`NO_OPTIMIZER_STEP`). The loss is the loss module the script called on the model's output (with
+    that call's other inputs as targets), else the model's own (`.loss`, a loss in the tuple it returns), else
+    output.sum() (`capture_backward` says so).
+    """
+    if not traced.ran_backward:
+        return None, []
+    seen = traced.optimizer
+    notes: list[str] = []
+    if seen is None:
+        optimizer, kwargs = "adamw", {}
+        notes.append(NO_OPTIMIZER_STEP)
+    else:
+        from .optimizer_step import _optimizer_class
+        try:
+            _optimizer_class(seen.cls)
+        except ValueError:
+            return None, [f"the script's optimizer is {_qualified(seen.cls)}, which shapeprof cannot price (it "
+                          f"prices torch.optim SGD, Adam and AdamW): the training step is not analysed"]
+        optimizer, kwargs = seen.cls, dict(seen.kwargs)
+        notes.append(_optimizer_note(traced, seen))
+    loss_fn, targets = None, ()
+    if traced.loss is not None:
+        loss = traced.loss
+        loss_fn, targets = _LossCall(loss.module.target(), loss.output, loss.shape, dict(loss.module.kwargs)), \
+            loss.targets
+        how = "" if loss.by_identity else " (matched to it by shape and dtype)"
+        notes.append(f"the loss is the script's {loss.module.type_name} on {traced.name}'s output{how}, with the "
+                     f"other inputs of its first call")
+    return Train(optimizer=optimizer, optimizer_kwargs=kwargs, loss_fn=loss_fn, targets=targets), notes
+
+
+def _optimizer_note(traced: TracedModel, seen: OptimizerSeen) -> str:
+    state = ", ".join(f"{k} {str(d).removeprefix('torch.')}" for k, d in seen.state_dtypes.items())
+    text = f"the optimizer is the script's {seen.describe()}, as at its first step()"
+    if state:
+        text += f" (its state: {state})"
+    if seen.differing:
+        text += (f"; its {seen.groups} param groups set {', '.join(seen.differing)} differently: group 0's is "
+                 f"priced for every parameter")
+    if seen.parameters < seen.trainable:
+        text += (f"; it holds {seen.parameters} of {traced.name}'s {seen.trainable} trainable parameters: all are "
+                 f"priced")
+    if seen.others:
+        text += f"; {', '.join(dict.fromkeys(seen.others))} stepped some of its parameters too and is not priced"
+    return text
+
+
+def _qualified(cls: type) -> str:
+    module = cls.__module__
+    if module.startswith("torch.optim"):
+        module = "torch.optim"
+    return f"{module}.{cls.__qualname__}"
+
+
+class _LossCall:
+    """loss_fn for `Train`: the script's loss module (its meta shadow) on the tensor of the model's output it
+    took, in the shape it took it, with the other inputs of its call (``criterion(logits.view(-1, V), y)``)."""
+
+    def __init__(self, module: Any, output: int, shape: tuple[int, ...], kwargs: dict[str, Any]) -> None:
+        self.module, self.output, self.shape, self.kwargs = module, output, shape, kwargs
+
+    def __call__(self, output: Any, *targets: Any) -> Any:
+        leaves = [x for x in pytree.tree_leaves(output) if isinstance(x, torch.Tensor)]
+        if self.output >= len(leaves):
+            raise ValueError(f"the model's output holds {len(leaves)} tensors, not the {self.output + 1} the "
+                             f"script's loss was called on")
+        x = leaves[self.output]
+        if tuple(x.shape) != self.shape:
+            x = x.reshape(self.shape)   # the loss took a view: logits.view(-1, vocab)
+        return self.module(x, *targets, **self.kwargs)
+
+
+def with_trace_notes(report: Report, traced: TracedModel, notes: tuple[str, ...] | list[str] = ()) -> Report:
+    """`report` with the notes of what the script did that the analysis leaves out, each once: `notes` (how its
+    training step was priced, or why not), and `FORWARD_ONLY` when the script ran backward through the model and
+    the report has no training step."""
+    notes = (*notes, *((FORWARD_ONLY,) if traced.ran_backward and report.training is None else ()))
+    missing = tuple(dict.fromkeys(n for n in notes if n not in report.notes))
     return dataclasses.replace(report, notes=report.notes + missing) if missing else report
 
 
@@ -160,7 +268,8 @@ def _analyse_one(result: ModelResult, config: TraceConfig, spec: DeviceSpec, run
     traced = result.traced
     step("analysing")
     try:
-        results = result.results = Results(traced.name, analyse_model(traced, config, spec))
+        report, notes = _analyse(traced, config, spec)
+        results = result.results = Results(traced.name, with_trace_notes(report, traced, notes))
     except Exception as e:
         result.error = one_line(e)
         _debug_traceback(e)
@@ -169,7 +278,11 @@ def _analyse_one(result: ModelResult, config: TraceConfig, spec: DeviceSpec, run
         step("profiling")
         try:
             profiled = _profile(traced, config, spec)
-            results.report = with_trace_notes(profiled.predicted, traced)
+            # the measured run is the forward's; the predicted training step is the analysis's
+            predicted = profiled.predicted
+            if predicted.training is None and report.training is not None:
+                predicted = dataclasses.replace(predicted, training=report.training)
+            results.report = with_trace_notes(predicted, traced, notes)
             results.measured = with_trace_notes(profiled.measured, traced)
             results.measured_trace, results.note = profiled.trace, profiled.note
         except Exception as e:
@@ -259,6 +372,9 @@ def _model_summary(r: ModelResult, inline: bool) -> dict[str, Any]:
     d: dict[str, Any] = {
         "name": t.name, "type": t.type_name, "calls": t.calls, "distinct_inputs": t.distinct_inputs,
         "first_call_raised": t.first_call_raised, "error": r.error, "warnings": r.warnings,
+        # what the script did with it beyond calling it (its report prices the training step from these)
+        "ran_backward": t.ran_backward, "optimizer": t.optimizer.describe() if t.optimizer else None,
+        "loss": t.loss.module.type_name if t.loss else None,
         "report_path": _path(files.get("report")), "measured_report_path": _path(files.get("measured")),
         "optimize_path": _path(files.get("optimize")),
         "tensorboard_runs": {str(k): str(v) for k, v in r.outputs.get("tensorboard", {}).items()},

@@ -704,7 +704,7 @@ def _measured_rows(lines):
     return _table_rows(lines[after:], "Top ")
 
 
-# ---------------------------------------------------------------------------------------------- forward only
+# ---------------------------------------------------------------------------------------------- training scripts
 
 TRAIN = """
     import torch
@@ -740,20 +740,61 @@ INFER = """
         model(torch.randn(8, 16))   # gradients recorded, never used: still inference
 """
 
+ADAGRAD = """
+    import torch
+    import torch.nn as nn
+    model = nn.Linear(16, 4)
+    opt = torch.optim.Adagrad(model.parameters())
+    for _ in range(2):
+        model(torch.randn(8, 16)).sum().backward()
+        opt.step()
+"""
 
-def test_a_training_script_is_told_its_report_is_forward_only(tmp_path):
-    note = "forward pass only: backward and the optimizer step are not analysed"
-    for name, text in (("train.py", TRAIN), ("one_step.py", ONE_STEP), ("infer.py", INFER)):
+
+def test_a_training_script_gets_its_training_step(tmp_path):
+    from shapeprof.session import FORWARD_ONLY, NO_OPTIMIZER_STEP
+    scripts = {"train.py": TRAIN, "one_step.py": ONE_STEP, "infer.py": INFER, "adagrad.py": ADAGRAD}
+    for name, text in scripts.items():
         write(tmp_path / name, text)
-    results = run_many([(["trace", "--no-tensorboard", "--logdir", name[:-3], name], tmp_path)
-                        for name in ("train.py", "one_step.py", "infer.py")])
-    for name, result, trained in zip(("train", "one_step", "infer"), results, (True, True, False)):
+    results = run_many([(["trace", "--no-tensorboard", "--logdir", name[:-3], name], tmp_path) for name in scripts])
+    # the optimizer each report names: the script's, AdamW assumed, none (inference), none (cannot be priced)
+    expected = {"train": "SGD (foreach)", "one_step": "AdamW (foreach)", "infer": None, "adagrad": None}
+    for (name, optimizer), result in zip(expected.items(), results):
         assert result.returncode == 0, result.stderr
-        assert (f"note: {note}" in result.stdout) == trained, (name, result.stdout)
+        no_shapeprof_traceback(result.stderr)
         (model,) = json.loads((run_dir(tmp_path / name) / "trace.json").read_text())["models"]
-        assert model["notes"] == ([note] if trained else []), name
         report = shapeprof.Report.from_json(model["report_path"])
-        assert report.notes == ((note,) if trained else ()), name
+        assert (report.training.optimizer if report.training else None) == optimizer, (name, report.notes)
+        assert model["notes"] == list(report.notes), name
+        assert model["ran_backward"] == (name != "infer") and model["loss"] is None, name
+        if optimizer is not None:   # (the terminal wraps the table's title and the notes: compare words)
+            assert f"({optimizer}, loss from" in " ".join(result.stdout.split()), name
+            assert FORWARD_ONLY not in report.notes, name
+            assert list(report.training.phases) == ["forward", "backward", "optimizer"]
+    assert NO_OPTIMIZER_STEP in shapeprof.Report.from_json(
+        json.loads((run_dir(tmp_path / "one_step") / "trace.json").read_text())["models"][0]["report_path"]).notes
+    assert "Training step" not in results[2].stdout and "note:" not in results[2].stdout
+    assert f"note: {FORWARD_ONLY}" in results[3].stdout and "torch.optim.Adagrad" in results[3].stdout
+    optimizers = [json.loads((run_dir(tmp_path / name[:-3]) / "trace.json").read_text())["models"][0]["optimizer"]
+                  for name in scripts]
+    assert optimizers == ["SGD()", None, None, "Adagrad()"]
+
+
+def test_trace_of_the_train_gpt_example_shows_its_step_phase_by_phase(tmp_path):
+    result = run(["trace", "--no-tensorboard", "--logdir", str(tmp_path), "examples/train_gpt.py", "--",
+                  "--steps", "2"], cwd=REPO)
+    assert result.returncode == 0, result.stderr
+    no_shapeprof_traceback(result.stderr)
+    out = result.stdout
+    words = " ".join(out.split())   # the terminal wraps the table's title and the notes
+    assert "step 0: loss" in out and "step 1: loss" in out and "step 2: loss" not in out   # --steps reached it
+    assert "Training step:" in out and "MFU" in out and "(AdamW (foreach), loss from output[1])" in words
+    for phase in ("forward", "backward", "optimizer"):
+        assert re.search(rf"^\s+{phase}\s+\S+ [kMGT]?FLOP", out, flags=re.M), (phase, out)
+    assert "memory: weights" in out and "optimizer state" in out
+    assert "the optimizer is the script's AdamW(weight_decay=0.1, foreach=True, fused=False)" in words
+    report = shapeprof.Report.from_json(run_dir(tmp_path) / "GPT" / "report.json")
+    assert report.training.optimizer == "AdamW (foreach)" and report.training.loss == "output[1]"
 
 
 # ---------------------------------------------------------------------------------------------- the examples
@@ -773,8 +814,9 @@ def test_the_examples_run_under_trace(tmp_path):
 
 
 def test_the_examples_import_as_a_package_too():
-    from examples import cnn_inference, generate_gpt, train_mlp
+    from examples import cnn_inference, generate_gpt, train_gpt, train_mlp
     assert train_mlp.main(["--steps", "1", "--batch", "4"]).out.out_features == 10
+    assert train_gpt.main(["--steps", "1", "--batch", "2", "--block-size", "8"]).config.block_size == 8
     assert generate_gpt.main(["--max-new-tokens", "2", "--n-layer", "1", "--prompt", "ab"]).shape == (1, 4)
     assert cnn_inference.main(["--batch", "2", "--batches", "1"]).shape == (2,)
 

@@ -341,3 +341,106 @@ def test_everything_after_the_script_is_the_scripts():
     assert ns.script_args == ["--epochs", "1"]
     ns = parse(["trace", "-m", "pkg.serve", "--port", "80"])
     assert (ns.is_module, ns.target, ns.script_args) == (True, "pkg.serve", ["--port", "80"])
+
+
+# ---------------------------------------------------------------------------------------------- optimizer, loss
+
+def _optimizer_hooks():
+    import torch.optim.optimizer as optimizer_module
+    return len(optimizer_module._global_optimizer_post_hooks)
+
+
+def test_the_optimizer_step_is_recorded_once_without_keeping_the_model_or_the_optimizer():
+    before = _optimizer_hooks()
+    model, other = Outer(), Inner()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True)
+    with pytest.raises(RuntimeError, match="boom"):
+        with ModelRecorder() as rec:
+            assert _optimizer_hooks() == before + 1
+            for step in range(3):
+                other(torch.randn(2, 8))                  # called, never stepped: no optimizer
+                model(torch.randn(2, 8)).sum().backward()
+                opt.step()
+                if step == 0:
+                    opt.param_groups[0]["momentum"] = 0.5   # changed after the first step: not seen
+            raise RuntimeError("boom")
+    assert _optimizer_hooks() == before                  # removed in finally, the script's exception passes
+    inner, outer = rec.models
+    seen = outer.optimizer
+    assert (seen.name, seen.kwargs["momentum"], seen.kwargs["nesterov"]) == ("SGD", 0.9, True)
+    assert seen.describe() == "SGD(momentum=0.9, nesterov=True)"
+    assert seen.state_dtypes == {"momentum_buffer": torch.float32} and seen.others == []
+    assert outer.ran_backward and inner.optimizer is None and not inner.ran_backward
+    refs = weakref.ref(model), weakref.ref(opt), weakref.ref(model.head.weight)
+    del model, opt
+    gc.collect()
+    assert [r() for r in refs] == [None, None, None]    # the recorder holds neither weights nor the optimizer
+
+
+def test_a_step_counts_as_backward_even_when_grads_are_cleared_before_the_next_call():
+    model = Inner()
+    opt = torch.optim.Adam(model.parameters(), foreach=False)
+    with ModelRecorder() as rec:
+        for _ in range(2):
+            opt.zero_grad(set_to_none=True)               # before the call: .grad is None at each call
+            model(torch.randn(2, 8)).sum().backward()
+            opt.step()
+        opt.zero_grad(set_to_none=True)                   # and at the end
+    (traced,) = rec.models
+    assert traced.ran_backward and traced.optimizer.kwargs["foreach"] is False
+    assert set(traced.optimizer.state_dtypes) == {"step", "exp_avg", "exp_avg_sq"}
+
+
+def test_an_optimizer_subclass_keeps_its_bases_settings_and_a_tensor_lr_becomes_a_number():
+    class Tuned(torch.optim.AdamW):
+        def __init__(self, params, **kwargs):
+            super().__init__(params, **kwargs)
+
+    model = Inner()
+    opt = Tuned(model.parameters(), lr=torch.tensor(0.01), amsgrad=True)
+    opt.param_groups[0]["initial_lr"] = 0.01              # what an LR scheduler adds: no constructor argument
+    with ModelRecorder() as rec:
+        model(torch.randn(2, 8)).sum().backward()
+        opt.step()
+    seen = rec.models[0].optimizer
+    assert seen.cls is Tuned and seen.kwargs["amsgrad"] is True and seen.kwargs["lr"] == pytest.approx(0.01)
+    assert "initial_lr" not in seen.kwargs and "decoupled_weight_decay" not in seen.kwargs
+
+
+def test_an_optimizer_over_part_of_a_model_and_a_second_one_are_told():
+    model = Outer()
+    head = torch.optim.SGD(model.head.parameters(), lr=0.1)
+    body = torch.optim.Adam(model.inner.parameters())
+    with ModelRecorder() as rec:
+        model(torch.randn(2, 8)).sum().backward()
+        head.step()
+        body.step()
+    seen = rec.models[0].optimizer
+    assert (seen.name, seen.parameters, seen.trainable, seen.others) == ("SGD", 2, 4, ["Adam"])
+
+
+def test_a_loss_module_called_on_the_output_is_the_models_loss():
+    model, criterion = Outer(), nn.CrossEntropyLoss(label_smoothing=0.1)
+    with ModelRecorder() as rec:
+        for _ in range(2):
+            criterion(model(torch.randn(4, 8)), torch.randint(0, 2, (4,))).backward()
+    outer, loss_module = rec.models
+    loss = outer.loss
+    assert loss.module is loss_module and (loss.output, loss.shape, loss.by_identity) == (0, (4, 2), True)
+    assert loss.targets[0].is_meta and loss.targets[0].dtype == torch.long
+    assert loss_module.loss is None and outer._outputs == []   # no weak references kept after the run
+
+
+def test_a_loss_by_shape_and_dtype_and_what_is_not_a_loss():
+    model = SelfCaller()
+    with ModelRecorder() as rec:
+        out = model(torch.randn(3, 4))
+        nn.MSELoss()(out.clone(), torch.randn(3, 4)).backward()   # a copy: same shape and dtype, not the tensor
+    assert rec.models[0].loss.by_identity is False and rec.models[0].loss.module.type_name == "MSELoss"
+
+    model = Outer()
+    with ModelRecorder() as rec:
+        with torch.no_grad():
+            nn.Softmax(dim=-1)(model(torch.randn(4, 8)))        # nothing to differentiate: not a loss
+        nn.L1Loss()(torch.randn(5), torch.randn(5))               # not the model's output
+    assert rec.models[0].loss is None

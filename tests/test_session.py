@@ -85,3 +85,50 @@ def test_registering_a_name_twice_is_an_error():
         output.register(type(output.get("json")))
     with pytest.raises(KeyError, match="registered: html, json, markdown, tensorboard, terminal"):
         output.get("pdf")
+
+
+# ---------------------------------------------------------------------------------------------- training steps
+
+def _trained_linear(optimizer=torch.optim.SGD, **kwargs):
+    model = nn.Linear(8, 4)
+    opt = optimizer(model.parameters(), lr=0.1, **kwargs)
+    with ModelRecorder() as rec:
+        for _ in range(2):
+            model(torch.randn(2, 8)).sum().backward()
+            opt.step()
+    return model, rec.models[0]
+
+
+def test_a_model_that_trained_gets_its_step_and_the_forward_only_note_only_without_one():
+    from shapeprof.optimizer_step import optimizer_step
+    from shapeprof.session import FORWARD_ONLY, with_trace_notes
+    model, traced = _trained_linear(momentum=0.9)
+    report = analyse_model(traced, TraceConfig(spec="h100-sxm"))
+    assert report.training.optimizer == "SGD (foreach)" and report.spec.name == "h100-sxm"
+    # 8*4 + 4 = 36 parameters: as optimizer_step's own doctest prices SGD(momentum=0.9) on a Linear(8, 4)
+    oracle = optimizer_step("sgd", model, momentum=0.9, spec="h100-sxm")
+    assert report.training.phases["optimizer"].bytes == oracle.bytes == 720 + 432
+    # no model .loss, no loss module: the output's sum, as capture_backward says
+    assert report.training.loss == "output.sum()" and FORWARD_ONLY not in report.notes
+    forward = shapeprof.analyze(traced.target(), *traced.args)
+    assert with_trace_notes(forward, traced).notes == (FORWARD_ONLY,)
+    assert with_trace_notes(report, traced) is report       # nothing missing: the same report
+
+
+def test_profile_keeps_the_predicted_training_step(tmp_path, monkeypatch):
+    import types
+    from shapeprof import session
+    _, traced = _trained_linear(torch.optim.AdamW, foreach=False)
+    forward = shapeprof.analyze(traced.target(), *traced.args)
+    # the measured run is a forward pass: stand in for profile() (which calibrates and measures) with forward reports
+    monkeypatch.setattr(session, "_profile", lambda *a: types.SimpleNamespace(
+        predicted=forward, measured=forward, trace=None, note="measured"))
+    [result] = list(analyse_all([traced], TraceConfig(profile=True, outputs=("json",)), shapeprof.get_spec(),
+                                tmp_path))
+    assert result.error is None and result.warnings == []
+    assert result.results.report.training.optimizer == "AdamW (for-loop)"
+    assert session.FORWARD_ONLY not in result.results.report.notes
+    assert any(n.startswith("the optimizer is the script's AdamW(foreach=False)") for n in result.results.report.notes)
+    assert result.results.measured.training is None and session.FORWARD_ONLY in result.results.measured.notes
+    saved = shapeprof.Report.from_json(tmp_path / "Linear" / "report.json")
+    assert saved.training == result.results.report.training
