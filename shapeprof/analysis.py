@@ -16,6 +16,8 @@ from .capture import Capture, CapturedNode, InputShape, capture, collector_pause
 from .costs import ATTENTION_OPS, cost_of
 from .findings import find
 from .hardware import DeviceSpec, SpecError, get_spec
+from .moe import of_model as moe_of_model
+from .moe import data_dependent_routing, routing_top_k, tokens_routed, with_tokens
 from .phases import is_phase
 from .phases import resolve as resolve_phase
 from .precision import Precision, quantise
@@ -80,12 +82,15 @@ def analyze(model: nn.Module, *args: Any, spec: str | DeviceSpec | None = None,
         resolved = resolve_phase(model, args[0], precision.dtype)
         target, args, kwargs = resolved.module, resolved.args, resolved.kwargs
         method = resolved.method if method == "auto" else method
+    moe_info, moe_notes = moe_of_model(model, precision.matmul_dtype or precision.dtype)
     with warnings.catch_warnings():
         if resolved is not None:   # torch's own pytree deprecation, from copying an exported graph
             warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
-        cap = capture(target, *args, method=method, dtype=precision.dtype, **kwargs)
+        with data_dependent_routing(moe_info):   # a loop over experts: one line naming the MoE block
+            cap = capture(target, *args, method=method, dtype=precision.dtype, **kwargs)
     costed = _NodeCoster(device, precision)
-    rows = [(cn, costed(cn.records)) for cn in cap.nodes if cn.records]
+    with routing_top_k(moe_info), data_dependent_routing(moe_info):   # grouped matmuls read each layer's top_k
+        rows = [(cn, costed(cn.records)) for cn in cap.nodes if cn.records]
     rows = [(cn, c) for cn, c in rows if c.flops or c.bytes_read or c.bytes_written or c.uncovered]
     total_seconds = sum(c.time.seconds * cn.repeats for cn, c in rows)
     nodes = [_node_stats(cn, c, total_seconds) for cn, c in rows]
@@ -100,7 +105,7 @@ def analyze(model: nn.Module, *args: Any, spec: str | DeviceSpec | None = None,
         raise UncoveredOpError(f"no cost formula for: {listed}")
     records_of = {cn.node.name: cn.records for cn, _ in rows}
     notes = [*cap.notes, *([precision.note] if precision.note else []), *costed.notes(nodes),
-             *(resolved.notes if resolved else [])]
+             *(resolved.notes if resolved else []), *moe_notes]
     weights_dtype = precision.matmul_dtype or precision.dtype
     info = resolved.info(model, weights_dtype, total.bytes, cap) if resolved else None
     report = Report(
@@ -110,7 +115,7 @@ def analyze(model: nn.Module, *args: Any, spec: str | DeviceSpec | None = None,
         coverage=coverage, findings=find(nodes, records_of, total_seconds, device, producers={
             cn.node.name: cn.node.all_input_nodes[0].name for cn, _ in rows if cn.node.all_input_nodes}),
         parameter_bytes=_parameter_bytes(model, weights_dtype), notes=tuple(notes),
-        phase=info, training=training,
+        phase=info, training=training, moe=with_tokens(moe_info, tokens_routed(cap, moe_info)) if moe_info else None,
         analysis_seconds=time.perf_counter() - start, graph_capture=cap)
     return report
 

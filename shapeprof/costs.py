@@ -46,6 +46,10 @@ Counting convention (shapeprof.costs):
 - 1 multiply-add = 2 FLOPs. Matmul-class ops (mm, bmm, addmm, linear, matmul, einsum) count
   2*M*K*N for the products only: a bias add or beta/alpha scaling is not counted, as in
   torch.utils.flop_counter.FlopCounterMode.
+- Grouped matmuls (aten._grouped_mm, transformers::grouped_mm_fallback and its backward) count
+  2*S*K*N for S rows (4*S*K*N backward), whatever the split among groups. Of the (E, K, N) weight they
+  read the experts the rows are expected to touch: with top_k known from a recognised MoE layer,
+  E x (1 - (1 - k/E)^(S/k)) (balanced, independent routing); otherwise min(E, S), an upper bound.
 - Convolution counts 2 x batch x prod(weight shape) x output positions (input positions when
   transposed), bias not counted: the same number FlopCounterMode gives.
 - Attention counts its two matmuls (Q K^T and P V) over the score entries actually computed: all
@@ -238,7 +242,7 @@ def _find_rule(op):
     if not isinstance(op, OpOverload):
         return None
     packet = op.overloadpacket
-    if packet in _REGISTRY:
+    if packet in _REGISTRY or _register_named(packet):
         return _REGISTRY[packet]
     returns = op._schema.returns
     if torch.Tag.inplace_view in op.tags or (
@@ -409,6 +413,103 @@ def _linear(input, weight, *, output):
     # output (..., out_features), each an in_features-long dot product; + bias not counted, so a
     # linear costs what its decomposition t + addmm costs
     return 2 * output[0].numel * weight.shape[-1]
+
+
+# Grouped matmuls (mixture of experts): input (S, K) with its rows sorted by group, weight (E, K, N), offs (E,)
+# the cumulative row counts. Every row meets one group's weight once, so FLOPs = 2*S*K*N whatever the split
+# (exact on meta, where offs holds no data). Bytes depend on the split: a group with no rows is never read.
+# Each formula reads input, offs and output in full and, of the weight, the experts the S rows are expected to
+# touch (`_experts_read`), or all of them when the split cannot matter.
+
+
+def _experts_read(experts: int, rows: int) -> float:
+    """Expected distinct groups (experts) that `rows` sorted rows touch, for a grouped matmul on meta.
+
+    The rows are (token, expert) pairs of a top-k routing. When the analysis recognised an MoE layer with this
+    many experts (shapeprof.moe.routing_top_k), the rows are rows/k tokens, each picking k distinct experts
+    under balanced independent routing: E x (1 - (1 - k/E)^(rows/k)) (shapeprof.moe.expected_distinct_experts).
+    Otherwise the count is min(E, rows): exact when the rows are one token's k picks (decode at batch 1), an
+    upper bound on what a balanced routing reads at larger batches, never an undercount of bytes."""
+    from .moe import expected_distinct_experts, top_k_for
+    if experts <= 0 or rows <= 0:
+        return 0.0
+    k = top_k_for(experts)
+    if k is None or k > experts:
+        return float(min(experts, rows))
+    return expected_distinct_experts(experts, k, rows / k)
+
+
+def _weight_read(weight: TensorMeta, rows: int) -> int:
+    experts = weight.shape[0]
+    return round(weight.nbytes * _experts_read(experts, rows) / experts) if experts else 0
+
+
+@register_cost(aten._grouped_mm, matmul=True)
+def _grouped_mm(self, mat2, offs=None, bias=None, *, output):
+    # Forms (torch._grouped_mm): 2D x 3D with offs (MoE: rows ragged over groups), 3D x 3D (a bmm), 3D x 2D
+    # (N ragged) and 2D x 2D (K ragged, output (G, M, N)). Every output element is a K-long dot product, except
+    # 2D x 2D, where group g's output sums only its own slice of K: together 2*M*K_total*N. Bias not counted.
+    # Bytes: 2D x 3D reads the expected experts of `mat2` (_experts_read); the other forms read everything.
+    out = output[0]
+    if len(self.shape) == 2 and len(mat2.shape) == 2:
+        flops = 2 * self.shape[0] * self.shape[1] * mat2.shape[1]
+    else:
+        flops = 2 * out.numel * self.shape[-1]
+    if len(self.shape) == 2 and len(mat2.shape) == 3:
+        read = self.nbytes + _weight_read(mat2, self.shape[0]) + _nbytes(offs, bias)
+        return OpCost(flops, read, out.nbytes)
+    return flops
+
+
+def _grouped_mm_fallback(input, weight, offs, *, output):
+    # transformers' grouped_mm_fallback: a loop of torch.mm(input[start:end], weight[i]) per non-empty group:
+    # 2*S*K*N FLOPs in all. Reads input, offs and the experts its rows touch; writes the (S, N) output.
+    s, k = input.shape
+    return OpCost(2 * s * k * weight.shape[2], input.nbytes + offs.nbytes + _weight_read(weight, s),
+                  _nbytes(output))
+
+
+def _grouped_mm_fallback_backward(input, weight, offs, grad_output, *, output):
+    # Per group two matmuls: grad_input = grad_output @ weight[i].T and grad_weight[i] = input.T @ grad_output,
+    # each 2*S_i*K*N: 4*S*K*N in all. Reads input, grad_output, offs and the experts touched; writes grad_input
+    # (S, K) and all of grad_weight (E, K, N): the fallback zero-fills the experts no row chose.
+    s, k = input.shape
+    read = input.nbytes + grad_output.nbytes + offs.nbytes + _weight_read(weight, s)
+    return OpCost(4 * s * k * weight.shape[2], read, _nbytes(output))
+
+
+# Ops that exist only once a library defines them (transformers' custom ops, defined when
+# transformers.integrations.moe is imported): registered when present, else when cost_of first meets them.
+_BY_NAME: dict[str, tuple[Callable[..., Any], bool]] = {
+    "transformers::grouped_mm_fallback": (_grouped_mm_fallback, True),
+    "transformers::grouped_mm_fallback_backward": (_grouped_mm_fallback_backward, True),
+}
+
+
+def _register_named(packet: OpOverloadPacket) -> bool:
+    """Register the _BY_NAME formula for `packet` if it has one; whether it did."""
+    if packet in _REGISTRY:
+        return False
+    namespace, _, name = packet._qualified_op_name.partition("::")
+    entry = _BY_NAME.get(f"{namespace}::{name}")
+    if entry is None:
+        return False
+    register_cost(packet, matmul=entry[1])(entry[0])
+    return True
+
+
+def _named_packet(qualified: str) -> OpOverloadPacket | None:
+    namespace, _, name = qualified.partition("::")
+    try:
+        return getattr(getattr(torch.ops, namespace), name)
+    except (AttributeError, RuntimeError):
+        return None
+
+
+for _name in _BY_NAME:
+    _found = _named_packet(_name)
+    if _found is not None:
+        _register_named(_found)
 
 
 # Matrix-vector and vector products run as gemv/dot kernels on the vector units (and are

@@ -21,6 +21,7 @@ from typing import Any, Iterable
 from .files import write_atomic
 from .hardware import DeviceSpec
 from .jsondata import ReportFormatError, from_plain, json_kind, load_json, read_json_file
+from .moe import MoEInfo
 from .phases import PhaseInfo
 from .training import Phase, TrainingSummary
 
@@ -262,6 +263,7 @@ class Report:
     notes: tuple[str, ...] = ()   # what the numbers assume or leave out (attention pricing, masks, forward only)
     phase: PhaseInfo | None = None   # analysed as a prefill or a decode step (shapeprof.Prefill / Decode)
     training: TrainingSummary | None = None   # analyze(..., train=...): the whole step; the nodes are its forward
+    moe: MoEInfo | None = None   # mixture-of-experts layers, routing and active/total params (shapeprof.moe)
     analysis_seconds: float = field(default=0.0, compare=False)
     graph_capture: Any = field(default=None, compare=False, repr=False)   # the Capture analysed (not saved)
 
@@ -366,6 +368,7 @@ class Report:
         d["findings"] = [asdict(f) for f in self.findings]
         d["phase"] = asdict(self.phase) if self.phase is not None else None
         d["training"] = asdict(self.training) if self.training is not None else None
+        d["moe"] = asdict(self.moe) if self.moe is not None else None
         return {"schema": SCHEMA, "version": SCHEMA_VERSION, **d}
 
     def to_json(self, path: str | os.PathLike | None = None) -> str:

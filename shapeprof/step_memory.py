@@ -74,7 +74,9 @@ class LiveBytes:
         self._known.update(_key(t) for t in tensors)
 
     def created(self, out: Any, op: Any, where: Callable[[], tuple[str, str]]) -> None:
-        for t in tensors_in(out):
+        if getattr(op, "is_view", False):   # a view's storage is its base's: nothing new (and views are many)
+            return
+        for t in (out,) if isinstance(out, torch.Tensor) else tensors_in(out):
             try:
                 storage = t.untyped_storage()
             except (RuntimeError, NotImplementedError):   # no storage (sparse, nested): not followed
