@@ -32,6 +32,7 @@ class LlamaConfig:
     norm_eps: float = 1e-5
     rope_theta: float = 500000.0
     max_seq_len: int = 8192
+    tie_embeddings: bool = False  # the output head shares tok_embeddings' weight (Llama 3.2 1B and 3B do)
 
     @property
     def head_dim(self):
@@ -65,6 +66,21 @@ class LlamaConfig:
         return cls(**{**dict(dim=16384, n_layers=126, n_heads=128, n_kv_heads=8, vocab_size=128256, multiple_of=4096,
                              ffn_dim_multiplier=1.2, norm_eps=1e-5, rope_theta=500000.0, max_seq_len=8192),
                       **overrides})
+
+    @classmethod
+    def llama31_70b(cls, **overrides):
+        """Llama 3.1 70B: 70,553,706,496 parameters (the 8k context of pretraining, no rope scaling)."""
+        return cls(**{**dict(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, vocab_size=128256, multiple_of=4096,
+                             ffn_dim_multiplier=1.3, norm_eps=1e-5, rope_theta=500000.0, max_seq_len=8192),
+                      **overrides})
+
+    @classmethod
+    def llama32_1b(cls, **overrides):
+        """Llama 3.2 1B: 1,235,814,400 parameters, its output head tied to the token embedding (8k context, no
+        rope scaling). Its SwiGLU hidden size: 1.5 x 5461, rounded up to a multiple of 256, is 8192."""
+        return cls(**{**dict(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, vocab_size=128256, multiple_of=256,
+                             ffn_dim_multiplier=1.5, norm_eps=1e-5, rope_theta=500000.0, max_seq_len=8192,
+                             tie_embeddings=True), **overrides})
 
 
 class RMSNorm(nn.Module):
@@ -173,7 +189,9 @@ class Transformer(nn.Module):
         self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
         self.layers = nn.ModuleList(TransformerBlock(config) for _ in range(config.n_layers))
         self.norm = RMSNorm(config.dim, eps=config.norm_eps)
-        self.output = nn.Linear(config.dim, config.vocab_size, bias=False)  # not tied to tok_embeddings
+        self.output = nn.Linear(config.dim, config.vocab_size, bias=False)  # tied only if the config says so
+        if config.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
 
         # Computed on the device the model is built on (meta included); derived from the config,
         # so kept out of the state_dict.

@@ -43,6 +43,7 @@ from .phases import Decode, Prefill, reusing_captures
 from .phases import resolve as resolve_phase
 from .precision import resolve as resolve_precision
 from .report import Report
+from .speculative import DRAFT_TOKENS
 from .text import fmt_bytes
 
 __all__ = ["Advice", "BatchSweep", "READING_TOKENS_PER_SECOND", "advise", "batch_sweep"]
@@ -285,8 +286,10 @@ class Advice:
     shapes: Any = None
     accountings: dict[str, dict[str, Any]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    speculative: Any = None      # a shapeprof.Speculative, where advise was given a draft model
 
     def to_dict(self) -> dict[str, Any]:
+        extra = {"speculative": self.speculative.to_dict()} if self.speculative is not None else {}
         return {
             "model": self.model, "spec": self.spec.name, "dtype": self.dtype, "context": self.context,
             "prefill": self.prefill, "decode": self.decode, "sweep": self.sweep,
@@ -295,7 +298,7 @@ class Advice:
             "step_crossing": self.step_crossing, "online": self.online, "offline": self.offline,
             "memory": self.memory, "parallel": self.parallel,
             "shapes": self.shapes.to_dict() if self.shapes is not None else None,
-            "accountings": self.accountings, "notes": list(self.notes),
+            "accountings": self.accountings, "notes": list(self.notes), **extra,
         }
 
     def to_json(self, path=None) -> str:
@@ -325,7 +328,8 @@ class Advice:
 def advise(model: nn.Module, spec: str | DeviceSpec | None = None, dtype: torch.dtype | str | None = torch.bfloat16,
            *, context: int | None = None, prompt: int | None = None,
            reading_tokens_per_second: float = READING_TOKENS_PER_SECOND,
-           batches: Sequence[int] = SWEEP_BATCHES) -> Advice:
+           batches: Sequence[int] = SWEEP_BATCHES, draft: nn.Module | None = None,
+           draft_tokens: Sequence[int] = DRAFT_TOKENS) -> Advice:
     """Prefill, decode, batch, memory and shape advice for an LLM on `spec` in `dtype`.
 
     Args:
@@ -337,6 +341,10 @@ def advise(model: nn.Module, spec: str | DeviceSpec | None = None, dtype: torch.
         prompt: the prefill's tokens (default: `context`).
         reading_tokens_per_second: the per-user speed online work must keep (default: reading speed, 5.3).
         batches: the sweep's batch sizes.
+        draft: a draft model for speculative decoding: `shapeprof.speculative(model, draft, ...)` at the same
+            spec, dtype and context goes into `advice.speculative` (at batches 1, 8, 32, 64), and a short
+            section into the printout.
+        draft_tokens: with a draft, the draft lengths priced (default 1 .. 8).
     """
     from .analysis import analyze
     device = get_spec(spec)
@@ -398,6 +406,18 @@ def advise(model: nn.Module, spec: str | DeviceSpec | None = None, dtype: torch.
                     rows, sweep.crossings(), sweep.step_crossing(), online, offline, memory, parallel, notes=notes)
     advice.shapes = _shapes(pre)
     advice.accountings = {"prefill": _accountings(pre, device), "decode": _accountings(dec, device)}
+    if draft is not None:
+        from .speculative import speculative
+        longest = max(draft_tokens) + 1       # the verification of the longest draft adds this many positions
+        at = context if limit is None or context + longest <= limit else limit - longest
+        if at < 1:
+            raise ValueError(f"{type(model).__name__} holds {limit} positions: too few to verify "
+                             f"{longest - 1} drafted tokens")
+        if at != context:
+            advice.notes.append(f"speculative decoding priced at context {at:,}: verifying {longest - 1} drafted "
+                                f"tokens adds {longest} positions, and {type(model).__name__} holds {limit}")
+        advice.speculative = speculative(model, draft, spec=device, dtype=dtype, context=at,
+                                         draft_tokens=draft_tokens)
     return advice
 
 

@@ -74,8 +74,8 @@ def describe(keep: torch.Tensor, lq: int, lk: int) -> MaskKind:
     """What a boolean keep-mask of logical shape (..., lq, lk) is, and how many entries it keeps."""
     kept = int(keep.sum())
     planes = keep.reshape(-1, lq, lk)
-    i = torch.arange(lq).unsqueeze(1)
-    j = torch.arange(lk).unsqueeze(0)
+    i = torch.arange(lq, device=keep.device).unsqueeze(1)   # on the mask's device, whatever the default one is
+    j = torch.arange(lk, device=keep.device).unsqueeze(0)   # (a `with torch.device("meta")` block around analyze)
     offset = lk - lq     # the cache length before these queries: bottom-right alignment, as decoding needs
     causal = j <= i + offset
     if bool(planes.all()):

@@ -74,17 +74,27 @@ class Prefill:
 
 @dataclass(frozen=True)
 class Decode:
-    """One decode step: `batch` sequences each with `context` positions cached, one new token each."""
+    """One decode step: `batch` sequences each with `context` positions cached, `tokens` new positions each.
+
+    `tokens=1` is plain decoding. A target model verifying g drafted tokens (speculative decoding,
+    `shapeprof.speculative`) runs one forward with `tokens=g + 1` query positions per sequence against the cache:
+    attention reads `context + tokens` positions, the cache is written for `tokens` of them, and every weight is
+    read once, which is why that one pass costs about what a single step does while it is memory-bound."""
 
     batch: int = 1
     context: int = 4096
+    tokens: int = 1
 
     def __post_init__(self) -> None:
         _positive("Decode.batch", self.batch)
         _positive("Decode.context", self.context)
+        _positive("Decode.tokens", self.tokens)
 
     kind = "decode"
-    new_tokens = 1
+
+    @property
+    def new_tokens(self) -> int:
+        return self.tokens
 
 
 def is_phase(x: Any) -> bool:
@@ -97,7 +107,7 @@ class PhaseInfo:
 
     `weight_bytes`: the weights a step reads (every parameter once; an embedding table only its rows, unless the
     table is tied to the output head). `kv_read_bytes` / `kv_written_bytes`: what any implementation of the step
-    must move of the KV cache (attention reads every cached position and the new one; the new position is written).
+    must move of the KV cache (attention reads every cached position and the new ones; the new positions are written).
     What the eager graph moves besides (activations, and a cache class that copies itself) is the report's total
     bytes minus these: `other_bytes`. A prefill's graph may write no cache at all (a model without one, analysed
     as it is): `kv_in_graph` then says the written figure is what
@@ -106,7 +116,8 @@ class PhaseInfo:
 
     kind: str                  # 'prefill' or 'decode'
     batch: int
-    tokens: int                # new tokens per sequence in this step (prefill: the prompt; decode: 1)
+    tokens: int                # new tokens per sequence in this step (prefill: the prompt; decode: 1, or the
+    #                            query positions of a verification pass, Decode(tokens=g + 1))
     context: int               # positions cached before the step
     cache: str                 # how the cache was given: "transformers DynamicCache", "inserted (kv_cache rewrite)"
     kv_bytes_per_token: int    # one position of one sequence: keys and values of every layer
@@ -131,7 +142,8 @@ class PhaseInfo:
     def describe(self) -> str:
         if self.kind == "prefill":
             return f"prefill: batch {self.batch} x {self.tokens} tokens"
-        return f"decode step: batch {self.batch}, cache of {self.context} positions ({self.cache})"
+        each = f", {self.tokens} query positions each" if self.tokens > 1 else ""
+        return f"decode step: batch {self.batch}{each}, cache of {self.context} positions ({self.cache})"
 
 
 @dataclass
@@ -285,12 +297,14 @@ def _hf(model: nn.Module, phase: Prefill | Decode, dtype: torch.dtype | None) ->
     if cache_kw is None:
         raise PhaseError(f"{type(model).__name__}.forward takes no past_key_values: it keeps no KV cache that "
                          f"shapeprof can fill (a state-space model's state is not one)")
-    kwargs = {ids_kw: InputShape((phase.batch, 1), torch.long), cache_kw: cache, "use_cache": True}
-    positions = [min(phase.context + 1, w) if w else phase.context + 1 for w in windows]
-    # the ideal reads: every layer's keys and values, of the positions each layer attends to
+    new = phase.new_tokens
+    kwargs = {ids_kw: InputShape((phase.batch, new), torch.long), cache_kw: cache, "use_cache": True}
+    # the ideal reads: every layer's keys and values, of the positions each layer attends to (a sliding window:
+    # the last `w` before each of the new positions, w + new - 1 in all)
+    positions = [min(phase.context + new, w + new - 1) if w else phase.context + new for w in windows]
     per_layer = 2 * kv_heads * head_dim * cache_dtype.itemsize
     notes = [f"decode step over {type(cache).__name__} holding {phase.context} positions (transformers' own cache "
-             f"class, on meta)"]
+             f"class, on meta)" + (f", {new} new positions per sequence in one forward" if new > 1 else "")]
     if type(cache).__name__ == "DynamicCache":
         notes.append("transformers' DynamicCache concatenates: each eager step copies every layer's whole cache "
                      "(in the report's bytes, not in its KV read / written figures, which a static or paged "
@@ -405,10 +419,12 @@ def _inserted(model: nn.Module, phase: Prefill | Decode, dtype: torch.dtype | No
     cache.start = phase.context
     leaves = list(seq.leaves)
     leaves[seq.ids_index] = InputShape((phase.batch, phase.new_tokens), torch.long)
+    new = phase.new_tokens
     notes = [f"decode over the KV cache shapeprof's kv_cache rewrite inserts ({len(plan.slots)} cached tensors): "
-             f"keys and values written for the new position only, attention over every cached one"]
+             f"keys and values written for the " + (f"{new} new positions" if new > 1 else "new position") +
+             " only, attention over every cached one"]
     return ResolvedPhase(phase, seq.gm, (*leaves, cache), {}, "dispatch", "inserted (kv_cache rewrite)", per_token,
-                         [(phase.context + 1) * per_token], limit, layers, width, notes)
+                         [(phase.context + new) * per_token], limit, layers, width, notes)
 
 
 _MEMO: contextvars.ContextVar[dict | None] = contextvars.ContextVar("shapeprof_phase_memo", default=None)

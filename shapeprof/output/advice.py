@@ -93,9 +93,28 @@ def render(adv) -> Group:
     parts.append(Text("\n".join(lines)))
     if adv.shapes is not None:
         parts.append(adv.shapes)
+    if adv.speculative is not None:
+        parts.append(_speculative(adv.speculative))
     if adv.notes:
         parts.append(Text("notes:\n" + "\n".join(f"- {printable(n)}" for n in adv.notes), style="dim"))
     return Group(*parts)
+
+
+def _speculative(sd) -> Group:
+    """A short section: per batch the speedup at the reference point and the break-even rate; all of it in
+    `print(adv.speculative)`."""
+    a, g = sd.reference()
+    t = _table(f"Speculative decoding with {printable(sd.draft)} as the draft (context {sd.context:,}; "
+               f"print(adv.speculative) for every rate and draft length)", "batch", "target step", "draft step",
+               f"verify g={g}", f"speedup a={a:g}, g={g}", f"break-even a at g={g}", f"best g at a={a:g}")
+    for b in sd.batches:
+        st = sd.step_times(b, g)
+        be = sd.break_even(g, b)
+        best = next(r for r in sd.best(b) if r["acceptance"] == a)
+        t.add_row(str(b), fmt_seconds(st["target"]), fmt_seconds(st["draft"]), fmt_seconds(st["verify"]),
+                  f"{sd.speedup(a, g, b):.2f}x", f"{be:.3f}" if be is not None else "never",
+                  f"{best['draft_tokens']} ({best['speedup']:.2f}x)")
+    return Group(t)
 
 
 # ---------------------------------------------------------------------------------------------- TensorBoard
