@@ -37,8 +37,12 @@ def optimized(model: nn.Module, x: torch.Tensor, **kw) -> nn.Module:
 
 
 def same(a: nn.Module, b: nn.Module, x: torch.Tensor) -> None:
+    # optimize's own promise (Tolerance.for_output): a fused kernel sums in another order, so each output moves by
+    # about rtol x the size of the values summed; with randn weights (load_state_dict below) those reach hundreds
     with torch.no_grad():
-        torch.testing.assert_close(a(x), b(x))
+        expected = b(x)
+        tol = shapeprof.Tolerance.for_output(expected)
+        torch.testing.assert_close(a(x), expected, rtol=tol.rtol, atol=tol.atol)
 
 
 def mlp():
