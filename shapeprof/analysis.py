@@ -17,7 +17,7 @@ from .costs import ATTENTION_OPS, cost_of
 from .findings import find
 from .hardware import DeviceSpec, SpecError, get_spec
 from .moe import of_model as moe_of_model
-from .moe import data_dependent_routing, routing_top_k, tokens_routed, with_tokens
+from .moe import data_dependent_routing, expert_reads_note, routing_top_k, step_weight_bytes, tokens_routed, with_tokens
 from .phases import is_phase
 from .phases import resolve as resolve_phase
 from .precision import Precision, quantise
@@ -108,6 +108,9 @@ def analyze(model: nn.Module, *args: Any, spec: str | DeviceSpec | None = None,
              *(resolved.notes if resolved else []), *moe_notes]
     weights_dtype = precision.matmul_dtype or precision.dtype
     info = resolved.info(model, weights_dtype, total.bytes, cap) if resolved else None
+    if info is not None and moe_info is not None:   # a step reads the experts its tokens pick, not every one
+        info = replace(info, weight_bytes=step_weight_bytes(moe_info, info.weight_bytes, info.tokens_per_step))
+        notes.append(expert_reads_note(moe_info, info.tokens_per_step))
     report = Report(
         model=type(model).__name__, spec=device, dtype=_precision_name(precision),
         inputs=(info.describe(),) if info else _describe_inputs(args, kwargs, precision.dtype),

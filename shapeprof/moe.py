@@ -259,6 +259,30 @@ def _unique_params(module: nn.Module) -> list:
     return list(seen.values())
 
 
+def step_weight_bytes(info: MoEInfo, all_weights: int, tokens: int) -> int:
+    """The weights a step of `tokens` tokens reads, from `all_weights` (every parameter read once): each MoE
+    layer's routed experts count for the expected distinct experts those tokens pick, not all of them.
+
+        >>> layer = MoELayer("mlp", 8, 2, "balanced", expert_params=100, bytes_per_expert=200)
+        >>> info = MoEInfo((layer,), total_params=1000, dense_params=200, active_params=400, dtype_bytes=2)
+        >>> step_weight_bytes(info, 2000, tokens=1)     # 2000 - 8 x 200 + 2 x 200
+        800
+    """
+    routed = sum(layer.experts * layer.bytes_per_expert for layer in info.layers)
+    read = sum(expected_distinct_experts(layer.experts, layer.top_k, tokens) * layer.bytes_per_expert
+               for layer in info.layers)
+    return all_weights - routed + round(read)
+
+
+def expert_reads_note(info: MoEInfo, tokens: int) -> str:
+    """What a step of `tokens` tokens reads of the experts, and from which batch every expert is read anyway."""
+    layer = info.layers[0]
+    read = expected_distinct_experts(layer.experts, layer.top_k, tokens)
+    return (f"mixture of experts: {tokens} token(s) per step read {read:.2f} of {layer.experts} experts per layer on "
+            f"average (E (1 - (1 - k/E)^b), balanced routing); from {info.all_experts_batch()} tokens per step "
+            f"every expert is read anyway, and the step's weight bytes stop growing")
+
+
 def with_tokens(info: MoEInfo, tokens: int | None) -> MoEInfo:
     """`info` with every layer's tokens and expected experts read set for a step of `tokens` tokens."""
     if tokens is None:

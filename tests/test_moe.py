@@ -281,3 +281,19 @@ def test_block_without_top_k_is_a_named_error():
     del block.top_k
     with pytest.raises(ValueError, match="MoE block '' .*no top_k"):
         recognise(block)
+
+
+@pytest.mark.parametrize("batch", [1, 2, 8])
+def test_a_decode_steps_weight_bytes_count_the_experts_its_tokens_read(batch):
+    # PhaseInfo.weight_bytes of a Mixtral decode step: what a dense model's would be (every parameter, the
+    # embedding table's rows only), less the routed experts, plus the experts `batch` tokens are expected to pick
+    cfg = _tiny_cfg()
+    with torch.device("meta"):
+        model = transformers.MixtralForCausalLM(cfg)
+    rep = shapeprof.analyze(model, shapeprof.Decode(batch=batch, context=16), dtype=torch.bfloat16)
+    e, k, layers = cfg.num_local_experts, cfg.num_experts_per_tok, cfg.num_hidden_layers
+    expert = 3 * cfg.hidden_size * cfg.intermediate_size * 2        # w1, w3, w2 in bf16
+    every = sum(p.numel() for p in model.parameters()) * 2
+    embedding_rows = cfg.vocab_size * cfg.hidden_size * 2 - batch * cfg.hidden_size * 2   # a step reads its rows
+    expected = e * (1 - (1 - k / e) ** batch)
+    assert rep.phase.weight_bytes == every - embedding_rows - layers * e * expert + round(layers * expected * expert)
