@@ -12,6 +12,7 @@ import shapeprof
 from examples.llama import LlamaConfig, Transformer
 from examples.nanogpt import GPT, GPTConfig
 from shapeprof.costs import cost_of
+from tests.test_phases import _ReferenceStyleLlama
 
 SDPA = "aten.scaled_dot_product_attention"
 
@@ -113,43 +114,8 @@ def test_verification_of_a_huggingface_model_over_its_dynamic_cache():
     assert all(rec.input_metas()[1].shape[-2] == 20 for rec in _sdpa(r))
 
 
-class _CachedAttention(torch.nn.Module):
-    """Meta's reference Llama's way: the cache in buffers, written at start_pos."""
-
-    def __init__(self, dim=64, heads=4, max_seq=128):
-        super().__init__()
-        self.heads, self.hd = heads, dim // heads
-        self.wqkv = torch.nn.Linear(dim, 3 * dim, bias=False)
-        self.register_buffer("cache_k", torch.zeros(4, heads, max_seq, self.hd), persistent=False)
-        self.register_buffer("cache_v", torch.zeros(4, heads, max_seq, self.hd), persistent=False)
-
-    def forward(self, x, start_pos):
-        b, t, _ = x.shape
-        q, k, v = self.wqkv(x).view(b, t, 3, self.heads, self.hd).permute(2, 0, 3, 1, 4)   # 3 x (B, H, T, hd)
-        self.cache_k[:b, :, start_pos:start_pos + t] = k
-        self.cache_v[:b, :, start_pos:start_pos + t] = v
-        keys, values = self.cache_k[:b, :, :start_pos + t], self.cache_v[:b, :, :start_pos + t]   # (B, H, S, hd)
-        out = torch.nn.functional.scaled_dot_product_attention(q, keys, values)                  # (B, H, T, hd)
-        return out.transpose(1, 2).reshape(b, t, -1)                                              # (B, T, dim)
-
-
-class _StartPosDecoder(torch.nn.Module):
-    def __init__(self, layers=2, dim=64, vocab=256, max_seq=128):
-        super().__init__()
-        self.max_seq_len = max_seq
-        self.emb = torch.nn.Embedding(vocab, dim)
-        self.layers = torch.nn.ModuleList(_CachedAttention(dim, max_seq=max_seq) for _ in range(layers))
-        self.out = torch.nn.Linear(dim, vocab, bias=False)
-
-    def forward(self, tokens, start_pos: int):
-        h = self.emb(tokens)
-        for layer in self.layers:
-            h = h + layer(h, start_pos)
-        return self.out(h)
-
-
 def test_verification_through_a_cache_of_its_own_and_nanogpt():
-    model = _on_meta(_StartPosDecoder)
+    model = _on_meta(_ReferenceStyleLlama)   # Meta's reference Llama's way: its cache in buffers, start_pos
     r = _analyze(model, shapeprof.Decode(batch=2, context=40, tokens=5))
     # per position: 2 layers x (k + v) x 4 heads x 16 x 4 bytes = 1,024; 45 positions read, 5 written per sequence
     assert (r.phase.kv_bytes_per_token, r.phase.kv_read_bytes, r.phase.kv_written_bytes) == (1024, 2 * 45 * 1024,
