@@ -300,7 +300,7 @@ def refuse_untrainable(model: nn.Module) -> None:
 
 def blocks_of(model: nn.Module) -> tuple[str, ...]:
     """The paths of the blocks of `model`'s longest ModuleList (a transformer's layers): what checkpointing and
-    FSDP wrap, one unit each. None when it has no list of two or more."""
+    FSDP wrap, one unit each; none (an empty tuple) when it has no list of two or more."""
     lists = [(path, m) for path, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) > 1]
     if not lists:
         return ()
@@ -386,7 +386,8 @@ _CALLS_ATTENTION = frozenset({F.multi_head_attention_forward})
 class _Run(TorchFunctionMode):
     """Runs the shadow's forward and backward, knowing at each op which module it belongs to."""
 
-    def __init__(self, shadow: nn.Module, blocks: tuple[str, ...] = (), autocast: AutocastPolicy | None = None) -> None:
+    def __init__(self, shadow: nn.Module, blocks: tuple[str, ...] = (),
+                 autocast: AutocastPolicy | None = None) -> None:
         super().__init__()
         self.shadow = shadow
         self.autocast = autocast

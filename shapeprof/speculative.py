@@ -104,7 +104,8 @@ class Speculative:
     batches: tuple[int, ...]
     acceptance: tuple[float, ...]
     draft_tokens: tuple[int, ...]
-    steps: Mapping[int, Mapping[str, Any]] = field(repr=False)   # batch -> {"target", "draft": Step, "verify": {g: Step}}
+    # batch -> {"target", "draft": Step, "verify": {g: Step}}
+    steps: Mapping[int, Mapping[str, Any]] = field(repr=False)
     timing: str = "roofline"          # or "achievable": the spec's measured latency floor and achieved peaks
     vocab: int | None = None
     analyses: int = 0                 # analyze() calls made (each distinct step once)

@@ -56,7 +56,8 @@ class LiveBytes:
     (phase, module) only when a new peak is reached.
     """
 
-    def __init__(self, known: Iterable[torch.Tensor] = (), weight: Callable[[torch.Tensor], int] | None = None) -> None:
+    def __init__(self, known: Iterable[torch.Tensor] = (),
+                 weight: Callable[[torch.Tensor], float] | None = None) -> None:
         # torch imports torch._dynamo on the first call of a function it keeps dynamo out of (F.linear's path
         # has one): imported in the middle of a run, the frames running then stay referenced by the import's
         # own cycles, and their tensors would count as alive until a garbage collection. Import it first.

@@ -113,7 +113,7 @@ class TrainingSummary:
     fsdp_gpus: int | None
     fsdp: str
     notes: tuple[str, ...] = ()
-    peak_at: str = ""             # where the peak falls: "backward in 'transformer.h.0.mlp' (aten.mm)", "optimizer step"
+    peak_at: str = ""             # where the peak falls: "backward in 'h.0.mlp' (aten.mm)", "optimizer step"
     checkpointed: tuple[str, ...] = ()     # the blocks priced under activation checkpointing
     blocks: tuple[BlockTrade, ...] = ()    # per block not checkpointed: what checkpointing it would trade
 
@@ -269,7 +269,8 @@ def train_step(model: nn.Module, *args: Any, optimizer: str | type[torch.optim.O
                      hardware_flops=hardware,
                      peak_flops=device.peak_for(compute or precision.dtype or _first_trainable(model).dtype,
                                                 matmul=True),
-                     memory=memory, peak_at=peak_at, largest_unit_bytes=unit, ddp=smallest_fit(strategy="ddp", **figures),
+                     memory=memory, peak_at=peak_at, largest_unit_bytes=unit,
+                     ddp=smallest_fit(strategy="ddp", **figures),
                      fsdp=smallest_fit(strategy="fsdp", **figures), notes=tuple(notes))
     return step
 
