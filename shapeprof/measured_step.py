@@ -36,7 +36,7 @@ from .analysis import _training_step
 from .backward import _loss_of
 from .capture import unwrap
 from .hardware import DeviceSpec, get_spec
-from .optimizer_step import _optimizer_class
+from .optimizer_step import _optimizer_class, _state_bytes
 from .profiling import ProfileError, _run_device
 from .precision import resolve as resolve_precision
 from .snapshot import copy_inputs, rng_kept
@@ -308,19 +308,3 @@ def _implementation(kwargs: dict[str, Any], params: list[torch.Tensor]) -> str:
         _, foreach = _default_to_fused_or_foreach(params, bool(kwargs.get("differentiable", False)), False)
         return "foreach" if foreach else "for-loop"
     return "for-loop"
-
-
-def _state_bytes(optimizer: torch.optim.Optimizer) -> int:
-    """Bytes the optimizer's state holds, each storage once (an SGD momentum buffer, Adam's moments and step
-    counters)."""
-    seen: set[tuple] = set()
-    total = 0
-    for state in optimizer.state.values():
-        for value in state.values():
-            if isinstance(value, torch.Tensor):
-                storage = value.untyped_storage()
-                key = (value.device, storage.data_ptr(), storage.nbytes())
-                if key not in seen:
-                    seen.add(key)
-                    total += storage.nbytes()
-    return total

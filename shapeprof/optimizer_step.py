@@ -216,7 +216,7 @@ def _representatives(group: dict) -> tuple[list[dict], Any]:
     counts: dict[tuple, int] = defaultdict(int)
     firsts: dict[tuple, torch.Tensor] = {}
     for p in group["params"]:
-        key = (tuple(p.shape), tuple(p.stride()), p.dtype)
+        key = _layout(p)
         counts[key] += 1
         firsts.setdefault(key, p)
     per_scalar = len(group["params"]) / len(firsts)
@@ -224,8 +224,13 @@ def _representatives(group: dict) -> tuple[list[dict], Any]:
     def weight(t: torch.Tensor) -> float:
         if t.dim() == 0:
             return per_scalar
-        return counts.get((tuple(t.shape), tuple(t.stride()), t.dtype), 1)
+        return counts.get(_layout(t), 1)
     return [{**group, "params": list(firsts.values())}], weight
+
+
+def _layout(t: torch.Tensor) -> tuple:
+    """What makes two parameters of a group step alike: shape, strides, dtype (one representative stands for all)."""
+    return tuple(t.shape), tuple(t.stride()), t.dtype
 
 
 def _watched_step(cls, groups: list[dict], kwargs: dict, weight=None) -> int:
@@ -502,7 +507,7 @@ def _dedupe_step(cls, impl: str, groups: list[dict], params: list[torch.Tensor],
     for group in groups:
         firsts: dict[tuple, int] = {}
         for p in group["params"]:
-            key = (tuple(p.shape), tuple(p.stride()), p.dtype)
+            key = _layout(p)
             k = firsts.get(key)
             if k is None:
                 k = firsts[key] = len(reps)

@@ -12,7 +12,7 @@ import shapeprof
 from examples.llama import LlamaConfig, Transformer
 from examples.nanogpt import GPT, GPTConfig
 from shapeprof.costs import cost_of
-from tests.test_phases import _ReferenceStyleLlama
+from tests.test_phases import _records, _ReferenceStyleLlama
 
 SDPA = "aten.scaled_dot_product_attention"
 
@@ -22,13 +22,6 @@ def _on_meta(build):
         warnings.simplefilter("ignore")
         with torch.device("meta"):
             return build()
-
-
-def _records(report):
-    for cn in report.graph_capture.nodes:
-        for rec in cn.records:
-            for _ in range(cn.repeats):
-                yield rec
 
 
 def _sdpa(report):
