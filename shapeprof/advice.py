@@ -194,8 +194,9 @@ def crossing_batch(op: _Op, bandwidth: float) -> int | None:
 
 def batch_sweep(model: nn.Module, inputs_at: Callable[[int], tuple], *, spec: str | DeviceSpec | None = None,
                 dtype: torch.dtype | str | None = None, batches: Sequence[int] = SWEEP_BATCHES,
-                check: int = _CHECK_BATCH) -> BatchSweep:
-    """Every op of `model` on `inputs_at(batch)` as a function of the batch.
+                check: int = _CHECK_BATCH, routing: Any = None) -> BatchSweep:
+    """Every op of `model` on `inputs_at(batch)` as a function of the batch (`routing`: an MoE model's, as
+    `analyze` takes it).
 
         >>> import torch, shapeprof
         >>> from shapeprof.advice import batch_sweep
@@ -208,15 +209,16 @@ def batch_sweep(model: nn.Module, inputs_at: Callable[[int], tuple], *, spec: st
     device = get_spec(spec)
     precision = resolve_precision(dtype)
     with reusing_captures():
-        one, two = (analyze(model, *inputs_at(b), spec=device, dtype=dtype) for b in (1, 2))
+        one, two = (analyze(model, *inputs_at(b), spec=device, dtype=dtype, routing=routing) for b in (1, 2))
         ops = _paired_ops(one, two, _NodeCoster(device, precision))
         sweep = BatchSweep(ops or [], device, exact=ops is not None)
         if sweep.exact:
-            checked = analyze(model, *inputs_at(check), spec=device, dtype=dtype)
+            checked = analyze(model, *inputs_at(check), spec=device, dtype=dtype, routing=routing)
             _, _, flops, nbytes = sweep.step(check)
             sweep.exact = (flops, nbytes) == (checked.total.flops, checked.total.bytes)
         if not sweep.exact:
-            sweep.direct = {b: analyze(model, *inputs_at(b), spec=device, dtype=dtype) for b in batches}
+            sweep.direct = {b: analyze(model, *inputs_at(b), spec=device, dtype=dtype, routing=routing)
+                            for b in batches}
     return sweep
 
 
@@ -329,7 +331,7 @@ def advise(model: nn.Module, spec: str | DeviceSpec | None = None, dtype: torch.
            *, context: int | None = None, prompt: int | None = None,
            reading_tokens_per_second: float = READING_TOKENS_PER_SECOND,
            batches: Sequence[int] = SWEEP_BATCHES, draft: nn.Module | None = None,
-           draft_tokens: Sequence[int] = DRAFT_TOKENS) -> Advice:
+           draft_tokens: Sequence[int] = DRAFT_TOKENS, routing: Any = None) -> Advice:
     """Prefill, decode, batch, memory and shape advice for an LLM on `spec` in `dtype`.
 
     Args:
@@ -345,6 +347,7 @@ def advise(model: nn.Module, spec: str | DeviceSpec | None = None, dtype: torch.
             spec, dtype and context goes into `advice.speculative` (at batches 1, 8, 32, 64), and a short
             section into the printout.
         draft_tokens: with a draft, the draft lengths priced (default 1 .. 8).
+        routing: for an MoE model, how its tokens split over the experts, as `analyze` takes it (default balanced).
     """
     from .analysis import analyze
     device = get_spec(spec)
@@ -357,9 +360,10 @@ def advise(model: nn.Module, spec: str | DeviceSpec | None = None, dtype: torch.
             raise ValueError(f"context={context}: a decode step adds a position, and {type(model).__name__} "
                              f"holds at most {limit}")
         prompt = prompt or context
-        pre = analyze(model, Prefill(1, prompt), spec=device, dtype=dtype)
-        dec = analyze(model, Decode(1, context), spec=device, dtype=dtype)
-        sweep = batch_sweep(model, lambda b: (Decode(b, context),), spec=device, dtype=dtype, batches=batches)
+        pre = analyze(model, Prefill(1, prompt), spec=device, dtype=dtype, routing=routing)
+        dec = analyze(model, Decode(1, context), spec=device, dtype=dtype, routing=routing)
+        sweep = batch_sweep(model, lambda b: (Decode(b, context),), spec=device, dtype=dtype, batches=batches,
+                            routing=routing)
     info = dec.phase
     notes = list(dict.fromkeys([*pre.notes, *dec.notes]))
     if not sweep.exact:

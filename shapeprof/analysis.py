@@ -17,7 +17,10 @@ from .costs import ATTENTION_OPS, cost_of
 from .findings import find
 from .hardware import DeviceSpec, SpecError, get_spec
 from .moe import of_model as moe_of_model
-from .moe import data_dependent_routing, expert_reads_note, routing_top_k, step_weight_bytes, tokens_routed, with_tokens
+from .moe import (BALANCED, MoERoutingError, data_dependent_routing, expert_reads_note, routing_top_k,
+                  step_weight_bytes, tokens_routed, with_tokens)
+from .expert_loop import loop_stand_ins
+from .routing import as_routing
 from .phases import is_phase
 from .phases import resolve as resolve_phase
 from .precision import Precision, quantise
@@ -36,7 +39,7 @@ class UncoveredOpError(RuntimeError):
 @collector_paused()   # no garbage collection while it runs: see capture.collector_paused
 def analyze(model: nn.Module, *args: Any, spec: str | DeviceSpec | None = None,
             dtype: torch.dtype | str | None = None, strict: bool = False, method: str = "auto", tf32: bool = False,
-            train: bool | Any = False, **kwargs: Any) -> Report:
+            train: bool | Any = False, routing: Any = None, **kwargs: Any) -> Report:
     """Trace `model` on its example inputs and say where the time goes on a GPU, and why.
 
     Counting convention: 1 multiply-add = 2 FLOPs; causal attention counts the half of the score matrix that is
@@ -66,6 +69,9 @@ def analyze(model: nn.Module, *args: Any, spec: str | DeviceSpec | None = None,
         train: True or a `shapeprof.Train(optimizer=..., loss_fn=..., targets=...)`: also price the whole training
             step (forward, backward of the loss, the optimizer's update) into `report.training`, `report.phases`
             and `report.memory` (`shapeprof.training`); the nodes stay the forward's.
+        routing: for a mixture-of-experts model, how its tokens split over the experts: "balanced" (the default,
+            assumed), `shapeprof.measure_routing(model, *inputs)` (counted in a real forward), or loads per expert
+            (one list for every layer, or {layer path: list}; `shapeprof.Routing.given`). `report.moe` says which.
 
     Returns:
         A `Report`.
@@ -82,15 +88,33 @@ def analyze(model: nn.Module, *args: Any, spec: str | DeviceSpec | None = None,
         resolved = resolve_phase(model, args[0], precision.dtype)
         target, args, kwargs = resolved.module, resolved.args, resolved.kwargs
         method = resolved.method if method == "auto" else method
-    moe_info, moe_notes = moe_of_model(model, precision.matmul_dtype or precision.dtype)
-    with warnings.catch_warnings():
-        if resolved is not None:   # torch's own pytree deprecation, from copying an exported graph
-            warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
-        with data_dependent_routing(moe_info):   # a loop over experts: one line naming the MoE block
-            cap = capture(target, *args, method=method, dtype=precision.dtype, **kwargs)
-    costed = _NodeCoster(device, precision)
-    with routing_top_k(moe_info), data_dependent_routing(moe_info):   # grouped matmuls read each layer's top_k
-        rows = [(cn, costed(cn.records)) for cn in cap.nodes if cn.records]
+    routing = as_routing(routing)
+    moe_info, moe_notes = moe_of_model(model, precision.matmul_dtype or precision.dtype,
+                                       routing if routing.source != BALANCED else None)
+    if moe_info is None and routing.source != BALANCED:
+        raise ValueError(f"routing= is for mixture-of-experts models, and {type(model).__name__} has no MoE block "
+                         f"(a module with `experts` and a `gate` or `router` with one row per expert)")
+    def capture_and_cost(stand_ins=None):
+        with warnings.catch_warnings():
+            if resolved is not None:   # torch's own pytree deprecation, from copying an exported graph
+                warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
+            with data_dependent_routing(moe_info):   # a loop over experts: one line naming the MoE block
+                cap = capture(target, *args, method=method, dtype=precision.dtype, stand_ins=stand_ins, **kwargs)
+        costed = _NodeCoster(device, precision)
+        with routing_top_k(moe_info), data_dependent_routing(moe_info):   # grouped matmuls read each layer's top_k
+            return cap, costed, [(cn, costed(cn.records)) for cn in cap.nodes if cn.records]
+    try:
+        cap, costed, rows = capture_and_cost()
+    except MoERoutingError:
+        # a loop over experts meta cannot run (or that ran to sizes no one knows): run it with each expert's rows
+        # fixed by the routing instead
+        makers = loop_stand_ins(model, moe_info) if target is model else None
+        if makers is None:
+            raise
+        cap, costed, rows = capture_and_cost(makers)
+        moe_notes.append(f"loop over experts in {', '.join(repr(p) for p in makers)}: meta cannot run it (which "
+                         f"tokens reach an expert is data); priced with each expert's rows fixed by the "
+                         f"{moe_info.routing} routing, tokens x top_k rows in all (shapeprof.expert_loop)")
     rows = [(cn, c) for cn, c in rows if c.flops or c.bytes_read or c.bytes_written or c.uncovered]
     total_seconds = sum(c.time.seconds * cn.repeats for cn, c in rows)
     nodes = [_node_stats(cn, c, total_seconds) for cn, c in rows]

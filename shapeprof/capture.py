@@ -136,7 +136,8 @@ class Capture:
 
 
 def capture(model: nn.Module, *args: Any, method: str = "auto", dtype: torch.dtype | None = None,
-            leaf_untraceable: bool = False, **kwargs: Any) -> Capture:
+            leaf_untraceable: bool = False, stand_ins: dict[str, Callable[[nn.Module], Callable]] | None = None,
+            **kwargs: Any) -> Capture:
     """Capture `model` called as ``model(*args, **kwargs)`` into a graph with per-node ATen op records.
 
     Args:
@@ -152,6 +153,8 @@ def capture(model: nn.Module, *args: Any, method: str = "auto", dtype: torch.dty
             whose forward it cannot trace as one node instead of failing (the notes name them), and gives tensors
             their concrete dtypes, so that a branch on a dtype traces the branch the inputs take (the drop-in's guard
             then checks the inputs' dtypes).
+        stand_ins: module path -> a maker of the forward that module runs on the meta shadow, and is kept whole
+            as one node (`shapeprof.expert_loop`: a loop over experts meta cannot run). The model is untouched.
 
     Returns:
         A `Capture`; `capture.method` says which way worked, `capture.attempts` why the earlier ones did not.
@@ -171,6 +174,9 @@ def capture(model: nn.Module, *args: Any, method: str = "auto", dtype: torch.dty
     devices = sorted({t.device.index or 0 for t in held if t.device.type == "cuda"})
     with collector_paused(), _user_global_hooks_silenced(), torch.random.fork_rng(devices=devices):
         shadow = meta_shadow(model, dtype, held)
+        for path, make in (stand_ins or {}).items():
+            block = shadow.get_submodule(path)
+            block.forward = make(block)   # an instance attribute: nn.Module.__call__ runs it
         meta_args, meta_kwargs = meta_inputs((args, kwargs), dtype)
         for name in ORDERS.get(method, (method,)):
             if name == "dispatch_real" and method in ORDERS and not branch_site:
@@ -181,7 +187,7 @@ def capture(model: nn.Module, *args: Any, method: str = "auto", dtype: torch.dty
                     graph, nodes, exported = _capture_dispatch_real(model, args, kwargs, dtype)
                 elif name == "symbolic_trace":
                     graph, nodes, exported = _capture_symbolic(shadow, meta_args, meta_kwargs, leaf_untraceable,
-                                                               kept_whole)
+                                                               kept_whole, frozenset(stand_ins or ()))
                 else:
                     graph, nodes, exported = _CAPTURERS[name](shadow, meta_args, meta_kwargs)
             except Exception as e:  # each way fails in its own way; keep why and try the next
@@ -728,17 +734,17 @@ def _reprefix(s: str, old: str, new: str) -> str:
 
 
 def _capture_symbolic(shadow: nn.Module, args: tuple, kwargs: dict, leaf_untraceable: bool = False,
-                      kept_whole: list | None = None):
+                      kept_whole: list | None = None, leaves: frozenset[str] = frozenset()):
     """symbolic_trace; with `leaf_untraceable`, a submodule whose forward cannot be traced (an HF attention's control
     flow on shapes) is called whole, as one node, and tracing tries again (bounded: each retry makes one more).
-    The paths so kept go into `kept_whole`."""
-    leaves: frozenset[str] = frozenset()
+    The paths so kept go into `kept_whole`; `leaves` are called whole from the start."""
+    given = leaves
     for _ in range(_MAX_LEAF_RETRIES if leaf_untraceable else 1):
         tracer = _TwinTracer(leaves, dtypes=leaf_untraceable)
         try:
             result = _trace_symbolic(shadow, args, kwargs, tracer)
             if kept_whole is not None:
-                kept_whole.extend(sorted(leaves))
+                kept_whole.extend(sorted(leaves - given))
             return result
         except Exception:
             if not leaf_untraceable or not tracer.failed_in or tracer.failed_in in leaves:

@@ -427,16 +427,14 @@ def _experts_read(experts: int, rows: int) -> float:
 
     The rows are (token, expert) pairs of a top-k routing. When the analysis recognised an MoE layer with this
     many experts (shapeprof.moe.routing_top_k), the rows are rows/k tokens, each picking k distinct experts
-    under balanced independent routing: E x (1 - (1 - k/E)^(rows/k)) (shapeprof.moe.expected_distinct_experts).
+    under the layer's routing: E x (1 - (1 - k/E)^(rows/k)) when balanced (shapeprof.moe.experts_read_for).
     Otherwise the count is min(E, rows): exact when the rows are one token's k picks (decode at batch 1), an
     upper bound on what a balanced routing reads at larger batches, never an undercount of bytes."""
-    from .moe import expected_distinct_experts, top_k_for
+    from .moe import experts_read_for
     if experts <= 0 or rows <= 0:
         return 0.0
-    k = top_k_for(experts)
-    if k is None or k > experts:
-        return float(min(experts, rows))
-    return expected_distinct_experts(experts, k, rows / k)
+    read = experts_read_for(experts, rows)
+    return float(min(experts, rows)) if read is None else read
 
 
 def _weight_read(weight: TensorMeta, rows: int) -> int:

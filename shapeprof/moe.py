@@ -9,8 +9,9 @@ the report: "balanced" (every expert equally likely, tokens independent).
     >>> round(expected_distinct_experts(8, 2, 1), 3), round(expected_distinct_experts(8, 2, 64), 3)
     (2.0, 8.0)
 
-What this leaves out: measured routing (tokens per expert from a real forward) and user-given routings are
-not implemented yet; capacity factors and dropped tokens are not modelled.
+Measured and user-given routings (`shapeprof.routing`) replace the assumption with each expert's pick
+probability; a hand-written loop over experts, which meta cannot run, is priced by `shapeprof.expert_loop`.
+Capacity factors and dropped tokens are not modelled.
 """
 from __future__ import annotations
 
@@ -20,9 +21,10 @@ import math
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Iterator
 
+import torch
 import torch.nn as nn
 
-__all__ = ["MoEInfo", "MoELayer", "all_experts_batch", "expected_distinct_experts", "moe_decode_bytes",
+__all__ = ["MoEInfo", "MoELayer", "all_experts_batch", "expected_distinct_experts", "experts_read", "moe_decode_bytes",
            "recognise", "routing_top_k", "top_k_for"]
 
 BALANCED = "balanced"
@@ -79,8 +81,10 @@ def all_experts_batch(experts: int, top_k: int) -> int:
 class MoELayer:
     """One recognised MoE block.
 
-    path: the block's module path ('model.layers.0.mlp'); experts: E; top_k: k; routing: how the tokens are
-    assumed to split ("balanced"); expert_params / bytes_per_expert: one routed expert's weights;
+    path: the block's module path ('model.layers.0.mlp'); experts: E; top_k: k; routing: how the tokens split
+    ("balanced", assumed; "measured" or "given", see shapeprof.routing); picks: each expert's probability of being
+    among a token's top_k (they sum to k; None when balanced: k/E each); imbalance: the busiest expert's load over
+    the mean load (1.0 balanced); expert_params / bytes_per_expert: one routed expert's weights;
     shared_params / shared_bytes: the always-active shared expert(s) and their gate (0 when none);
     router_params: the router's weights; tokens: tokens routed in the analysed step (None when unknown);
     expected_experts_read: expected distinct experts those tokens read (None when tokens is None).
@@ -97,11 +101,45 @@ class MoELayer:
     router_params: int = 0
     tokens: int | None = None
     expected_experts_read: float | None = None
+    picks: tuple[float, ...] | None = None
+    imbalance: float = 1.0
 
     @property
-    def all_experts_batch(self) -> int:
-        """The batch from which every expert of this layer is read anyway (see `all_experts_batch`)."""
-        return all_experts_batch(self.experts, self.top_k)
+    def all_experts_batch(self) -> int | None:
+        """The batch from which every expert of this layer is read anyway (see `all_experts_batch`); under a
+        routing that never picks some expert, the batch from which all it does pick are read. None when no
+        batch up to 2^20 tokens gets there."""
+        if self.picks is None:
+            return all_experts_batch(self.experts, self.top_k)
+        reachable = sum(1 for p in self.picks if p > 0)
+        b = 1
+        while experts_read(self, b) < reachable - 0.5:
+            b *= 2
+            if b > 1 << 20:
+                return None
+        lo = b // 2 + 1 if b > 1 else 1
+        while lo < b:   # the smallest batch in (b/2, b] that gets there
+            mid = (lo + b) // 2
+            if experts_read(self, mid) >= reachable - 0.5:
+                b = mid
+            else:
+                lo = mid + 1
+        return b
+
+
+def experts_read(layer: MoELayer, tokens: float) -> float:
+    """Expected distinct experts of `layer` that `tokens` independent tokens read under its routing:
+    sum_e 1 - (1 - p_e)^b over the experts' pick probabilities (E x (1 - (1 - k/E)^b) when balanced).
+
+        >>> layer = MoELayer("mlp", 4, 1, "given", 1, 2, picks=(0.5, 0.5, 0.0, 0.0))
+        >>> experts_read(layer, 1), experts_read(layer, 2)
+        (1.0, 1.5)
+    """
+    if layer.picks is None:
+        return expected_distinct_experts(layer.experts, layer.top_k, tokens)
+    if tokens < 0:
+        raise ValueError(f"tokens must be >= 0, got {tokens}")
+    return sum(1.0 - (1.0 - p) ** tokens for p in layer.picks)
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,8 +170,9 @@ class MoEInfo:
         return moe_decode_bytes(self, batch, dtype_bytes)
 
     def all_experts_batch(self) -> int:
-        """The smallest batch from which every MoE layer reads all its experts anyway."""
-        return max((layer.all_experts_batch for layer in self.layers), default=1)
+        """The smallest batch from which every MoE layer reads all its experts anyway (None: not by 2^20)."""
+        batches = [layer.all_experts_batch for layer in self.layers]
+        return None if None in batches else max(batches, default=1)
 
 
 def moe_decode_bytes(info: MoEInfo, batch: int, dtype_bytes: int | None = None) -> int:
@@ -152,8 +191,7 @@ def moe_decode_bytes(info: MoEInfo, batch: int, dtype_bytes: int | None = None) 
         dtype_bytes: bytes per weight; default info.dtype_bytes.
     """
     size = info.dtype_bytes if dtype_bytes is None else dtype_bytes
-    experts = sum(expected_distinct_experts(layer.experts, layer.top_k, batch) * layer.expert_params
-                  for layer in info.layers)
+    experts = sum(experts_read(layer, batch) * layer.expert_params for layer in info.layers)
     return info.dense_params * size + round(experts * size)
 
 
@@ -210,11 +248,10 @@ def recognise(model: nn.Module, dtype_bytes: int | None = None) -> MoEInfo | Non
 
 def _block(path: str, module: nn.Module, config, dtype_bytes: int | None) -> MoELayer | None:
     experts = getattr(module, "experts", None)
-    router = next((getattr(module, n) for n in _ROUTER_NAMES if isinstance(getattr(module, n, None), nn.Module)),
-                  None)
+    router = router_of(module)
     if not isinstance(experts, nn.Module) or router is None:
         return None
-    weight = getattr(router, "weight", None)
+    weight = _router_weight(router)
     if isinstance(experts, nn.ModuleList):
         count = len(experts)
     else:
@@ -243,6 +280,20 @@ def _block(path: str, module: nn.Module, config, dtype_bytes: int | None) -> MoE
                     sum(p.numel() for p in shared), nbytes(shared), sum(p.numel() for p in _unique_params(router)))
 
 
+def router_of(block: nn.Module) -> nn.Module | None:
+    """The block's router submodule (`gate` or `router`), None when it has neither."""
+    return next((getattr(block, n) for n in _ROUTER_NAMES if isinstance(getattr(block, n, None), nn.Module)), None)
+
+
+def _router_weight(router: nn.Module) -> torch.Tensor | None:
+    # nn.Linear and HF's TopKRouter hold `weight` (experts, hidden); a router wrapping a Linear holds it one down
+    weight = getattr(router, "weight", None)
+    if isinstance(weight, torch.Tensor):
+        return weight
+    inner = [m for m in router.children() if isinstance(getattr(m, "weight", None), torch.Tensor)]
+    return inner[0].weight if len(inner) == 1 else None
+
+
 def _top_k(module: nn.Module, router: nn.Module, config) -> int | None:
     for owner in (module, router, getattr(module, "experts", None), config):
         for name in _TOP_K_NAMES:
@@ -269,18 +320,21 @@ def step_weight_bytes(info: MoEInfo, all_weights: int, tokens: int) -> int:
         800
     """
     routed = sum(layer.experts * layer.bytes_per_expert for layer in info.layers)
-    read = sum(expected_distinct_experts(layer.experts, layer.top_k, tokens) * layer.bytes_per_expert
-               for layer in info.layers)
+    read = sum(experts_read(layer, tokens) * layer.bytes_per_expert for layer in info.layers)
     return all_weights - routed + round(read)
 
 
 def expert_reads_note(info: MoEInfo, tokens: int) -> str:
     """What a step of `tokens` tokens reads of the experts, and from which batch every expert is read anyway."""
     layer = info.layers[0]
-    read = expected_distinct_experts(layer.experts, layer.top_k, tokens)
+    read = sum(experts_read(la, tokens) for la in info.layers) / len(info.layers)
+    formula = "E (1 - (1 - k/E)^b)" if layer.picks is None else "sum_e 1 - (1 - p_e)^b"
+    every = info.all_experts_batch()
+    tail = (f"from {every} tokens per step every expert {'the routing picks ' if layer.picks else ''}is read "
+            f"anyway, and the step's weight bytes stop growing" if every else
+            "some experts stay unread at any batch up to 2^20 tokens")
     return (f"mixture of experts: {tokens} token(s) per step read {read:.2f} of {layer.experts} experts per layer on "
-            f"average (E (1 - (1 - k/E)^b), balanced routing); from {info.all_experts_batch()} tokens per step "
-            f"every expert is read anyway, and the step's weight bytes stop growing")
+            f"average ({formula}, {info.routing} routing); {tail}")
 
 
 def with_tokens(info: MoEInfo, tokens: int | None) -> MoEInfo:
@@ -288,8 +342,7 @@ def with_tokens(info: MoEInfo, tokens: int | None) -> MoEInfo:
     if tokens is None:
         return info
     return replace(info, layers=tuple(
-        replace(layer, tokens=tokens, expected_experts_read=expected_distinct_experts(layer.experts, layer.top_k,
-                                                                                       tokens))
+        replace(layer, tokens=tokens, expected_experts_read=experts_read(layer, tokens))
         for layer in info.layers))
 
 
@@ -298,6 +351,7 @@ def tokens_routed(capture, info: MoEInfo) -> int | None:
     last): the b of the expected-experts formula for the analysed step. None when no router node is found."""
     first = info.layers[0].path
     routers = {f"{first}.{n}" if first else n for n in _ROUTER_NAMES}
+    routers |= {first} if first else set()   # a block kept whole (shapeprof.expert_loop): its first op reads the tokens
     for cn in capture.nodes:
         if cn.module_path in routers or any(cn.module_path.startswith(r + ".") for r in routers):
             for rec in cn.records:
@@ -310,20 +364,19 @@ def tokens_routed(capture, info: MoEInfo) -> int | None:
 # ---------------------------------------------------------------------------------------------
 # The routing the grouped-matmul cost formulas see (shapeprof.costs)
 
-_ROUTING: contextvars.ContextVar[dict[int, int]] = contextvars.ContextVar("shapeprof_moe_routing", default={})
+_ROUTING: contextvars.ContextVar[dict[int, tuple[MoELayer, ...]]] = contextvars.ContextVar(
+    "shapeprof_moe_routing", default={})
 
 
 @contextlib.contextmanager
 def routing_top_k(info: MoEInfo | None) -> Iterator[None]:
-    """While costing a model, tell the grouped-matmul formulas each MoE layer's top_k, keyed by expert count
-    (a count shared by layers with different top_k is left out: the formulas then use their fallback)."""
-    table: dict[int, int] = {}
-    clashes: set[int] = set()
+    """While costing a model, tell the grouped-matmul formulas its MoE layers and their routing, keyed by expert
+    count (a count shared by layers with different top_k is left out: the formulas then use their fallback)."""
+    table: dict[int, list[MoELayer]] = {}
     for layer in (info.layers if info is not None else ()):
-        if table.get(layer.experts, layer.top_k) != layer.top_k:
-            clashes.add(layer.experts)
-        table[layer.experts] = layer.top_k
-    token = _ROUTING.set({e: k for e, k in table.items() if e not in clashes})
+        table.setdefault(layer.experts, []).append(layer)
+    token = _ROUTING.set({e: tuple(layers) for e, layers in table.items()
+                          if len({la.top_k for la in layers}) == 1})
     try:
         yield
     finally:
@@ -332,20 +385,38 @@ def routing_top_k(info: MoEInfo | None) -> Iterator[None]:
 
 def top_k_for(experts: int) -> int | None:
     """The top_k `routing_top_k` set for layers of `experts` experts, None outside it."""
-    return _ROUTING.get().get(experts)
+    layers = _ROUTING.get().get(experts)
+    return layers[0].top_k if layers else None
 
 
-def of_model(model: nn.Module, dtype=None) -> tuple[MoEInfo | None, list[str]]:
+def experts_read_for(experts: int, rows: int) -> float | None:
+    """Expected distinct experts a grouped matmul over `rows` (token, expert) rows reads, for layers of `experts`
+    experts under `routing_top_k`: rows / top_k tokens, averaged over those layers (a grouped-matmul record does
+    not say which layer it is; the layers' total is exact when they have the same shapes). None outside it."""
+    layers = _ROUTING.get().get(experts)
+    if not layers:
+        return None
+    return sum(experts_read(la, rows / la.top_k) for la in layers) / len(layers)
+
+
+def of_model(model: nn.Module, dtype=None, routing=None) -> tuple[MoEInfo | None, list[str]]:
     """What `shapeprof.analyze` attaches: `recognise(model)` with bytes at `dtype` (a torch.dtype or None for the
-    parameters' own), and the notes the report must carry (the routing assumed, or why no routing was found)."""
+    parameters' own) under `routing` (a shapeprof.routing.Routing; None: balanced), and the notes the report must
+    carry (the routing used, or why no routing was found)."""
     try:
         info = recognise(model, dtype.itemsize if dtype is not None else None)
     except ValueError as e:
         return None, [f"mixture of experts not priced by routing: {e}"]
     if info is None:
         return None, []
-    return info, [f"mixture of experts: {len(info.layers)} MoE layer(s), routing assumed {info.routing} (every "
-                  f"expert equally likely, tokens independent); grouped matmuls read the expected distinct experts"]
+    described = "routing assumed balanced (every expert equally likely, tokens independent)"
+    if routing is not None:
+        info, described = routing.apply(info), routing.describe()
+    worst = max(info.layers, key=lambda la: la.imbalance)
+    imbalance = (f"; busiest expert {worst.imbalance:.2f}x the mean load (layer '{worst.path}')"
+                 if info.routing != BALANCED else "")
+    return info, [f"mixture of experts: {len(info.layers)} MoE layer(s), {described}{imbalance}; grouped matmuls "
+                  f"read the expected distinct experts"]
 
 
 class MoERoutingError(RuntimeError):
@@ -372,9 +443,9 @@ def raise_if_data_dependent(info: MoEInfo | None, error: BaseException) -> None:
     paths = ", ".join(f"'{layer.path}'" for layer in info.layers)
     raise MoERoutingError(
         f"cannot capture MoE block {paths} on meta: its routing is data-dependent (which tokens reach which expert "
-        f"depends on the router's values, which meta tensors do not hold) and pricing a loop over experts under an "
-        f"assumed routing is not implemented; an experts module that runs one grouped matmul (as HF Mixtral's) is "
-        f"priced. Cause: {type(hit).__name__}: {first}") from error
+        f"depends on the router's values, which meta tensors do not hold), and its experts are not an nn.ModuleList "
+        f"of modules that a fixed split could run (shapeprof.expert_loop); an experts module that runs one grouped "
+        f"matmul (as HF Mixtral's) or a loop over an nn.ModuleList is priced. Cause: {type(hit).__name__}: {first}") from error
 
 
 @contextlib.contextmanager
