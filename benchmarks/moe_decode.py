@@ -5,7 +5,9 @@
 An MoE decode step reads the dense weights and only the experts its tokens pick: E (1 - (1 - k/E)^b) of them per
 layer on average under balanced routing, so the weights read grow with the batch until every expert is read.
 Each row is `shapeprof.analyze(model, Decode(batch, context))`, one capture per row (the step's bytes are not
-affine in the batch). Predicted times are the datasheet roofline.
+affine in the batch). Predicted times are the datasheet roofline. Then the same step on H100 under a skewed
+routing given as loads per expert (`routing=[...]`, as a measured one would come from `shapeprof.measure_routing`):
+fewer distinct experts are read at mid batches, and the busiest expert's imbalance is reported.
 """
 import argparse
 import time
@@ -43,8 +45,19 @@ def main() -> None:
                   f"{r.total.predicted_seconds * 1e3:>6.2f} ms {batch / r.total.predicted_seconds:>9.0f} "
                   f"{memory / r.total.predicted_seconds:>6.0%}m")
     info = first.moe
+    skew = [4, 3, 2, 2, 1, 1, 1, 1]   # a skewed router: the busiest expert takes 2.13x the mean load
+    print(f"H100, the same step under a given skewed routing, loads {skew}")
+    for batch in (1, 2, 4, 8, 16, 32, 64):
+        decode = shapeprof.Decode(batch=batch, context=args.context)
+        balanced = shapeprof.analyze(model, decode, spec="h100-sxm", dtype=torch.bfloat16)
+        skewed = shapeprof.analyze(model, decode, spec="h100-sxm", dtype=torch.bfloat16, routing=skew)
+        layer = skewed.moe.layers[0]
+        print(f"batch {batch:>3}: experts/layer {layer.expected_experts_read:.2f} (balanced "
+              f"{balanced.moe.layers[0].expected_experts_read:.2f}), weights read {skewed.phase.weight_bytes / 1e9:.2f}"
+              f" GB (balanced {balanced.phase.weight_bytes / 1e9:.2f}), step {skewed.total.predicted_seconds * 1e3:.2f}"
+              f" ms (balanced {balanced.total.predicted_seconds * 1e3:.2f}); imbalance {layer.imbalance:.2f}")
     print(f"total parameters {info.total_params:,}, active per token {info.active_params:,}; every expert is "
-          f"read from batch {info.all_experts_batch()} on; {time.perf_counter() - start:.1f} s for 14 analyses")
+          f"read from batch {info.all_experts_batch()} on; {time.perf_counter() - start:.1f} s for 28 analyses")
 
 
 if __name__ == "__main__":

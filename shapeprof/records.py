@@ -160,7 +160,7 @@ class OpRecorder(TorchDispatchMode):
         kwargs = kwargs or {}
         if self.meta and _mixes_meta((args, kwargs)):
             args, kwargs = _as_meta(args), _as_meta(kwargs)
-        out = func(*args, **kwargs)
+        out = _grouped_mm_on_meta(args, kwargs) if func is _GROUPED_MM else func(*args, **kwargs)
         if not self._paused:
             self.record(func, args, kwargs, out)
         return out
@@ -168,6 +168,22 @@ class OpRecorder(TorchDispatchMode):
     def record(self, op, args, kwargs, out) -> None:
         """Called with the real tensors of every op; subclasses that need more than metadata override it."""
         self.records.append(OpRecord.of(op, args, kwargs, out))
+
+
+_GROUPED_MM = getattr(torch.ops.aten, "_grouped_mm", None)
+_GROUPED_MM = _GROUPED_MM.default if _GROUPED_MM is not None else None
+
+
+def _grouped_mm_on_meta(args: tuple, kwargs: dict) -> Any:
+    """aten._grouped_mm, whose meta kernel accepts bf16 only while its CPU kernel (and transformers, which calls it
+    on meta for any dtype) takes fp32 and fp16 too: on meta tensors of another float type, the output's shape comes
+    from the meta kernel on bf16 stand-ins, in the inputs' dtype."""
+    a, b = args[0], args[1]
+    if not (a.is_meta and b.is_meta) or a.dtype == torch.bfloat16 or not a.is_floating_point():
+        return _GROUPED_MM(*args, **kwargs)
+    cast = tuple(x.to(torch.bfloat16) if isinstance(x, torch.Tensor) and x.is_floating_point() else x for x in args)
+    out = _GROUPED_MM(*cast, **{k: v for k, v in kwargs.items() if k != "out_dtype"})
+    return out.to(kwargs.get("out_dtype") or a.dtype)
 
 
 def _mixes_meta(tree: Any) -> bool:

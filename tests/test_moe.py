@@ -291,3 +291,16 @@ def test_a_decode_steps_weight_bytes_count_the_experts_its_tokens_read(batch):
     embedding_rows = cfg.vocab_size * cfg.hidden_size * 2 - batch * cfg.hidden_size * 2   # a step reads its rows
     expected = e * (1 - (1 - k / e) ** batch)
     assert rep.phase.weight_bytes == every - embedding_rows - layers * e * expert + round(layers * expected * expert)
+
+
+def test_fp32_mixtral_decode_captures_on_meta_as_bf16_does():
+    # transformers calls torch._grouped_mm on meta whatever the dtype, and its meta kernel accepts bf16 only: the
+    # recorder runs it on bf16 stand-ins for the shape, so the default fp32 config is analysed too
+    with torch.device("meta"):
+        model = transformers.MixtralForCausalLM(_tiny_cfg())
+    fp32 = shapeprof.analyze(model, shapeprof.Decode(batch=8, context=16))
+    bf16 = shapeprof.analyze(model, shapeprof.Decode(batch=8, context=16), dtype=torch.bfloat16)
+    assert fp32.total.flops == bf16.total.flops
+    assert fp32.phase.weight_bytes == 2 * bf16.phase.weight_bytes
+    grouped = [a for n in fp32.nodes for a in n.aten if a.op in GROUPED]
+    assert grouped and all(a.covered for a in grouped)
