@@ -16,10 +16,10 @@ from .capture import Capture, CapturedNode, InputShape, capture, collector_pause
 from .costs import ATTENTION_OPS, cost_of
 from .findings import find
 from .hardware import DeviceSpec, SpecError, get_spec
+from .expert_loop import loop_stand_ins
 from .moe import of_model as moe_of_model
 from .moe import (BALANCED, MoERoutingError, data_dependent_routing, expert_reads_note, routing_top_k,
                   step_weight_bytes, tokens_routed, with_tokens)
-from .expert_loop import loop_stand_ins
 from .routing import as_routing
 from .phases import is_phase
 from .phases import resolve as resolve_phase
@@ -94,6 +94,7 @@ def analyze(model: nn.Module, *args: Any, spec: str | DeviceSpec | None = None,
     if moe_info is None and routing.source != BALANCED:
         raise ValueError(f"routing= is for mixture-of-experts models, and {type(model).__name__} has no MoE block "
                          f"(a module with `experts` and a `gate` or `router` with one row per expert)")
+
     def capture_and_cost(stand_ins=None):
         with warnings.catch_warnings():
             if resolved is not None:   # torch's own pytree deprecation, from copying an exported graph
