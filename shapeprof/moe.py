@@ -445,7 +445,8 @@ def raise_if_data_dependent(info: MoEInfo | None, error: BaseException) -> None:
         f"cannot capture MoE block {paths} on meta: its routing is data-dependent (which tokens reach which expert "
         f"depends on the router's values, which meta tensors do not hold), and its experts are not an nn.ModuleList "
         f"of modules that a fixed split could run (shapeprof.expert_loop); an experts module that runs one grouped "
-        f"matmul (as HF Mixtral's) or a loop over an nn.ModuleList is priced. Cause: {type(hit).__name__}: {first}") from error
+        f"matmul (as HF Mixtral's) or a loop over an nn.ModuleList is priced. Cause: {type(hit).__name__}: "
+        f"{first}") from error
 
 
 @contextlib.contextmanager
