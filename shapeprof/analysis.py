@@ -18,8 +18,8 @@ from .findings import find
 from .hardware import DeviceSpec, SpecError, get_spec
 from .expert_loop import loop_stand_ins
 from .moe import of_model as moe_of_model
-from .moe import (BALANCED, MoERoutingError, data_dependent_routing, expert_reads_note, routing_top_k,
-                  step_weight_bytes, tokens_routed, with_tokens)
+from .moe import (BALANCED, MoERoutingError, data_dependent_routing, expert_reads_finding, expert_reads_note,
+                  routing_top_k, step_weight_bytes, tokens_routed, with_tokens)
 from .routing import as_routing
 from .phases import is_phase
 from .phases import resolve as resolve_phase
@@ -136,12 +136,16 @@ def analyze(model: nn.Module, *args: Any, spec: str | DeviceSpec | None = None,
     if info is not None and moe_info is not None:   # a step reads the experts its tokens pick, not every one
         info = replace(info, weight_bytes=step_weight_bytes(moe_info, info.weight_bytes, info.tokens_per_step))
         notes.append(expert_reads_note(moe_info, info.tokens_per_step))
+    findings = find(nodes, records_of, total_seconds, device, producers={
+        cn.node.name: cn.node.all_input_nodes[0].name for cn, _ in rows if cn.node.all_input_nodes})
+    if info is not None and moe_info is not None and info.kind == "decode":
+        moe_finding = expert_reads_finding(moe_info, nodes, info.tokens_per_step)
+        findings = [moe_finding, *findings] if moe_finding is not None else findings
     report = Report(
         model=type(model).__name__, spec=device, dtype=_precision_name(precision),
         inputs=(info.describe(),) if info else _describe_inputs(args, kwargs, precision.dtype),
         capture=_capture_info(cap), nodes=nodes, total=total,
-        coverage=coverage, findings=find(nodes, records_of, total_seconds, device, producers={
-            cn.node.name: cn.node.all_input_nodes[0].name for cn, _ in rows if cn.node.all_input_nodes}),
+        coverage=coverage, findings=findings,
         parameter_bytes=_parameter_bytes(model, weights_dtype), notes=tuple(notes),
         phase=info, training=training, moe=with_tokens(moe_info, tokens_routed(cap, moe_info)) if moe_info else None,
         analysis_seconds=time.perf_counter() - start, graph_capture=cap)

@@ -337,6 +337,40 @@ def expert_reads_note(info: MoEInfo, tokens: int) -> str:
             f"average ({formula}, {info.routing} routing); {tail}")
 
 
+def expert_reads_finding(info: MoEInfo, nodes: list, tokens: int):
+    """A `Finding` for a decode step whose MoE blocks are memory-bound: what their expert reads cost and from which
+    batch every expert is read anyway; None when their nodes are not mostly memory-bound or take no time."""
+    from .report import Finding
+    paths = [la.path for la in info.layers]
+    members = [n for n in nodes if any(n.module_path == p or n.module_path.startswith(p + ".") for p in paths)]
+    seconds = sum(n.predicted_seconds for n in members)
+    memory = sum(n.predicted_seconds for n in members if n.bound == "memory")
+    if not members or seconds <= 0 or memory < seconds / 2:
+        return None
+    flops, nbytes = sum(n.flops for n in members), sum(n.bytes_read + n.bytes_written for n in members)
+    ridge = max(n.ridge for n in members)
+    layer = info.layers[0]
+    read = sum(experts_read(la, tokens) for la in info.layers) / len(info.layers)
+    expert_bytes = sum(experts_read(la, tokens) * la.bytes_per_expert for la in info.layers)
+    every = info.all_experts_batch()
+    why = (f"a decode step of {tokens} token(s) reads {read:.2f} of {layer.experts} experts per MoE layer "
+           f"({_size(expert_bytes)} of expert weights, {info.routing} routing) and does "
+           f"{flops / max(nbytes, 1):.1f} FLOP/byte with them, under the ridge {ridge:.0f}: the experts' matmuls wait "
+           f"on memory")
+    if every is not None and tokens < every:
+        suggestion = (f"batch more: each added token reads fewer new experts, and from batch {every} every expert is "
+                      f"read anyway, so tokens per step grow while the expert bytes stop growing")
+    else:
+        suggestion = ("every expert is read already: more tokens per step now cost only their own FLOPs and KV "
+                      "cache, as in a dense model")
+    return Finding("moe expert reads", "experts", len(members), seconds / sum(n.predicted_seconds for n in nodes),
+                   flops / max(nbytes, 1), ridge, why, suggestion)
+
+
+def _size(nbytes: float) -> str:
+    return f"{nbytes / 1e9:.2f} GB" if nbytes >= 1e9 else f"{nbytes / 1e6:.2f} MB"
+
+
 def with_tokens(info: MoEInfo, tokens: int | None) -> MoEInfo:
     """`info` with every layer's tokens and expected experts read set for a step of `tokens` tokens."""
     if tokens is None:

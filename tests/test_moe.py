@@ -304,3 +304,24 @@ def test_fp32_mixtral_decode_captures_on_meta_as_bf16_does():
     assert fp32.phase.weight_bytes == 2 * bf16.phase.weight_bytes
     grouped = [a for n in fp32.nodes for a in n.aten if a.op in GROUPED]
     assert grouped and all(a.covered for a in grouped)
+
+
+@pytest.mark.parametrize("batch,all_read", [(1, False), (16, True)])
+def test_a_memory_bound_moe_decode_step_gets_a_finding_on_its_expert_reads(batch, all_read):
+    cfg = _tiny_cfg()   # 4 experts, top-2: every expert is read from batch 3 on
+    with torch.device("meta"):
+        model = transformers.MixtralForCausalLM(cfg)
+    rep = shapeprof.analyze(model, shapeprof.Decode(batch=batch, context=16), dtype=torch.bfloat16)
+    finding = rep.findings[0]
+    assert finding.pattern == "moe expert reads" and finding.intensity < finding.ridge
+    read = 4 * (1 - 0.5 ** batch)
+    assert f"reads {read:.2f} of 4 experts per MoE layer" in finding.why
+    if all_read:
+        assert finding.suggestion.startswith("every expert is read already")
+    else:
+        assert "from batch 3 every expert is read anyway" in finding.suggestion
+    assert finding.share == pytest.approx(sum(n.share for n in rep.nodes if ".mlp" in n.module_path))
+    # a plain forward (no decode phase) gets no such finding
+    plain = shapeprof.analyze(model, torch.zeros(1, 16, dtype=torch.long, device="meta"))
+    assert all(f.pattern != "moe expert reads" for f in plain.findings)
+    assert Report.from_json(rep.to_json()).findings == rep.findings
