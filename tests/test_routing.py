@@ -213,3 +213,17 @@ def test_a_loop_over_a_weight_bank_is_still_a_named_error():
     with pytest.raises(MoERoutingError, match="MoE block '' on meta") as caught:
         shapeprof.analyze(block, torch.zeros(8, 32, device="meta"))
     assert "\n" not in str(caught.value)
+
+
+def test_measured_routing_of_hf_qwen2_moe_equals_its_own_router_logits():
+    torch.manual_seed(0)
+    cfg = transformers.Qwen2MoeConfig(hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
+                                      shared_expert_intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2, vocab_size=256, num_experts=4, num_experts_per_tok=2)
+    model = transformers.Qwen2MoeForCausalLM(cfg).eval()
+    ids = torch.randint(0, cfg.vocab_size, (2, 10))
+    routing = measure_routing(model, ids)
+    with torch.no_grad():
+        logits = model(ids, output_router_logits=True).router_logits
+    assert [routing.loads[f"model.layers.{i}.mlp"] for i in range(2)] == \
+        [tuple(torch.bincount(lg.topk(2, -1).indices.flatten(), minlength=4).tolist()) for lg in logits]
