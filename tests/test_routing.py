@@ -227,3 +227,30 @@ def test_measured_routing_of_hf_qwen2_moe_equals_its_own_router_logits():
         logits = model(ids, output_router_logits=True).router_logits
     assert [routing.loads[f"model.layers.{i}.mlp"] for i in range(2)] == \
         [tuple(torch.bincount(lg.topk(2, -1).indices.flatten(), minlength=4).tolist()) for lg in logits]
+
+
+def test_deepseek_v3_shared_experts_recognised_and_its_group_limited_picks_measured():
+    torch.manual_seed(0)
+    cfg = transformers.DeepseekV3Config(
+        hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=4, vocab_size=256, n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1,
+        first_k_dense_replace=0, n_group=2, topk_group=1, q_lora_rank=32, kv_lora_rank=16, qk_rope_head_dim=8,
+        qk_nope_head_dim=8, v_head_dim=8)
+    model = transformers.DeepseekV3ForCausalLM(cfg).eval()
+    info = recognise(model)
+    layer = info.layers[0]
+    assert (layer.experts, layer.top_k, layer.expert_params) == (8, 2, 3 * 64 * 32)
+    assert layer.shared_params == 3 * 64 * 32                  # one shared expert of the same width
+    ids = torch.randint(0, cfg.vocab_size, (2, 10))
+    seen = []    # the indices the experts module is called with: group-limited, not a plain top-k of the logits
+    hook = model.model.layers[0].mlp.experts.register_forward_pre_hook(
+        lambda m, args, kwargs: seen.append(next(t for t in (*args, *kwargs.values())
+                                                 if isinstance(t, torch.Tensor) and not t.is_floating_point())),
+        with_kwargs=True)
+    try:
+        with torch.no_grad():
+            model(ids)
+    finally:
+        hook.remove()
+    routing = measure_routing(model, ids)
+    assert routing.loads["model.layers.0.mlp"] == tuple(torch.bincount(seen[0].flatten(), minlength=8).tolist())
