@@ -327,7 +327,7 @@ def step_weight_bytes(info: MoEInfo, all_weights: int, tokens: int) -> int:
 def expert_reads_note(info: MoEInfo, tokens: int) -> str:
     """What a step of `tokens` tokens reads of the experts, and from which batch every expert is read anyway."""
     layer = info.layers[0]
-    read = sum(experts_read(la, tokens) for la in info.layers) / len(info.layers)
+    read = _mean_read(info, tokens)
     formula = "E (1 - (1 - k/E)^b)" if layer.picks is None else "sum_e 1 - (1 - p_e)^b"
     every = info.all_experts_batch()
     tail = (f"from {every} tokens per step every expert {'the routing picks ' if layer.picks else ''}is read "
@@ -350,7 +350,7 @@ def expert_reads_finding(info: MoEInfo, nodes: list, tokens: int):
     flops, nbytes = sum(n.flops for n in members), sum(n.bytes_read + n.bytes_written for n in members)
     ridge = max(n.ridge for n in members)
     layer = info.layers[0]
-    read = sum(experts_read(la, tokens) for la in info.layers) / len(info.layers)
+    read = _mean_read(info, tokens)
     expert_bytes = sum(experts_read(la, tokens) * la.bytes_per_expert for la in info.layers)
     every = info.all_experts_batch()
     why = (f"a decode step of {tokens} token(s) reads {read:.2f} of {layer.experts} experts per MoE layer "
@@ -365,6 +365,11 @@ def expert_reads_finding(info: MoEInfo, nodes: list, tokens: int):
                       "cache, as in a dense model")
     return Finding("moe expert reads", "experts", len(members), seconds / sum(n.predicted_seconds for n in nodes),
                    flops / max(nbytes, 1), ridge, why, suggestion)
+
+
+def _mean_read(info: MoEInfo, tokens: int) -> float:
+    """Expected distinct experts `tokens` tokens read, averaged over the MoE layers."""
+    return sum(experts_read(la, tokens) for la in info.layers) / len(info.layers)
 
 
 def _size(nbytes: float) -> str:
