@@ -12,7 +12,8 @@ import torch
 import torch.nn as nn
 from torch.utils import _pytree as pytree
 
-from .capture import Capture, CapturedNode, InputShape, capture, collector_paused, source_location, target_name
+from .capture import (Capture, CapturedNode, InputShape, capture, collector_paused, source_location, target_name,
+                      unwrap)
 from .costs import ATTENTION_OPS, cost_of
 from .findings import find
 from .hardware import DeviceSpec, SpecError, get_spec
@@ -89,7 +90,8 @@ def analyze(model: nn.Module, *args: Any, spec: str | DeviceSpec | None = None,
         target, args, kwargs = resolved.module, resolved.args, resolved.kwargs
         method = resolved.method if method == "auto" else method
     routing = as_routing(routing)
-    moe_info, moe_notes = moe_of_model(model, precision.matmul_dtype or precision.dtype,
+    inner = unwrap(model)   # torch.compile's wrapper: MoE layer paths are the module's own, as capture sees them
+    moe_info, moe_notes = moe_of_model(inner, precision.matmul_dtype or precision.dtype,
                                        routing if routing.source != BALANCED else None)
     if moe_info is None and routing.source != BALANCED:
         raise ValueError(f"routing= is for mixture-of-experts models, and {type(model).__name__} has no MoE block "
@@ -109,7 +111,7 @@ def analyze(model: nn.Module, *args: Any, spec: str | DeviceSpec | None = None,
     except MoERoutingError:
         # a loop over experts meta cannot run (or that ran to sizes no one knows): run it with each expert's rows
         # fixed by the routing instead
-        makers = loop_stand_ins(model, moe_info) if target is model else None
+        makers = loop_stand_ins(inner, moe_info) if unwrap(target) is inner else None
         if makers is None:
             raise
         cap, costed, rows = capture_and_cost(makers)

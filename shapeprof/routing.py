@@ -155,12 +155,15 @@ def measure_routing(model: nn.Module, *args: Any, **kwargs: Any) -> Routing:
     The picks are read where the model makes them: the expert indices its experts module is called with (HF
     Mixtral, Qwen2-MoE, DeepSeek pass them in), else the router's output (indices it returns, or the top_k of
     its scores). The run is in eval mode, under torch.no_grad and with the RNG forked, so the model, its
-    parameters, its mode and the caller's random stream are as they were.
+    parameters, its mode and the caller's random stream are as they were; it is a real forward, so the model's
+    own forward hooks run in it.
 
     Raises:
         ValueError: the model has no MoE block, or its weights are on meta (nothing to route with).
         RuntimeError: a layer's picks could not be read (named), or the forward failed (torch's reason).
     """
+    from .capture import unwrap
+    model = unwrap(model)   # torch.compile's wrapper: layer paths as analyze names them, and run eagerly
     info = recognise(model)
     if info is None:
         raise ValueError(f"{type(model).__name__} has no MoE block to measure the routing of")

@@ -254,3 +254,14 @@ def test_deepseek_v3_shared_experts_recognised_and_its_group_limited_picks_measu
         hook.remove()
     routing = measure_routing(model, ids)
     assert routing.loads["model.layers.0.mlp"] == tuple(torch.bincount(seen[0].flatten(), minlength=8).tolist())
+
+
+def test_a_compiled_model_is_measured_and_analysed_as_the_module_itself():
+    torch.manual_seed(0)
+    net = _Net()
+    x = torch.randn(16, 32)
+    compiled = torch.compile(net)
+    routing = measure_routing(compiled, x)
+    assert routing.loads == measure_routing(net, x).loads and set(routing.loads) == {"moe"}
+    assert shapeprof.analyze(compiled, x, routing=routing).total.flops == \
+        shapeprof.analyze(net, x, routing=routing).total.flops
